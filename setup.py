@@ -1,0 +1,32 @@
+"""Build hook: compile the package's BPF programs (src/bpfring/bpf/*.bpf.c) into the wheel."""
+
+import importlib.util
+import os
+import tempfile
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("_bpfring_build", os.path.join(_HERE, "src", "bpfring", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class build_py_with_bpf(build_py):
+    def run(self):
+        super().run()
+        build = _load_build_module()
+        with tempfile.TemporaryDirectory(prefix="bpfring-build-") as work:
+            built = build.build_dir(
+                os.path.join(_HERE, "src", "bpfring", "bpf"), os.path.join(self.build_lib, "bpfring", "bpf"), work
+            )
+        for path in built:
+            self.announce(f"compiled BPF object {path}", level=2)
+
+
+setup(cmdclass={"build_py": build_py_with_bpf})

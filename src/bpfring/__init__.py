@@ -1,0 +1,32 @@
+"""bpfring: BPF ring buffers for Python, read natively over mmap.
+
+The kernel side is a BPF program calling ``bpf_ringbuf_output()`` or
+``bpf_ringbuf_reserve()/submit()/discard()``; the user side is :class:`RingBuffer`, which
+maps each ring and walks its records itself, with libbpf's semantics. :class:`Object` loads
+and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin or id.
+"""
+
+from ._sys.bpf import MapType
+from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RingFullError
+from .maps import Map
+from .objects import Link, Object, Program, bundled_object
+from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BPFError",
+    "BPFNotFoundError",
+    "BPFPermissionError",
+    "BPF_RB_FORCE_WAKEUP",
+    "BPF_RB_NO_WAKEUP",
+    "Link",
+    "Map",
+    "MapType",
+    "Object",
+    "Program",
+    "Ring",
+    "RingBuffer",
+    "RingFullError",
+    "bundled_object",
+]

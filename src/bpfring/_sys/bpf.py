@@ -1,0 +1,351 @@
+"""Thin ctypes wrappers for bpf(2).
+
+Each command has its own ``union bpf_attr`` member as a ctypes structure laid out as in
+include/uapi/linux/bpf.h; the kernel zero-fills whatever tail of the union we do not pass.
+Every failure raises a :class:`~bpfring.errors.BPFError` naming the command and its target.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import platform
+
+from ..errors import bpf_error
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# __NR_bpf and __NR_perf_event_open per architecture (arch/*/include/uapi/asm/unistd*.h).
+_SYSCALL_NUMBERS = {
+    "x86_64": {"bpf": 321, "perf_event_open": 298},
+    "aarch64": {"bpf": 280, "perf_event_open": 241},
+}
+try:
+    _NR = _SYSCALL_NUMBERS[platform.machine()]
+except KeyError:  # pragma: no cover - only on unsupported architectures
+    raise ImportError(f"bpfring does not know the syscall numbers of {platform.machine()}") from None
+
+NR_BPF: int = _NR["bpf"]
+NR_PERF_EVENT_OPEN: int = _NR["perf_event_open"]
+
+
+class Cmd(enum.IntEnum):
+    """enum bpf_cmd (the subset bpfring uses)."""
+
+    MAP_CREATE = 0
+    MAP_LOOKUP_ELEM = 1
+    MAP_UPDATE_ELEM = 2
+    MAP_DELETE_ELEM = 3
+    MAP_GET_NEXT_KEY = 4
+    PROG_LOAD = 5
+    OBJ_PIN = 6
+    OBJ_GET = 7
+    PROG_TEST_RUN = 10
+    MAP_GET_NEXT_ID = 12
+    MAP_GET_FD_BY_ID = 14
+    OBJ_GET_INFO_BY_FD = 15
+
+
+class MapType(enum.IntEnum):
+    """enum bpf_map_type."""
+
+    UNSPEC = 0
+    HASH = 1
+    ARRAY = 2
+    PROG_ARRAY = 3
+    PERF_EVENT_ARRAY = 4
+    PERCPU_HASH = 5
+    PERCPU_ARRAY = 6
+    STACK_TRACE = 7
+    CGROUP_ARRAY = 8
+    LRU_HASH = 9
+    LRU_PERCPU_HASH = 10
+    LPM_TRIE = 11
+    ARRAY_OF_MAPS = 12
+    HASH_OF_MAPS = 13
+    DEVMAP = 14
+    SOCKMAP = 15
+    CPUMAP = 16
+    XSKMAP = 17
+    SOCKHASH = 18
+    CGROUP_STORAGE = 19
+    REUSEPORT_SOCKARRAY = 20
+    PERCPU_CGROUP_STORAGE = 21
+    QUEUE = 22
+    STACK = 23
+    SK_STORAGE = 24
+    DEVMAP_HASH = 25
+    STRUCT_OPS = 26
+    RINGBUF = 27
+    INODE_STORAGE = 28
+    TASK_STORAGE = 29
+    BLOOM_FILTER = 30
+    USER_RINGBUF = 31
+    CGRP_STORAGE = 32
+    ARENA = 33
+
+
+def map_type_name(value: int) -> str:
+    """``BPF_MAP_TYPE_RINGBUF`` for 27; the number itself for types newer than this module."""
+    try:
+        return f"BPF_MAP_TYPE_{MapType(value).name}"
+    except ValueError:
+        return f"map type {value}"
+
+
+# BPF_ANY / BPF_NOEXIST / BPF_EXIST for map updates.
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+# BPF_F_RDONLY / BPF_F_WRONLY for BPF_OBJ_GET and BPF_MAP_GET_FD_BY_ID open_flags.
+BPF_F_RDONLY = 1 << 3
+BPF_F_WRONLY = 1 << 4
+
+BPF_OBJ_NAME_LEN = 16
+
+_u32 = ctypes.c_uint32
+_u64 = ctypes.c_uint64
+
+
+class MapCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", _u32),
+        ("key_size", _u32),
+        ("value_size", _u32),
+        ("max_entries", _u32),
+        ("map_flags", _u32),
+        ("inner_map_fd", _u32),
+        ("numa_node", _u32),
+        ("map_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("map_ifindex", _u32),
+        ("btf_fd", _u32),
+        ("btf_key_type_id", _u32),
+        ("btf_value_type_id", _u32),
+        ("btf_vmlinux_value_type_id", _u32),
+        ("map_extra", _u64),
+    ]
+
+
+class MapElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", _u32), ("_pad", _u32), ("key", _u64), ("value", _u64), ("flags", _u64)]
+
+
+class ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", _u64), ("bpf_fd", _u32), ("file_flags", _u32)]
+
+
+class GetIdAttr(ctypes.Structure):
+    # start_id / map_id share the first word; next_id is written back by the kernel.
+    _fields_ = [("id", _u32), ("next_id", _u32), ("open_flags", _u32)]
+
+
+class InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", _u32), ("info_len", _u32), ("info", _u64)]
+
+
+class TestRunAttr(ctypes.Structure):
+    __test__ = False  # not a pytest class
+    _fields_ = [
+        ("prog_fd", _u32),
+        ("retval", _u32),
+        ("data_size_in", _u32),
+        ("data_size_out", _u32),
+        ("data_in", _u64),
+        ("data_out", _u64),
+        ("repeat", _u32),
+        ("duration", _u32),
+        ("ctx_size_in", _u32),
+        ("ctx_size_out", _u32),
+        ("ctx_in", _u64),
+        ("ctx_out", _u64),
+        ("flags", _u32),
+        ("cpu", _u32),
+        ("batch_size", _u32),
+        ("_pad", _u32),
+    ]
+
+
+class ProgLoadAttr(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", _u32),
+        ("insn_cnt", _u32),
+        ("insns", _u64),
+        ("license", _u64),
+        ("log_level", _u32),
+        ("log_size", _u32),
+        ("log_buf", _u64),
+        ("kern_version", _u32),
+        ("prog_flags", _u32),
+        ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("prog_ifindex", _u32),
+        ("expected_attach_type", _u32),
+    ]
+
+
+class MapInfo(ctypes.Structure):
+    """struct bpf_map_info, up to map_extra (older kernels fill less; the rest stays zero)."""
+
+    _fields_ = [
+        ("type", _u32),
+        ("id", _u32),
+        ("key_size", _u32),
+        ("value_size", _u32),
+        ("max_entries", _u32),
+        ("map_flags", _u32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("ifindex", _u32),
+        ("btf_vmlinux_value_type_id", _u32),
+        ("netns_dev", _u64),
+        ("netns_ino", _u64),
+        ("btf_id", _u32),
+        ("btf_key_type_id", _u32),
+        ("btf_value_type_id", _u32),
+        ("btf_vmlinux_id", _u32),
+        ("map_extra", _u64),
+    ]
+
+
+def _addr(obj: ctypes._CData | None) -> int:  # type: ignore[name-defined]
+    return 0 if obj is None else ctypes.addressof(obj)
+
+
+def bpf(cmd: Cmd, attr: ctypes.Structure, what: str) -> int:
+    """Issue bpf(cmd, &attr, sizeof(attr)); return the kernel's result or raise for ``what``."""
+    ret = _libc.syscall(NR_BPF, int(cmd), ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        raise bpf_error(ctypes.get_errno(), what)
+    return ret
+
+
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, map_flags: int = 0, name: str = ""
+) -> int:
+    attr = MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=map_flags,
+        map_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
+    )
+    what = f"BPF_MAP_CREATE {map_type_name(map_type)} max_entries={max_entries}"
+    return bpf(Cmd.MAP_CREATE, attr, what)
+
+
+def map_lookup_elem(fd: int, key: ctypes.Array, value: ctypes.Array) -> None:
+    attr = MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value))
+    bpf(Cmd.MAP_LOOKUP_ELEM, attr, f"BPF_MAP_LOOKUP_ELEM on map fd {fd}")
+
+
+def map_update_elem(fd: int, key: ctypes.Array, value: ctypes.Array, flags: int = BPF_ANY) -> None:
+    attr = MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value), flags=flags)
+    bpf(Cmd.MAP_UPDATE_ELEM, attr, f"BPF_MAP_UPDATE_ELEM on map fd {fd}")
+
+
+def map_delete_elem(fd: int, key: ctypes.Array) -> None:
+    attr = MapElemAttr(map_fd=fd, key=_addr(key))
+    bpf(Cmd.MAP_DELETE_ELEM, attr, f"BPF_MAP_DELETE_ELEM on map fd {fd}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    bpf(Cmd.OBJ_PIN, ObjAttr(pathname=_addr(cpath), bpf_fd=fd), f"BPF_OBJ_PIN of fd {fd} at {path!r}")
+
+
+def obj_get(path: str, file_flags: int = 0) -> int:
+    cpath = ctypes.create_string_buffer(os.fsencode(path))
+    return bpf(Cmd.OBJ_GET, ObjAttr(pathname=_addr(cpath), file_flags=file_flags), f"BPF_OBJ_GET {path!r}")
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return bpf(Cmd.MAP_GET_FD_BY_ID, GetIdAttr(id=map_id), f"BPF_MAP_GET_FD_BY_ID id={map_id}")
+
+
+def map_get_next_id(start_id: int) -> int | None:
+    """The id of the next map after ``start_id``, or None at the end of the list."""
+    attr = GetIdAttr(id=start_id)
+    ret = _libc.syscall(NR_BPF, int(Cmd.MAP_GET_NEXT_ID), ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err == 2:  # ENOENT: no more maps
+            return None
+        raise bpf_error(err, f"BPF_MAP_GET_NEXT_ID after {start_id}")
+    return attr.next_id
+
+
+def map_get_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    attr = InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info))
+    bpf(Cmd.OBJ_GET_INFO_BY_FD, attr, f"BPF_OBJ_GET_INFO_BY_FD on fd {fd}")
+    return info
+
+
+def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = "") -> int:
+    """Load raw instructions; on a verifier rejection the error carries the verifier log."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=len(insns) // 8,
+        insns=_addr(code),
+        license=_addr(lic),
+        log_level=1,
+        log_size=len(log),
+        log_buf=_addr(log),
+        prog_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
+    )
+    ret = _libc.syscall(NR_BPF, int(Cmd.PROG_LOAD), ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        verifier = log.value.decode(errors="replace").strip()
+        raise bpf_error(err, f"BPF_PROG_LOAD type={prog_type}" + (f"\n{verifier}" if verifier else ""))
+    return ret
+
+
+class TestRunResult:
+    __test__ = False
+
+    def __init__(self, retval: int, duration_ns: int, data_out: bytes, ctx_out: bytes) -> None:
+        self.retval = retval
+        self.duration_ns = duration_ns
+        self.data_out = data_out
+        self.ctx_out = ctx_out
+
+
+def prog_test_run(
+    prog_fd: int,
+    data_in: bytes = b"",
+    ctx_in: bytes | bytearray = b"",
+    repeat: int = 0,
+    data_out_size: int = 0,
+    cpu: int | None = None,
+) -> TestRunResult:
+    """BPF_PROG_TEST_RUN; ``ctx_out`` carries what the program wrote into its context."""
+    din = ctypes.create_string_buffer(bytes(data_in), len(data_in)) if data_in else None
+    dout = ctypes.create_string_buffer(data_out_size) if data_out_size else None
+    cin = ctypes.create_string_buffer(bytes(ctx_in), len(ctx_in)) if ctx_in else None
+    attr = TestRunAttr(
+        prog_fd=prog_fd,
+        data_size_in=len(data_in),
+        data_size_out=data_out_size,
+        data_in=_addr(din),
+        data_out=_addr(dout),
+        repeat=repeat,
+        ctx_size_in=len(ctx_in),
+        ctx_in=_addr(cin),
+    )
+    if cpu is not None:
+        attr.flags = 1  # BPF_F_TEST_RUN_ON_CPU
+        attr.cpu = cpu
+    bpf(Cmd.PROG_TEST_RUN, attr, f"BPF_PROG_TEST_RUN on program fd {prog_fd}")
+    # BPF_PROG_TYPE_SYSCALL programs write their context back into ctx_in.
+    return TestRunResult(
+        retval=attr.retval,
+        duration_ns=attr.duration,
+        data_out=dout.raw[: attr.data_size_out] if dout is not None else b"",
+        ctx_out=cin.raw if cin is not None else b"",
+    )

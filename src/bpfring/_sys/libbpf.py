@@ -1,0 +1,112 @@
+"""ctypes bindings to libbpf.so.1 (1.0 or later), for BPF ELF objects only.
+
+bpfring reads rings itself; libbpf is used for what it is canonical at: opening ``.bpf.o``
+files, CO-RE relocation, loading and auto-attaching by section name. libbpf's log is routed
+to the ``bpfring.libbpf`` logger instead of stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import platform
+import threading
+from typing import Iterator
+
+log = logging.getLogger("bpfring.libbpf")
+
+try:
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+except OSError as exc:  # pragma: no cover - depends on the machine
+    raise ImportError(f"libbpf.so.1 is needed for BPF objects (Debian/Ubuntu: apt install libbpf1): {exc}") from None
+
+_p = ctypes.c_void_p
+_s = ctypes.c_char_p
+
+
+def _fn(name: str, restype: object, *argtypes: object) -> None:
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+
+
+_fn("libbpf_major_version", ctypes.c_uint32)
+_fn("libbpf_minor_version", ctypes.c_uint32)
+_fn("bpf_object__open_file", _p, _s, _p)
+_fn("bpf_object__load", ctypes.c_int, _p)
+_fn("bpf_object__close", None, _p)
+_fn("bpf_object__name", _s, _p)
+_fn("bpf_object__next_map", _p, _p, _p)
+_fn("bpf_object__next_program", _p, _p, _p)
+_fn("bpf_object__btf", _p, _p)
+_fn("bpf_map__name", _s, _p)
+_fn("bpf_map__fd", ctypes.c_int, _p)
+_fn("bpf_map__type", ctypes.c_int, _p)
+_fn("bpf_map__max_entries", ctypes.c_uint32, _p)
+_fn("bpf_map__set_max_entries", ctypes.c_int, _p, ctypes.c_uint32)
+_fn("bpf_map__initial_value", _p, _p, ctypes.POINTER(ctypes.c_size_t))
+_fn("bpf_map__set_initial_value", ctypes.c_int, _p, _p, ctypes.c_size_t)
+_fn("bpf_program__name", _s, _p)
+_fn("bpf_program__section_name", _s, _p)
+_fn("bpf_program__fd", ctypes.c_int, _p)
+_fn("bpf_program__autoload", ctypes.c_bool, _p)
+_fn("bpf_program__set_autoload", ctypes.c_int, _p, ctypes.c_bool)
+_fn("bpf_program__attach", _p, _p)
+_fn("bpf_link__destroy", ctypes.c_int, _p)
+_fn("libbpf_set_print", _p, _p)
+
+VERSION = (lib.libbpf_major_version(), lib.libbpf_minor_version())
+if VERSION < (1, 0):  # pragma: no cover - depends on the machine
+    raise ImportError(f"bpfring needs libbpf 1.0 or later, found {VERSION[0]}.{VERSION[1]}")
+
+# --- libbpf's log -> logging -----------------------------------------------------------------
+
+_libc = ctypes.CDLL(None)
+_libc.vsnprintf.restype = ctypes.c_int
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+# enum libbpf_print_level: LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG
+_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_captured = threading.local()
+
+
+# sizeof(va_list) where it is a struct handed over by pointer (x86-64: __va_list_tag; aarch64: AAPCS64).
+_VA_LIST_SIZE = {"x86_64": 24, "aarch64": 32}.get(platform.machine(), 32)
+
+
+def _format(fmt: bytes, args: int) -> str:
+    # vsnprintf consumes its va_list, so each attempt formats from a copy (what va_copy does).
+    size = 1024
+    while True:
+        va_copy = ctypes.create_string_buffer(ctypes.string_at(args, _VA_LIST_SIZE), _VA_LIST_SIZE)
+        buf = ctypes.create_string_buffer(size)
+        n = _libc.vsnprintf(buf, size, fmt, ctypes.addressof(va_copy))
+        if n < size:
+            return buf.value.decode(errors="replace").rstrip("\n")
+        size = n + 1
+
+
+def _print(level: int, fmt: bytes, args: int) -> int:
+    text = _format(fmt, args)
+    pylevel = _LEVELS[level] if 0 <= level < len(_LEVELS) else logging.DEBUG
+    lines = getattr(_captured, "lines", None)
+    if lines is not None and pylevel >= logging.INFO:
+        lines.append(text)
+    log.log(pylevel, "%s", text)
+    return len(text)
+
+
+_print_fn = _PRINT_FN(_print)  # kept alive for the life of the process
+lib.libbpf_set_print(ctypes.cast(_print_fn, _p))
+
+
+@contextlib.contextmanager
+def capture_log() -> Iterator[list[str]]:
+    """Collect libbpf's warnings in this thread, to put the verifier's words into an exception."""
+    _captured.lines = []
+    try:
+        yield _captured.lines
+    finally:
+        _captured.lines = None

@@ -1,0 +1,45 @@
+"""Exceptions raised by bpfring.
+
+Kernel failures are ``OSError`` subclasses that keep ``errno`` and say what was attempted,
+so ``except PermissionError`` and ``except OSError`` work as they do for any other system call.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class BPFError(OSError):
+    """A BPF-related system call failed; ``errno`` is the kernel's answer."""
+
+
+class BPFPermissionError(BPFError, PermissionError):
+    """The kernel refused for lack of privilege (EPERM/EACCES): run as root or with CAP_BPF."""
+
+
+class BPFNotFoundError(BPFError, FileNotFoundError):
+    """The object (pinned path, map id, name) does not exist (ENOENT)."""
+
+
+class RingFullError(BPFError):
+    """No room in a ring for the requested record (ENOSPC)."""
+
+
+_BY_ERRNO: dict[int, type[BPFError]] = {
+    _errno.EPERM: BPFPermissionError,
+    _errno.EACCES: BPFPermissionError,
+    _errno.ENOENT: BPFNotFoundError,
+    _errno.ENOSPC: RingFullError,
+}
+
+_PRIVILEGE_HINT = " (BPF needs root, or CAP_BPF with CAP_PERFMON)"
+
+
+def bpf_error(err: int, what: str) -> BPFError:
+    """Build the exception for a failed attempt at ``what`` that ended with ``err``."""
+    cls = _BY_ERRNO.get(err, BPFError)
+    message = f"{what}: {os.strerror(err)}"
+    if cls is BPFPermissionError:
+        message += _PRIVILEGE_HINT
+    return cls(err, message)

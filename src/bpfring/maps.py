@@ -1,0 +1,187 @@
+"""Map: one owned file descriptor of a BPF map, and what the kernel says about it."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from typing import Union
+
+from ._sys import bpf as sys_bpf
+from ._sys.bpf import MapType, map_type_name
+from ._sys.mounts import is_mounted_bpffs
+from .errors import BPFError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+# Ring maps whose max_entries is a byte size: a power of two and a multiple of the page size
+# (kernel/bpf/ringbuf.c, ringbuf_map_alloc).
+_RING_TYPES = (MapType.RINGBUF, MapType.USER_RINGBUF)
+
+
+def _check_ring_size(max_entries: int) -> None:
+    if max_entries <= 0 or max_entries & (max_entries - 1) or max_entries % PAGE_SIZE:
+        raise ValueError(
+            f"ring size must be a power of two and a multiple of the page size ({PAGE_SIZE}), got {max_entries}"
+        )
+
+
+class Map:
+    """A BPF map held by an fd this object owns and closes.
+
+    Build one with :meth:`create`, :meth:`from_fd`, :meth:`from_pinned` or :meth:`from_id`;
+    its type, size and name are read from the kernel (BPF_OBJ_GET_INFO_BY_FD), never guessed.
+    """
+
+    def __init__(self, fd: int, *, _origin: str = "") -> None:
+        """Take ownership of ``fd``; it is closed if it is not a BPF map."""
+        self._fd = fd
+        what = _origin or f"fd {fd}"
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+            if kind != "anon_inode:bpf-map":
+                raise BPFError(errno.EINVAL, f"{what} is not a BPF map (it is {kind})")
+            info = sys_bpf.map_get_info(fd)
+        except BaseException:
+            self._fd = -1
+            os.close(fd)
+            raise
+        self.type: int = _as_map_type(info.type)
+        self.id: int = info.id
+        self.key_size: int = info.key_size
+        self.value_size: int = info.value_size
+        self.max_entries: int = info.max_entries
+        self.map_flags: int = info.map_flags
+        self.name: str = info.name.decode(errors="replace")
+
+    # -- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        type: int,
+        max_entries: int,
+        key_size: int = 0,
+        value_size: int = 0,
+        name: str | None = None,
+        map_flags: int = 0,
+    ) -> Map:
+        """BPF_MAP_CREATE. Ring maps take their size in bytes: a power of two, page-aligned."""
+        if type in _RING_TYPES:
+            _check_ring_size(max_entries)
+            if key_size or value_size:
+                raise ValueError(f"{map_type_name(type)} takes key_size=0 and value_size=0")
+        fd = sys_bpf.map_create(int(type), key_size, value_size, max_entries, map_flags, name or "")
+        return cls(fd)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Map:
+        """A new Map on a duplicate of ``fd``; the caller keeps its own fd."""
+        if not isinstance(fd, int) or isinstance(fd, bool):
+            raise TypeError(f"a map fd must be an int, got {type(fd).__name__}")
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:
+            raise BPFError(exc.errno, f"fd {fd} is not an open file descriptor") from None
+        return cls(dup, _origin=f"fd {fd}")
+
+    @classmethod
+    def from_pinned(cls, path: str | os.PathLike[str]) -> Map:
+        """Open the map pinned at ``path`` on bpffs (BPF_OBJ_GET)."""
+        path = os.fspath(path)
+        try:
+            fd = sys_bpf.obj_get(path)
+        except BPFError as exc:
+            # The kernel answers EACCES for an existing path that is not on bpffs.
+            if exc.errno in (errno.EACCES, errno.EPERM) and os.path.exists(path) and not is_mounted_bpffs(path):
+                raise BPFError(errno.EINVAL, f"{path!r} is not a BPF object pinned on bpffs") from None
+            raise
+        return cls(fd, _origin=f"{path!r}")
+
+    @classmethod
+    def from_id(cls, map_id: int) -> Map:
+        """Open a map by its system-wide id (BPF_MAP_GET_FD_BY_ID; needs CAP_SYS_ADMIN)."""
+        return cls(sys_bpf.map_get_fd_by_id(map_id), _origin=f"map id {map_id}")
+
+    # -- properties and operations --------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"map {self.name!r} (id {self.id}) is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def type_name(self) -> str:
+        return map_type_name(self.type)
+
+    def pin(self, path: str | os.PathLike[str]) -> None:
+        """Pin the map on bpffs so it outlives this process (BPF_OBJ_PIN)."""
+        sys_bpf.obj_pin(self.fd, os.fspath(path))
+
+    def lookup(self, key: bytes) -> bytes:
+        """The value stored at ``key`` (raw bytes of value_size)."""
+        k = ctypes.create_string_buffer(bytes(key), self.key_size)
+        v = ctypes.create_string_buffer(self.value_size)
+        sys_bpf.map_lookup_elem(self.fd, k, v)
+        return v.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = sys_bpf.BPF_ANY) -> None:
+        """Store ``value`` at ``key``."""
+        if len(value) != self.value_size:
+            raise ValueError(f"map {self.name!r} takes values of {self.value_size} bytes, got {len(value)}")
+        k = ctypes.create_string_buffer(bytes(key), self.key_size)
+        v = ctypes.create_string_buffer(bytes(value), self.value_size)
+        sys_bpf.map_update_elem(self.fd, k, v, flags)
+
+    def close(self) -> None:
+        """Close the fd; idempotent. Pins and other holders keep the map alive in the kernel."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Map:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<Map {self.name!r} id={self.id} {self.type_name} max_entries={self.max_entries} {state}>"
+
+
+MapLike = Union[Map, int, str, "os.PathLike[str]"]
+
+
+def open_map(source: MapLike, expected: int) -> Map:
+    """An owned Map from a Map (its fd is duplicated), an fd, or a pinned path; checks the type."""
+    if isinstance(source, Map):
+        m = Map.from_fd(source.fd)
+    elif isinstance(source, int) and not isinstance(source, bool):
+        m = Map.from_fd(source)
+    elif isinstance(source, (str, os.PathLike)):
+        m = Map.from_pinned(source)
+    else:
+        raise TypeError(f"expected a Map, an fd or a pinned path, got {type(source).__name__}")
+    if m.type != expected:
+        got = m.type_name
+        m.close()
+        raise ValueError(f"map {m.name!r} (id {m.id}) is {got}, expected {map_type_name(expected)}")
+    return m
+
+
+def _as_map_type(value: int) -> int:
+    try:
+        return MapType(value)
+    except ValueError:
+        return value

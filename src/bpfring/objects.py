@@ -1,0 +1,319 @@
+"""BPF ELF objects through libbpf: open, size the maps, load, attach, close.
+
+This is the seed's skeleton workflow (``*_bpf__open``, ``bpf_map__set_max_entries``,
+``*_bpf__load``, ``*_bpf__attach``) for any ``.bpf.o`` file, without generated code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import resource
+from typing import Iterator
+
+from ._sys import bpf as sys_bpf
+from ._sys.libbpf import capture_log, lib
+from ._sys.mounts import ensure_tracefs
+from .errors import BPFError, bpf_error
+from .maps import Map
+
+log = logging.getLogger("bpfring")
+
+# Section prefixes whose auto-attach goes through tracefs (tracepoint ids, legacy k/uprobes).
+_TRACEFS_SECTIONS = ("tp/", "tracepoint/", "kprobe/", "kretprobe/", "ksyscall/", "kretsyscall/", "uprobe", "uretprobe")
+
+
+def _kernel_version() -> tuple[int, int]:
+    release = os.uname().release
+    major, minor = release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def bump_memlock_rlimit(kernel: tuple[int, int] | None = None) -> bool:
+    """Lift RLIMIT_MEMLOCK on kernels that still charge BPF memory to it (before 5.11).
+
+    Returns whether the limit was raised. Kernels from 5.11 on account BPF memory to the memory
+    cgroup instead, and the limit is left alone.
+    """
+    if (kernel or _kernel_version()) >= (5, 11):
+        return False
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    log.info("raised RLIMIT_MEMLOCK to unlimited: this kernel charges BPF maps to it")
+    return True
+
+
+def bundled_object(name: str) -> str:
+    """Path of a BPF object shipped with bpfring (``"execsnoop"`` -> ``.../bpf/execsnoop.bpf.o``)."""
+    path = os.path.join(os.path.dirname(__file__), "bpf", f"{name}.bpf.o")
+    if not os.path.exists(path):
+        raise bpf_error(
+            errno.ENOENT,
+            f"bundled BPF object {name!r} (bpfring was installed without it: reinstall with clang and bpftool present)",
+        )
+    return path
+
+
+class Link:
+    """An attachment of a program (a ``struct bpf_link``); destroying it detaches."""
+
+    def __init__(self, ptr: int, program: Program) -> None:
+        self._ptr: int | None = ptr
+        self.program = program
+
+    def destroy(self) -> None:
+        """Detach; idempotent."""
+        if self._ptr:
+            ptr, self._ptr = self._ptr, None
+            lib.bpf_link__destroy(ptr)
+
+    close = destroy
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._ptr)
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"<Link {self.program.name} {'attached' if self._ptr else 'detached'}>"
+
+
+class Program:
+    """A program of an :class:`Object`; valid while its object is open."""
+
+    def __init__(self, ptr: int, obj: Object) -> None:
+        self._ptr = ptr
+        self._obj = obj
+        self.name: str = lib.bpf_program__name(ptr).decode()
+        self.section: str = lib.bpf_program__section_name(ptr).decode()
+
+    @property
+    def fd(self) -> int:
+        """The program's fd after load (owned by the object)."""
+        self._obj._check_open()
+        fd = lib.bpf_program__fd(self._ptr)
+        if fd < 0:
+            raise ValueError(f"program {self.name!r} is not loaded")
+        return fd
+
+    @property
+    def autoload(self) -> bool:
+        return bool(lib.bpf_program__autoload(self._ptr))
+
+    @autoload.setter
+    def autoload(self, value: bool) -> None:
+        """Whether :meth:`Object.load` loads this program (set before load)."""
+        self._obj._check_not_loaded(f"set autoload of {self.name!r}")
+        lib.bpf_program__set_autoload(self._ptr, bool(value))
+
+    def attach(self) -> Link:
+        """Attach the way libbpf does by section name (``tp/``, ``raw_tp/``, ``kprobe/``, ``fentry/``...)."""
+        self._obj._check_open()
+        if self.section.startswith(_TRACEFS_SECTIONS):
+            ensure_tracefs()
+        with capture_log() as lines:
+            ptr = lib.bpf_program__attach(self._ptr)
+        if not ptr:
+            err = ctypes.get_errno()
+            detail = f" ({lines[-1]})" if lines else ""
+            raise bpf_error(err, f"attaching program {self.name!r} (section {self.section!r}){detail}")
+        link = Link(ptr, self)
+        self._obj._links.append(link)
+        return link
+
+    def test_run(
+        self, ctx: bytes | bytearray = b"", data: bytes = b"", repeat: int = 0, cpu: int | None = None
+    ) -> sys_bpf.TestRunResult:
+        """Run the program once (or ``repeat`` times) in the kernel with BPF_PROG_TEST_RUN."""
+        return sys_bpf.prog_test_run(self.fd, data_in=data, ctx_in=ctx, repeat=repeat, cpu=cpu)
+
+    def __repr__(self) -> str:
+        return f"<Program {self.name} section={self.section!r}>"
+
+
+class Object:
+    """A BPF ELF object file opened by libbpf.
+
+    Typical use, as in the seed::
+
+        with bpfring.Object("execsnoop.bpf.o") as obj:
+            obj.set_max_entries("rb", 1 << 20)   # optional, before load
+            obj.load()
+            obj.attach()
+            with bpfring.RingBuffer(obj.map("rb"), handle_event) as rb:
+                ...
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise bpf_error(errno.ENOENT, f"opening BPF object {self.path!r}")
+        with capture_log() as lines:
+            ptr = lib.bpf_object__open_file(os.fsencode(self.path), None)
+        if not ptr:
+            detail = f" ({lines[-1]})" if lines else ""
+            raise bpf_error(ctypes.get_errno(), f"opening BPF object {self.path!r}{detail}")
+        self._ptr: int | None = ptr
+        self._loaded = False
+        self._links: list[Link] = []
+        self._maps: dict[str, Map] = {}
+        self.name: str = lib.bpf_object__name(ptr).decode()
+
+    # -- before load ----------------------------------------------------------------------------
+
+    def _check_open(self) -> int:
+        if not self._ptr:
+            raise ValueError(f"BPF object {self.path!r} is closed")
+        return self._ptr
+
+    def _check_not_loaded(self, what: str) -> None:
+        self._check_open()
+        if self._loaded:
+            raise ValueError(f"cannot {what}: object {self.name!r} is already loaded")
+
+    def _map_ptr(self, name: str) -> int:
+        ptr = None
+        while True:
+            ptr = lib.bpf_object__next_map(self._check_open(), ptr)
+            if not ptr:
+                raise KeyError(f"object {self.name!r} has no map {name!r} (it has: {', '.join(self.map_names)})")
+            if lib.bpf_map__name(ptr).decode() == name:
+                return ptr
+
+    @property
+    def map_names(self) -> list[str]:
+        names, ptr = [], None
+        while ptr := lib.bpf_object__next_map(self._check_open(), ptr):
+            names.append(lib.bpf_map__name(ptr).decode())
+        return names
+
+    @property
+    def programs(self) -> list[Program]:
+        progs, ptr = [], None
+        while ptr := lib.bpf_object__next_program(self._check_open(), ptr):
+            progs.append(Program(ptr, self))
+        return progs
+
+    def program(self, name: str) -> Program:
+        for prog in self.programs:
+            if prog.name == name:
+                return prog
+        raise KeyError(f"object {self.name!r} has no program {name!r}")
+
+    def set_max_entries(self, map_name: str, max_entries: int) -> None:
+        """Override a map's size before load (libbpf's ``bpf_map__set_max_entries``)."""
+        self._check_not_loaded(f"resize map {map_name!r}")
+        ptr = self._map_ptr(map_name)
+        ret = lib.bpf_map__set_max_entries(ptr, max_entries)
+        if ret < 0:
+            raise bpf_error(-ret, f"setting max_entries={max_entries} on map {map_name!r}")
+
+    def initial_value(self, map_name: str) -> bytearray:
+        """A copy of the initial contents of a global-data map (``.rodata``, ``.data``, ``.bss``)."""
+        size = ctypes.c_size_t()
+        addr = lib.bpf_map__initial_value(self._map_ptr(map_name), ctypes.byref(size))
+        if not addr:
+            raise ValueError(f"map {map_name!r} has no initial value (not a global-data map)")
+        return bytearray(ctypes.string_at(addr, size.value))
+
+    def set_initial_value(self, map_name: str, data: bytes) -> None:
+        """Set a global-data map's contents before load (e.g. ``const volatile`` settings in .rodata)."""
+        self._check_not_loaded(f"set the initial value of {map_name!r}")
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        ret = lib.bpf_map__set_initial_value(self._map_ptr(map_name), buf, len(data))
+        if ret < 0:
+            raise bpf_error(-ret, f"setting the initial value of map {map_name!r} ({len(data)} bytes)")
+
+    # -- load, attach ---------------------------------------------------------------------------
+
+    def load(self) -> Object:
+        """Create the maps and load the programs (libbpf's ``bpf_object__load``)."""
+        self._check_not_loaded("load")
+        bump_memlock_rlimit()
+        with capture_log() as lines:
+            ret = lib.bpf_object__load(self._ptr)
+        if ret < 0:
+            tail = "\n".join(lines[-20:])
+            if "PROG LOAD LOG" in tail:  # EACCES/EINVAL here is the verifier's verdict, not a privilege problem
+                raise BPFError(-ret, f"loading BPF object {self.path!r}: the verifier rejected a program\n{tail}")
+            raise bpf_error(-ret, f"loading BPF object {self.path!r}" + (f"\n{tail}" if tail else ""))
+        self._loaded = True
+        return self
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def map(self, name: str) -> Map:
+        """The loaded map ``name`` as a :class:`Map` (owned by this object, closed with it)."""
+        if not self._loaded:
+            raise ValueError(f"map {name!r} has no fd before load(): call load() first")
+        if name not in self._maps:
+            self._maps[name] = Map.from_fd(lib.bpf_map__fd(self._map_ptr(name)))
+        return self._maps[name]
+
+    def attach(self) -> list[Link]:
+        """Attach every loaded program that libbpf can attach from its section name alone.
+
+        Programs that have no automatic attach point (``syscall``, ``xdp``...) are left for the
+        caller, as libbpf's skeleton ``__attach`` does.
+        """
+        if not self._loaded:
+            raise ValueError("attach() needs a loaded object: call load() first")
+        links = []
+        for prog in self.programs:
+            if not prog.autoload:
+                continue
+            try:
+                links.append(prog.attach())
+            except BPFError as exc:
+                if exc.errno != errno.EOPNOTSUPP:  # no automatic attach point for this section
+                    raise
+                log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
+        return links
+
+    @property
+    def links(self) -> list[Link]:
+        return list(self._links)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach every link, close every map handed out, and free the libbpf object."""
+        if not self._ptr:
+            return
+        for link in self._links:
+            link.destroy()
+        self._links.clear()
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        ptr, self._ptr = self._ptr, None
+        lib.bpf_object__close(ptr)
+
+    @property
+    def closed(self) -> bool:
+        return not self._ptr
+
+    def __enter__(self) -> Object:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None):
+            self.close()
+
+    def __iter__(self) -> Iterator[Program]:
+        return iter(self.programs)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("loaded" if self._loaded else "opened")
+        return f"<Object {self.name!r} {state}>"
