@@ -51,34 +51,41 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
-def test_objects(tmp_path_factory) -> Path:
-    """tests/bpf/*.bpf.c compiled for the running kernel; the directory of the .bpf.o files."""
+def bpf_object(tmp_path_factory):
+    """``bpf_object("producer")``: tests/bpf/producer.bpf.c compiled for this kernel (once a session)."""
     require_bpf()
     from bpfring import _build
 
     out = tmp_path_factory.mktemp("bpf")
-    _build.build_dir(TESTS_BPF, out, out)
-    return out
+    header = _build.vmlinux_h(out)
+    built: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in built:
+            built[name] = _build.compile_bpf(TESTS_BPF / f"{name}.bpf.c", out / f"{name}.bpf.o", [out, TESTS_BPF])
+        return built[name]
+
+    return build
 
 
 @pytest.fixture
-def producer(test_objects):
+def producer(bpf_object):
     """A loaded producer.bpf.o with its default 64 KiB ring (see tests/producer.py)."""
     from producer import Producer
 
-    with Producer(test_objects / "producer.bpf.o") as p:
+    with Producer(bpf_object("producer")) as p:
         yield p
 
 
 @pytest.fixture
-def make_producer(test_objects):
+def make_producer(bpf_object):
     """Build producers with another ring size: ``make_producer(ring_size=...)``."""
     from producer import Producer
 
     made = []
 
     def make(**kwargs):
-        p = Producer(test_objects / "producer.bpf.o", **kwargs)
+        p = Producer(bpf_object("producer"), **kwargs)
         made.append(p)
         return p
 
