@@ -68,6 +68,16 @@ def bpf_object(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def execsnoop_object(bpf_object, tmp_path_factory) -> Path:
+    """The package's own execsnoop.bpf.c, compiled from the source tree for this kernel."""
+    from bpfring import _build
+
+    src = Path(__file__).parent.parent / "src" / "bpfring" / "bpf"
+    out = tmp_path_factory.mktemp("pkg-bpf")
+    return _build.compile_bpf(src / "execsnoop.bpf.c", out / "execsnoop.bpf.o", [bpf_object("producer").parent, src])
+
+
 @pytest.fixture
 def producer(bpf_object):
     """A loaded producer.bpf.o with its default 64 KiB ring (see tests/producer.py)."""
@@ -98,6 +108,36 @@ def make_producer(bpf_object):
 def bpf():
     """For tests that need BPF but no program."""
     require_bpf()
+
+
+def fork_call(func) -> str:
+    """Run ``func()`` in a forked child; return what it printed as ``Type: message`` or its result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            said = f"ok: {func()}"
+        except BaseException as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        os.write(w, said.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        said = f.read()
+    os.waitpid(pid, 0)
+    return said
+
+
+def as_nobody(func):
+    """``func`` wrapped to run after dropping to uid/gid 65534 (for fork_call)."""
+
+    def run():
+        os.setgid(65534)
+        os.setuid(65534)
+        return func()
+
+    return run
 
 
 def open_fds() -> set[int]:

@@ -39,7 +39,8 @@ _PRIVILEGE_HINT = " (BPF needs root, or CAP_BPF with CAP_PERFMON)"
 def bpf_error(err: int, what: str) -> BPFError:
     """Build the exception for a failed attempt at ``what`` that ended with ``err``."""
     cls = _BY_ERRNO.get(err, BPFError)
-    message = f"{what}: {os.strerror(err)}"
+    first, _, details = what.partition("\n")  # keep the verdict on the first line, details after
+    message = f"{first}: {os.strerror(err)}"
     if cls is BPFPermissionError:
         message += _PRIVILEGE_HINT
-    return cls(err, message)
+    return cls(err, message + (f"\n{details}" if details else ""))

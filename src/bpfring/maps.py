@@ -20,7 +20,7 @@ PAGE_SIZE = mmap.PAGESIZE
 _RING_TYPES = (MapType.RINGBUF, MapType.USER_RINGBUF)
 
 
-def _check_ring_size(max_entries: int) -> None:
+def check_ring_size(max_entries: int) -> None:
     if max_entries <= 0 or max_entries & (max_entries - 1) or max_entries % PAGE_SIZE:
         raise ValueError(
             f"ring size must be a power of two and a multiple of the page size ({PAGE_SIZE}), got {max_entries}"
@@ -69,7 +69,7 @@ class Map:
     ) -> Map:
         """BPF_MAP_CREATE. Ring maps take their size in bytes: a power of two, page-aligned."""
         if type in _RING_TYPES:
-            _check_ring_size(max_entries)
+            check_ring_size(max_entries)
             if key_size or value_size:
                 raise ValueError(f"{map_type_name(type)} takes key_size=0 and value_size=0")
         fd = sys_bpf.map_create(int(type), key_size, value_size, max_entries, map_flags, name or "")

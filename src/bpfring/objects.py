@@ -14,10 +14,11 @@ import resource
 from typing import Iterator
 
 from ._sys import bpf as sys_bpf
+from ._sys.bpf import MapType
 from ._sys.libbpf import capture_log, lib
 from ._sys.mounts import ensure_tracefs
 from .errors import BPFError, bpf_error
-from .maps import Map
+from .maps import Map, check_ring_size
 
 log = logging.getLogger("bpfring")
 
@@ -39,8 +40,13 @@ def bump_memlock_rlimit(kernel: tuple[int, int] | None = None) -> bool:
     """
     if (kernel or _kernel_version()) >= (5, 11):
         return False
-    resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    log.info("raised RLIMIT_MEMLOCK to unlimited: this kernel charges BPF maps to it")
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        log.info("raised RLIMIT_MEMLOCK to unlimited: this kernel charges BPF maps to it")
+    except (ValueError, OSError):  # no CAP_SYS_RESOURCE: the hard limit is as far as we can go
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        log.warning("this kernel charges BPF maps to RLIMIT_MEMLOCK; raised it only to its hard limit, %d bytes", hard)
     return True
 
 
@@ -210,6 +216,8 @@ class Object:
         """Override a map's size before load (libbpf's ``bpf_map__set_max_entries``)."""
         self._check_not_loaded(f"resize map {map_name!r}")
         ptr = self._map_ptr(map_name)
+        if lib.bpf_map__type(ptr) in (MapType.RINGBUF, MapType.USER_RINGBUF):
+            check_ring_size(max_entries)  # libbpf would round it up silently
         ret = lib.bpf_map__set_max_entries(ptr, max_entries)
         if ret < 0:
             raise bpf_error(-ret, f"setting max_entries={max_entries} on map {map_name!r}")
@@ -251,12 +259,23 @@ class Object:
         return self._loaded
 
     def map(self, name: str) -> Map:
-        """The loaded map ``name`` as a :class:`Map` (owned by this object, closed with it)."""
+        """The loaded map ``name`` as a :class:`Map` (owned by this object, closed with it).
+
+        Global-data maps may be named by their section alone (``".bss"``), since libbpf prefixes
+        them with a truncated object name.
+        """
         if not self._loaded:
             raise ValueError(f"map {name!r} has no fd before load(): call load() first")
         if name not in self._maps:
-            self._maps[name] = Map.from_fd(lib.bpf_map__fd(self._map_ptr(name)))
+            self._maps[name] = Map.from_fd(lib.bpf_map__fd(self._map_ptr(self._resolve(name))))
         return self._maps[name]
+
+    def _resolve(self, name: str) -> str:
+        names = self.map_names
+        if name in names or not name.startswith("."):
+            return name
+        matches = [n for n in names if n.endswith(name)]
+        return matches[0] if len(matches) == 1 else name
 
     def attach(self) -> list[Link]:
         """Attach every loaded program that libbpf can attach from its section name alone.

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from ._sys.bpf import MapType
 from .errors import BPFError
-from .maps import PAGE_SIZE, Map, MapLike, _check_ring_size, open_map
+from .maps import PAGE_SIZE, Map, MapLike, check_ring_size, open_map
 
 # include/uapi/linux/bpf.h: the record header is {u32 len; u32 pg_off}; two high bits of len
 # are flags. BUSY: reserved, not committed yet. DISCARD: committed as discarded.
@@ -51,7 +51,7 @@ class Ring:
         self._producer_mm: mmap.mmap | None = None
         try:
             self.size: int = self._map.max_entries
-            _check_ring_size(self.size)
+            check_ring_size(self.size)
             self._mask = self.size - 1
             fd = self._map.fd
             # kernel/bpf/ringbuf.c ringbuf_map_mmap_kern: page 0 (consumer_pos) is writable; from page 1,

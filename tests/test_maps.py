@@ -1,0 +1,124 @@
+"""Map: creation, opening by fd/pin/id, what the kernel reports, and errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import as_nobody, fork_call, open_fds
+
+import bpfring
+from bpfring import Map, MapType
+from bpfring._sys import bpf as sys_bpf
+from bpfring._sys.mounts import BPFFS, ensure_bpffs
+
+
+@pytest.fixture
+def pin_path(bpf):
+    ensure_bpffs()
+    path = f"{BPFFS}/bpfring-test-map-{os.getpid()}"
+    yield path
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def test_create_reads_type_size_and_name_back_from_the_kernel(bpf):
+    with Map.create(MapType.RINGBUF, 16384, name="events") as m:
+        assert m.type == MapType.RINGBUF and m.type_name == "BPF_MAP_TYPE_RINGBUF"
+        assert m.max_entries == 16384
+        assert m.name == "events"
+        assert m.id > 0 and m.fd >= 0
+    assert m.closed
+
+
+def test_array_lookup_and_update(bpf):
+    with Map.create(MapType.ARRAY, 4, key_size=4, value_size=8) as m:
+        key = (2).to_bytes(4, "little")
+        m.update(key, b"abcdefgh")
+        assert m.lookup(key) == b"abcdefgh"
+        with pytest.raises(ValueError, match="takes values of 8 bytes, got 3"):
+            m.update(key, b"abc")
+
+
+def test_from_fd_duplicates_so_both_can_close(bpf):
+    with Map.create(MapType.RINGBUF, 4096) as m:
+        other = Map.from_fd(m.fd)
+        assert other.fd != m.fd and other.id == m.id
+        other.close()
+        assert m.max_entries == 4096  # the original fd is untouched
+
+
+def test_from_id_and_pin_and_from_pinned(pin_path):
+    with Map.create(MapType.RINGBUF, 8192, name="pinned") as m:
+        with Map.from_id(m.id) as by_id:
+            assert (by_id.name, by_id.max_entries) == ("pinned", 8192)
+        m.pin(pin_path)
+    with Map.from_pinned(pin_path) as again:  # the pin kept the map alive
+        assert (again.name, again.type) == ("pinned", MapType.RINGBUF)
+
+
+@pytest.mark.parametrize("size", [3000, 4096 * 3, 0, 1024])
+def test_ring_size_must_be_a_power_of_two_and_a_page_multiple(bpf, size):
+    before = open_fds()
+    with pytest.raises(ValueError, match=f"power of two and a multiple of the page size.*got {size}"):
+        Map.create(MapType.RINGBUF, size)
+    assert open_fds() == before
+
+
+def test_non_map_fds_are_refused_and_closed(bpf, tmp_path):
+    before = open_fds()
+    r, w = os.pipe()
+    try:
+        with pytest.raises(bpfring.BPFError, match=r"fd \d+ is not a BPF map \(it is pipe:"):
+            Map.from_fd(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    # a BPF program is a BPF object, but not a map: BPF_PROG_TYPE_SOCKET_FILTER, "r0 = 0; exit"
+    prog = sys_bpf.prog_load(1, bytes.fromhex("b700000000000000") + bytes.fromhex("9500000000000000"))
+    try:
+        with pytest.raises(bpfring.BPFError, match="is not a BPF map \\(it is anon_inode:bpf-prog\\)"):
+            Map.from_fd(prog)
+    finally:
+        os.close(prog)
+    with pytest.raises(bpfring.BPFError, match="fd 999 is not an open file descriptor"):
+        Map.from_fd(999)
+    with pytest.raises(TypeError, match="a map fd must be an int, got str"):
+        Map.from_fd("3")  # type: ignore[arg-type]
+    assert open_fds() == before
+
+
+def test_pinned_path_errors_say_what_is_wrong(bpf, tmp_path):
+    ensure_bpffs()
+    with pytest.raises(bpfring.BPFNotFoundError, match="BPF_OBJ_GET '/sys/fs/bpf/no-such-map'"):
+        Map.from_pinned("/sys/fs/bpf/no-such-map")
+    plain = tmp_path / "plain-file"
+    plain.write_text("x")
+    with pytest.raises(bpfring.BPFError, match="is not a BPF object pinned on bpffs"):
+        Map.from_pinned(plain)
+
+
+def test_from_id_of_a_missing_map(bpf):
+    with pytest.raises(bpfring.BPFNotFoundError, match="BPF_MAP_GET_FD_BY_ID id=4000000000"):
+        Map.from_id(4_000_000_000)
+
+
+def test_closed_map_says_so(bpf):
+    m = Map.create(MapType.RINGBUF, 4096, name="gone")
+    m.close()
+    m.close()
+    with pytest.raises(ValueError, match="map 'gone' .* is closed"):
+        m.fd
+
+
+def test_kernel_errors_keep_errno_and_say_what_was_attempted(bpf):
+    with pytest.raises(OSError) as info:
+        sys_bpf.map_create(MapType.ARRAY, 4, 0, 1)  # value_size 0: the kernel says EINVAL
+    assert info.value.errno == 22
+    assert "BPF_MAP_CREATE BPF_MAP_TYPE_ARRAY max_entries=1" in str(info.value)
+
+
+def test_without_privileges_the_error_says_so(bpf):
+    said = fork_call(as_nobody(lambda: bpfring.Map.create(MapType.RINGBUF, 4096)))
+    assert said.startswith("BPFPermissionError: [Errno 1] BPF_MAP_CREATE BPF_MAP_TYPE_RINGBUF")
+    assert "needs root" in said

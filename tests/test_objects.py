@@ -1,0 +1,152 @@
+"""Object: BPF ELF files through libbpf, on the package's own exec tracer and the test producer."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+import struct
+import subprocess
+
+import pytest
+from conftest import as_nobody, fork_call, open_fds
+
+import bpfring
+from bpfring import Object, RingBuffer
+from bpfring._sys import mounts
+from bpfring.objects import bump_memlock_rlimit
+
+EVENT = struct.Struct("<i16s512s")  # struct event of execsnoop.h
+
+
+def only(obj: Object, program: str) -> Object:
+    for prog in obj.programs:
+        prog.autoload = prog.name == program
+    return obj
+
+
+def test_attach_by_section_name_and_consume_the_seed_events(execsnoop_object):
+    with Object(execsnoop_object) as obj:
+        only(obj, "handle_exec_reserve").load()
+        links = obj.attach()
+        assert [link.program.name for link in links] == ["handle_exec_reserve"]
+        got: list[bytes] = []
+        with RingBuffer(obj.map("rb"), got.append) as rb:
+            child = subprocess.Popen(["/bin/true", "bpfring-objects-test"])
+            child.wait()
+            pids = []
+            while child.pid not in pids:
+                assert rb.poll(5000) > 0, "no exec event arrived"
+                pids = [EVENT.unpack(g)[0] for g in got]
+            pid, comm, filename = EVENT.unpack(got[pids.index(child.pid)])
+            assert filename.rstrip(b"\0") == b"/bin/true"
+            assert comm.rstrip(b"\0") == b"true"
+
+            links[0].destroy()  # detached: execs no longer reach the ring
+            assert not links[0].attached
+            rb.consume()
+            subprocess.run(["/bin/true"])
+            assert rb.poll(200) == 0
+
+
+def test_set_max_entries_before_load_only(execsnoop_object):
+    with Object(execsnoop_object) as obj:
+        only(obj, "handle_exec_reserve")
+        obj.set_max_entries("rb", 1 << 21)
+        obj.load()
+        assert obj.map("rb").max_entries == 1 << 21
+        with pytest.raises(ValueError, match="cannot resize map 'rb': object 'execsnoop' is already loaded"):
+            obj.set_max_entries("rb", 1 << 22)
+
+
+def test_maps_by_name_and_global_data(execsnoop_object):
+    with Object(execsnoop_object) as obj:
+        assert {"rb", "pb", "heap"} <= set(obj.map_names)
+        with pytest.raises(ValueError, match="call load\\(\\) first"):
+            obj.map("rb")
+        only(obj, "handle_exec_output").load()
+        assert obj.map("rb").type == bpfring.MapType.RINGBUF
+        assert obj.map(".bss").lookup(b"\0" * 4) == b"\0" * 8  # __u64 dropped = 0
+        with pytest.raises(KeyError, match="has no map 'nope' \\(it has: "):
+            obj.map("nope")
+        with pytest.raises(KeyError, match="has no program 'nope'"):
+            obj.program("nope")
+
+
+def test_a_ring_size_that_is_not_a_power_of_two_is_refused(execsnoop_object):
+    with Object(execsnoop_object) as obj:
+        with pytest.raises(ValueError, match="power of two and a multiple of the page size .*got 3000"):
+            obj.set_max_entries("rb", 3000)
+
+
+def test_a_verifier_rejection_says_why_and_libbpf_logs_to_logging(bpf_object, caplog, capfd):
+    with Object(bpf_object("rejected")) as obj:
+        with caplog.at_level(logging.DEBUG, logger="bpfring.libbpf"):
+            with pytest.raises(bpfring.BPFError) as info:
+                obj.load()
+    assert not isinstance(info.value, PermissionError)
+    assert "the verifier rejected a program" in str(info.value)
+    assert "invalid mem access" in str(info.value)
+    assert any(r.name == "bpfring.libbpf" and r.levelno == logging.WARNING for r in caplog.records)
+    assert capfd.readouterr().err == ""  # nothing of libbpf's on stderr
+
+
+def test_open_errors(bpf, tmp_path):
+    before = open_fds()
+    with pytest.raises(bpfring.BPFNotFoundError, match="opening BPF object '/nonexistent.bpf.o'"):
+        Object("/nonexistent.bpf.o")
+    junk = tmp_path / "junk.bpf.o"
+    junk.write_bytes(b"not an ELF file")
+    with pytest.raises(bpfring.BPFError, match="opening BPF object .*junk.bpf.o"):
+        Object(junk)
+    assert open_fds() == before
+
+
+def test_close_detaches_and_frees_everything(execsnoop_object):
+    before = open_fds()
+    obj = Object(execsnoop_object)
+    only(obj, "handle_exec_reserve").load()
+    link = obj.attach()[0]
+    rb_map = obj.map("rb")
+    obj.close()
+    obj.close()
+    assert not link.attached and rb_map.closed
+    assert open_fds() == before
+    with pytest.raises(ValueError, match="is closed"):
+        obj.programs
+
+
+def test_programs_without_an_attach_point_are_left_to_the_caller(bpf_object):
+    with Object(bpf_object("producer")) as obj:
+        obj.load()
+        assert obj.attach() == []  # SEC("syscall") programs are run, not attached
+        with pytest.raises(bpfring.BPFError) as info:
+            obj.program("produce").attach()
+        assert info.value.errno == 95
+
+
+def test_tracefs_is_mounted_when_missing(execsnoop_object, caplog):
+    if mounts.is_mounted(mounts.TRACEFS, "tracefs"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(mounts.TRACEFS.encode(), 0) != 0:
+            pytest.fail(f"could not unmount tracefs to test the mount: errno {ctypes.get_errno()}")
+    said = fork_call(as_nobody(mounts.ensure_tracefs))
+    assert said.startswith("BPFPermissionError") and "mount -t tracefs none /sys/kernel/tracing" in said
+    with Object(execsnoop_object) as obj, caplog.at_level(logging.INFO, logger="bpfring"):
+        only(obj, "handle_exec_reserve").load()
+        assert len(obj.attach()) == 1
+    assert mounts.is_mounted(mounts.TRACEFS, "tracefs")
+    assert "mounted tracefs at /sys/kernel/tracing" in caplog.text
+
+
+def test_memlock_is_raised_only_on_kernels_that_charge_bpf_to_it():
+    assert bump_memlock_rlimit((6, 18)) is False
+    saved = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (min(saved[1], 65536), saved[1]))
+        assert bump_memlock_rlimit((5, 10)) is True
+        soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        assert soft == hard  # unlimited where the process may, else up to the hard limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, saved)
