@@ -46,6 +46,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if STRICT and report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"BPFRING_REQUIRE_BPF=1 and this test skipped: {reason}"
 

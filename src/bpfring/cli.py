@@ -7,6 +7,7 @@ shows the traceback and libbpf's log.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -41,8 +42,29 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+# capability bits (include/uapi/linux/capability.h)
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def require_tracing_privileges(command: str) -> None:
+    """Fail early, in words, where the kernel would refuse to load or attach a tracing program."""
+    caps = _effective_caps()
+    if caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1):
+        return
+    raise PermissionError(errno.EPERM, f"{command} needs root (or CAP_BPF and CAP_PERFMON): run it with sudo")
+
+
 def execsnoop(args: argparse.Namespace) -> int:
     """Trace exec() system-wide and print TIME EVENT PID COMM FILENAME until Ctrl-C."""
+    require_tracing_privileges("bpfring execsnoop")
     seen = 0
     out = sys.stdout
 

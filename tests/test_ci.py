@@ -1,0 +1,36 @@
+"""CI's guard: with BPFRING_REQUIRE_BPF=1, a skipped test fails the run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_pytest(tmp_path: Path, strict: bool) -> subprocess.CompletedProcess:
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\ndef test_needs_something():\n    pytest.skip('no BPF here')\n"
+    )
+    env = dict(os.environ, BPFRING_REQUIRE_BPF="1" if strict else "0")
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+def test_a_skip_fails_in_strict_mode(tmp_path):
+    done = run_pytest(tmp_path, strict=True)
+    assert done.returncode == 1, done.stdout
+    assert "BPFRING_REQUIRE_BPF=1 and this test skipped: no BPF here" in done.stdout
+
+
+def test_a_skip_is_a_skip_otherwise(tmp_path):
+    done = run_pytest(tmp_path, strict=False)
+    assert done.returncode == 0, done.stdout
+    assert "1 skipped" in done.stdout
