@@ -4,7 +4,7 @@ import importlib.util
 import os
 import tempfile
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,4 +29,7 @@ class build_py_with_bpf(build_py):
             self.announce(f"compiled BPF object {path}", level=2)
 
 
-setup(cmdclass={"build_py": build_py_with_bpf})
+# The consumer walk in C; optional: without a compiler, bpfring falls back to pure Python.
+fastring = Extension("bpfring._fastring", ["src/bpfring/_fastring.c"], optional=True, extra_compile_args=["-O2"])
+
+setup(cmdclass={"build_py": build_py_with_bpf}, ext_modules=[fastring])

@@ -15,6 +15,18 @@ import bpfring
 from bpfring import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RingBuffer
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def walk(request, monkeypatch):
+    """Every test runs on both consumer walks: _fastring.c and the pure-Python fallback."""
+    import bpfring.ringbuf
+
+    if request.param == "python":
+        monkeypatch.setattr(bpfring.ringbuf, "_native", None)
+    elif bpfring.ringbuf._native is None:
+        pytest.skip("the _fastring extension was not built (no C compiler at install time)")
+    return request.param
+
+
 def check_records(got: list[bytes], first_seq: int, size: int | tuple[int, int], producer: int = 0) -> None:
     """Every record is the one the BPF program wrote for its sequence number, in order."""
     lo, hi = (size, size) if isinstance(size, int) else size

@@ -7,13 +7,14 @@ like libbpf's ``struct ring_buffer``. Protocol references are to kernel/bpf/ring
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import select
 import sys
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ._sys.bpf import MapType
 from .errors import BPFError
@@ -31,6 +32,22 @@ BPF_RB_NO_WAKEUP = 1
 BPF_RB_FORCE_WAKEUP = 2
 
 Callback = Callable[[bytes], Optional[int]]
+DTypeLike = Any  # numpy.typing.DTypeLike, without importing numpy for everyone
+
+try:
+    from . import _fastring as _native  # the consumer walk in C, built by pip install
+except ImportError:  # no compiler at install time: the pure-Python walk does the same
+    _native = None
+
+
+class RecordSizeError(ValueError):
+    """A record's size does not match the dtype it is read as."""
+
+
+def _numpy() -> Any:
+    import numpy
+
+    return numpy
 
 _NO_LIMIT = sys.maxsize
 
@@ -101,10 +118,61 @@ class Ring:
         """
         return self._consume(_NO_LIMIT if max_records is None else _check_limit(max_records))
 
-    def _consume(self, limit: int) -> int:
+    def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None) -> Any:
+        """Take every record available now in one call, bypassing the callback.
+
+        Without ``dtype``: a list of ``bytes``. With ``dtype`` (a numpy dtype, or anything numpy
+        accepts): a numpy array, one element per record, copied out before ``consumer_pos`` moves.
+        Fixed-size records are located and checked with vectorized numpy operations, not a Python
+        step per record. A record whose size is not ``dtype.itemsize`` raises
+        :class:`RecordSizeError` when it is reached, and stays in the ring.
+        """
+        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        if dtype is None:
+            records: list[bytes] = []
+            self._consume(limit, records.append)
+            return records
+        np = _numpy()
+        dt = np.dtype(dtype)
+        n, keep = self._fixed_run(dt, limit, allow_discards=True)
+        if n == 0:
+            return np.empty(0, dtype=dt)
+        view = self._records_view(np, dt, n)
+        records = view[keep] if keep is not None else view.copy()
+        del view
+        self._advance(n, dt)
+        return records
+
+    @contextlib.contextmanager
+    def batch(self, dtype: DTypeLike, max_records: int | None = None) -> Iterator[Any]:
+        """Zero-copy: a read-only numpy view of the available records, straight into the ring.
+
+        The records stay reserved (``consumer_pos`` does not move) until the block exits, then are
+        released at once, so producers cannot overwrite them while the block runs. The view is
+        valid only inside the block: after it, producers reuse that memory. A batch stops before a
+        discarded record (a view cannot skip one); the next batch skips it. Records whose size is
+        not ``dtype.itemsize`` raise :class:`RecordSizeError` and stay in the ring. An exception
+        inside the block leaves the records unconsumed.
+        """
+        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        np = _numpy()
+        dt = np.dtype(dtype)
+        n, _ = self._fixed_run(dt, limit, allow_discards=False)
+        view = self._records_view(np, dt, n) if n else np.empty(0, dtype=dt)
+        yield view
+        if n:
+            self._advance(n, dt)
+
+    def _consume(self, limit: int, callback: Callback | None = None) -> int:
         if self._consumer_mm is None:
             raise ValueError(f"ring of map {self._map.name!r} is closed")
-        callback = self._callback
+        cb = callback or self._callback
+        if _native is not None:
+            return _native.consume(self._consumer_mm, self._producer_mm, PAGE_SIZE, self._mask, cb, limit)
+        return self._consume_python(limit, cb)
+
+    def _consume_python(self, limit: int, callback: Callback) -> int:
+        """libbpf's ringbuf_process_ring(), record by record (the fallback for _fastring.c)."""
         consumer_pos = self._consumer_pos
         producer_pos = self._producer_pos
         headers = self._headers
@@ -121,14 +189,13 @@ class Ring:
                 off = cons_pos & mask
                 length = headers[off >> 2]
                 if length & BPF_RINGBUF_BUSY_BIT:
-                    return count  # not committed yet: a later commit wakes us
+                    return count  # not committed yet: its commit wakes us
                 discarded = length & BPF_RINGBUF_DISCARD_BIT
                 length &= _LEN_MASK
-                cons_pos += (length + BPF_RINGBUF_HDR_SZ + 7) & ~7
-                if cons_pos > prod_pos:
-                    raise BPFError(
-                        errno.EBADMSG, f"ring of map {self._map.name!r}: record at {cons_pos} claims {length} bytes, past producer_pos"
-                    )
+                next_pos = cons_pos + ((length + BPF_RINGBUF_HDR_SZ + 7) & ~7)
+                if next_pos > prod_pos:
+                    raise self._corrupt(cons_pos, length, prod_pos)
+                cons_pos = next_pos
                 if discarded:
                     consumer_pos[0] = cons_pos
                     continue
@@ -146,6 +213,82 @@ class Ring:
             # producer_pos, so a commit that saw the old consumer_pos (and skipped the wakeup) is
             # still delivered by this call.
 
+    def _corrupt(self, pos: int, length: int, prod_pos: int) -> BPFError:
+        return BPFError(
+            errno.EBADMSG,
+            f"ring of map {self._map.name!r}: record at {pos} claims {length} bytes, past producer_pos {prod_pos}",
+        )
+
+    # -- fixed-size records, vectorized ----------------------------------------------------------
+
+    def _fixed_run(self, dt: Any, limit: int, allow_discards: bool) -> tuple[int, Any]:
+        """How many records of ``dt.itemsize`` bytes from consumer_pos can be taken as one run.
+
+        Returns (n, keep): keep is None when all n are committed records, else a boolean mask
+        of the non-discarded ones. Leading discarded records are skipped (consumer_pos moves).
+        """
+        if self._consumer_mm is None:
+            raise ValueError(f"ring of map {self._map.name!r} is closed")
+        np = _numpy()
+        itemsize = dt.itemsize
+        stride = (itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        headers = self._headers
+        cons_pos = self._consumer_pos[0]
+        prod_pos = self._producer_pos[0]
+        # A discarded record of any size at the head is skipped; a live one of the wrong size is an error.
+        while cons_pos < prod_pos:
+            length = headers[(cons_pos & self._mask) >> 2]
+            if length & BPF_RINGBUF_BUSY_BIT:
+                return 0, None
+            if length & BPF_RINGBUF_DISCARD_BIT:
+                cons_pos += ((length & _LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7
+                if cons_pos > prod_pos:
+                    raise self._corrupt(cons_pos, length & _LEN_MASK, prod_pos)
+                self._consumer_pos[0] = cons_pos
+                continue
+            if length != itemsize:
+                raise RecordSizeError(
+                    f"record at consumer_pos {cons_pos} of map {self._map.name!r} is {length} bytes, "
+                    f"dtype {dt} expects {itemsize}; it stays in the ring (read it with consume())"
+                )
+            break
+        n = min((prod_pos - cons_pos) // stride, limit)
+        if n == 0:
+            return 0, None
+        # One header per stride, read in a single pass: x86-64 keeps loads in order, so the
+        # records read after this are at least as new as their committed headers.
+        hdr = np.ndarray(
+            (n,), dtype=np.uint32, buffer=self._producer_mm, offset=PAGE_SIZE + (cons_pos & self._mask), strides=(stride,)
+        ).copy()
+        if (hdr == itemsize).all():
+            return n, None
+        live = (hdr & ~np.uint32(BPF_RINGBUF_DISCARD_BIT)) == itemsize  # committed or discarded, right size
+        if not allow_discards:
+            live &= (hdr & np.uint32(BPF_RINGBUF_DISCARD_BIT)) == 0
+        stops = np.flatnonzero(~live)
+        if stops.size:
+            n = int(stops[0])  # BUSY, another size, or (zero-copy) a discard: the run ends before it
+        keep = (hdr[:n] & np.uint32(BPF_RINGBUF_DISCARD_BIT)) == 0
+        return n, (None if keep.all() else keep)
+
+    def _records_view(self, np: Any, dt: Any, n: int) -> Any:
+        stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        off = self._consumer_pos[0] & self._mask
+        # np.frombuffer keeps the memoryview as the view's base, and while that memoryview lives the
+        # mapping cannot be unmapped (mmap.close() refuses): a view kept past close() stays valid memory.
+        # The double mapping makes the run contiguous even where it wraps the end of the ring.
+        span = (n - 1) * stride + dt.itemsize
+        raw = np.frombuffer(
+            memoryview(self._producer_mm), dtype=np.uint8, count=span, offset=PAGE_SIZE + off + BPF_RINGBUF_HDR_SZ
+        )
+        first = raw[: dt.itemsize].view(dt)
+        return np.lib.stride_tricks.as_strided(first, shape=(n,), strides=(stride,), writeable=False)
+
+    def _advance(self, n: int, dt: Any) -> None:
+        stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        if self._consumer_mm is not None:
+            self._consumer_pos[0] += n * stride
+
     # -- lifetime -------------------------------------------------------------------------------
 
     def _release(self) -> None:
@@ -157,7 +300,10 @@ class Ring:
             mm = getattr(self, name, None)
             if mm is not None:
                 setattr(self, name, None)
-                mm.close()
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # a zero-copy view still points in: the mapping goes when the view does
         self._map.close()
 
     def close(self) -> None:
@@ -278,6 +424,32 @@ class RingBuffer:
             finally:
                 self._consuming_thread = None
         return total
+
+    def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None) -> Any:
+        """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`."""
+        self._check_open()
+        left = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        parts = []
+        with self._lock:
+            for ring in self._rings:
+                if left <= 0:
+                    break
+                part = ring.consume_batch(dtype, left)
+                parts.append(part)
+                left -= len(part)
+        if dtype is None:
+            return [record for part in parts for record in part]
+        np = _numpy()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.dtype(dtype))
+
+    @contextlib.contextmanager
+    def batch(self, dtype: DTypeLike, max_records: int | None = None) -> Iterator[Any]:
+        """Zero-copy view of the available records of a single-ring RingBuffer: see :meth:`Ring.batch`."""
+        self._check_open()
+        if len(self._rings) != 1:
+            raise ValueError(f"batch() needs exactly one ring, this RingBuffer has {len(self._rings)}: use rings[i].batch()")
+        with self._lock, self._rings[0].batch(dtype, max_records) as records:
+            yield records
 
     def _check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:

@@ -55,6 +55,14 @@ _fn("bpf_program__set_autoload", ctypes.c_int, _p, ctypes.c_bool)
 _fn("bpf_program__attach", _p, _p)
 _fn("bpf_link__destroy", ctypes.c_int, _p)
 _fn("libbpf_set_print", _p, _p)
+# libbpf's own ring buffer consumer: bpfring does not use it, the benchmark compares against it.
+_fn("ring_buffer__new", _p, ctypes.c_int, _p, _p, _p)
+_fn("ring_buffer__consume", ctypes.c_int, _p)
+_fn("ring_buffer__poll", ctypes.c_int, _p, ctypes.c_int)
+_fn("ring_buffer__free", None, _p)
+
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
+RING_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 VERSION = (lib.libbpf_major_version(), lib.libbpf_minor_version())
 if VERSION < (1, 0):  # pragma: no cover - depends on the machine

@@ -1,0 +1,166 @@
+"""Batches: consume_batch() with and without a dtype, and the zero-copy batch() view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import open_fds
+from producer import expected_fixed, expected_record
+
+from bpfring import RingBuffer
+from bpfring.ringbuf import RecordSizeError
+
+# struct fixed_rec of tests/bpf/producer.h
+FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payload", "u1", (48,))])
+
+
+def expected_array(first_seq: int, count: int, producer: int = 0, skip=lambda seq: False) -> np.ndarray:
+    rows = [expected_fixed(s, producer) for s in range(first_seq, first_seq + count) if not skip(s)]
+    return np.frombuffer(b"".join(rows), dtype=FIXED)
+
+
+def nothing(data: bytes) -> None:
+    raise AssertionError("the callback is bypassed by batches")
+
+
+def test_consume_batch_with_a_dtype_copies_every_record(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        r = producer.produce(300, fixed=True)
+        records = rb.consume_batch(FIXED)
+        assert rb.rings[0].avail_data_size == 0
+        producer.produce(5, fixed=True)  # producers reuse the space: the copy must not change
+    assert records.dtype == FIXED and len(records) == 300
+    assert records.tobytes() == expected_array(r.first_seq, 300).tobytes()
+    assert records.flags.writeable and records.base is None or records.base.base is None  # a copy, not a view
+
+
+def test_consume_batch_accepts_anything_numpy_accepts_as_a_dtype(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        r = producer.produce(4, fixed=True)
+        records = rb.consume_batch("<u8,<u4,<u4,48u1")
+    assert records["f0"].tolist() == list(range(r.first_seq, r.first_seq + 4))
+
+
+def test_discarded_records_are_skipped_by_batches(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        r = producer.produce(90, fixed=True, discard_every=4)
+        records = rb.consume_batch(FIXED)
+        assert rb.rings[0].avail_data_size == 0
+    skip = lambda seq: seq % 4 == 0  # noqa: E731
+    assert records.tobytes() == expected_array(r.first_seq, 90, skip=skip).tobytes()
+
+
+def test_consume_batch_without_dtype_gives_bytes_like_the_callback(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        r = producer.produce(50, (1, 500), discard_every=7)
+        records = rb.consume_batch()
+    from producer import record_size
+
+    want = [
+        expected_record(s, 0, record_size(s, 1, 500)) for s in range(r.first_seq, r.first_seq + 50) if s % 7
+    ]
+    assert records == want
+
+
+def test_max_records(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        producer.produce(10, fixed=True)
+        assert len(rb.consume_batch(FIXED, max_records=4)) == 4
+        assert [len(b) for b in rb.consume_batch(max_records=3)] == [64] * 3
+        assert rb.consume_batch(FIXED)["seq"].tolist() == [7, 8, 9]
+        assert len(rb.consume_batch(FIXED)) == 0
+
+
+def test_a_record_of_another_size_raises_and_stays(producer):
+    with RingBuffer(producer.ring, lambda d: None) as rb:
+        first = producer.produce(3, fixed=True)
+        producer.produce(2, 16, producer=9)
+        records = rb.consume_batch(FIXED)  # the run of fitting records before it
+        assert records["seq"].tolist() == list(range(first.first_seq, first.first_seq + 3))
+        with pytest.raises(RecordSizeError, match="is 16 bytes, dtype .* expects 64; it stays in the ring"):
+            rb.consume_batch(FIXED)
+        with pytest.raises(RecordSizeError, match="is 16 bytes"):
+            with rb.batch(FIXED):
+                pass
+        assert rb.consume() == 2  # still there, readable with the callback
+
+
+def test_batches_across_at_least_50_laps_of_the_ring(make_producer):
+    producer = make_producer(ring_size=16 * 1024)  # 16384 is not a multiple of the 72-byte stride
+    got = []
+    with RingBuffer(producer.ring, nothing) as rb:
+        ring = rb.rings[0]
+        first = None
+        while ring.consumer_pos < 55 * ring.size:
+            r = producer.produce(200, fixed=True)
+            assert r.dropped == 0
+            first = r.first_seq if first is None else first
+            if len(got) % 2:
+                got.append(rb.consume_batch(FIXED))
+            else:
+                with rb.batch(FIXED) as view:
+                    got.append(view.copy())
+    records = np.concatenate(got)
+    assert records.tobytes() == expected_array(first, len(records)).tobytes()
+
+
+def test_zero_copy_view_holds_the_records_until_the_block_exits(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        ring = rb.rings[0]
+        r = producer.produce(100, fixed=True)
+        start = ring.consumer_pos
+        with rb.batch(FIXED) as records:
+            assert not records.flags.writeable and not records.flags.owndata  # a view into the ring
+            assert ring.consumer_pos == start  # still reserved for us
+            assert records.tobytes() == expected_array(r.first_seq, 100).tobytes()
+            assert records["seq"].sum() == sum(range(r.first_seq, r.first_seq + 100))
+        assert ring.consumer_pos == start + 100 * 72 == ring.producer_pos
+
+
+def test_zero_copy_block_that_raises_leaves_the_records(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        producer.produce(10, fixed=True)
+        with pytest.raises(RuntimeError):
+            with rb.batch(FIXED) as records:
+                assert len(records) == 10
+                raise RuntimeError("not now")
+        assert len(rb.consume_batch(FIXED)) == 10
+
+
+def test_zero_copy_stops_before_a_discard_and_the_next_batch_skips_it(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        r = producer.produce(10, fixed=True, discard_every=5)  # seqs 0 and 5 are discarded
+        runs = []
+        while True:
+            with rb.batch(FIXED) as view:
+                if not len(view):
+                    break
+                runs.append(view["seq"].tolist())
+    assert runs == [[1, 2, 3, 4], [6, 7, 8, 9]]
+    assert r.discarded == 2
+
+
+def test_closing_while_a_view_is_alive_does_not_crash(producer):
+    before = open_fds()
+    rb = RingBuffer(producer.ring, nothing)
+    producer.produce(3, fixed=True)
+    with rb.batch(FIXED) as view:
+        kept = view
+    rb.close()
+    assert rb.closed
+    assert len(kept) == 3 and kept["size"].tolist() == [64] * 3  # still mapped while referenced
+    del kept, view
+    assert open_fds() == before  # the mapping (and the fd Python's mmap keeps) went with the view
+
+
+def test_batch_needs_one_ring_and_merges_many_for_consume_batch(make_producer):
+    a, b = make_producer(), make_producer()
+    with RingBuffer(a.ring, nothing) as rb:
+        rb.add(b.ring, nothing)
+        a.produce(3, fixed=True)
+        b.produce(2, fixed=True, producer=1)
+        with pytest.raises(ValueError, match="batch\\(\\) needs exactly one ring, this RingBuffer has 2"):
+            with rb.batch(FIXED):
+                pass
+        records = rb.consume_batch(FIXED)
+    assert records["producer"].tolist() == [0, 0, 0, 1, 1]
