@@ -2,7 +2,9 @@
 
 The kernel side is a BPF program calling ``bpf_ringbuf_output()`` or
 ``bpf_ringbuf_reserve()/submit()/discard()``; the user side is :class:`RingBuffer`, which
-maps each ring and walks its records itself, with libbpf's semantics. :class:`Object` loads
+maps each ring and walks its records itself, with libbpf's semantics, one callback per record
+or in numpy batches. :class:`UserRingBuffer` is the reverse channel: Python produces records
+that a BPF program drains with ``bpf_user_ringbuf_drain()``. :class:`Object` loads
 and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin or id.
 """
 
@@ -10,7 +12,8 @@ from ._sys.bpf import MapType
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
-from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer
+from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RecordSizeError, Ring, RingBuffer
+from .userbuf import Sample, UserRingBuffer
 
 __version__ = "0.1.0"
 
@@ -25,8 +28,11 @@ __all__ = [
     "MapType",
     "Object",
     "Program",
+    "RecordSizeError",
     "Ring",
     "RingBuffer",
     "RingFullError",
+    "Sample",
+    "UserRingBuffer",
     "bundled_object",
 ]

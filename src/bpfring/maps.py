@@ -139,6 +139,13 @@ class Map:
         v = ctypes.create_string_buffer(bytes(value), self.value_size)
         sys_bpf.map_update_elem(self.fd, k, v, flags)
 
+    def mmap(self, length: int, prot: int, offset: int, what: str) -> mmap.mmap:
+        """Map ``length`` bytes of the map at ``offset`` (shared); ``what`` names the region in errors."""
+        try:
+            return mmap.mmap(self.fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+        except OSError as exc:
+            raise BPFError(exc.errno, f"can't mmap the {what} of map {self.name!r} (id {self.id})") from None
+
     def close(self) -> None:
         """Close the fd; idempotent. Pins and other holders keep the map alive in the kernel."""
         if self._fd >= 0:

@@ -70,13 +70,10 @@ class Ring:
             self.size: int = self._map.max_entries
             check_ring_size(self.size)
             self._mask = self.size - 1
-            fd = self._map.fd
             # kernel/bpf/ringbuf.c ringbuf_map_mmap_kern: page 0 (consumer_pos) is writable; from page 1,
             # producer_pos then the data area mapped twice, read-only, so a wrapping record is contiguous.
-            self._consumer_mm = _mmap(fd, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, 0, "consumer page", self._map)
-            self._producer_mm = _mmap(
-                fd, PAGE_SIZE + 2 * self.size, mmap.PROT_READ, PAGE_SIZE, "producer page and data", self._map
-            )
+            self._consumer_mm = self._map.mmap(PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, 0, "consumer page")
+            self._producer_mm = self._map.mmap(PAGE_SIZE + 2 * self.size, mmap.PROT_READ, PAGE_SIZE, "producer page and data")
         except BaseException:
             self._release()
             raise
@@ -491,10 +488,3 @@ def _check_limit(max_records: int) -> int:
     if max_records < 1:
         raise ValueError(f"max_records must be at least 1, got {max_records}")
     return max_records
-
-
-def _mmap(fd: int, length: int, prot: int, offset: int, what: str, owner: Map) -> mmap.mmap:
-    try:
-        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
-    except OSError as exc:
-        raise BPFError(exc.errno, f"can't mmap the {what} of map {owner.name!r} (id {owner.id})") from None

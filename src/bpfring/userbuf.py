@@ -1,0 +1,404 @@
+"""The user ring buffer (BPF_MAP_TYPE_USER_RINGBUF, Linux 6.1+): Python produces, BPF consumes.
+
+The roles of :mod:`bpfring.ringbuf` swap: user space reserves a record, fills it in place in the
+shared mapping and submits it; a BPF program drains the records with ``bpf_user_ringbuf_drain()``.
+The protocol is the one of kernel/bpf/ringbuf.c (``__bpf_user_ringbuf_peek``) and the API follows
+libbpf's ``user_ring_buffer__reserve/reserve_blocking/submit/discard``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import select
+import threading
+import time
+from types import TracebackType
+
+from ._sys.bpf import MapType
+from .errors import BPFError, RingFullError
+from .maps import PAGE_SIZE, Map, MapLike, check_ring_size, open_map
+from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ
+
+# The drain hands each record to the BPF callback as a dynptr, and bpf_dynptr_check_size()
+# (kernel/bpf/helpers.c, DYNPTR_MAX_SIZE) refuses more than 2^24 - 1 bytes: a bigger record makes
+# every drain fail with E2BIG and stalls the ring for good, so it is refused here instead.
+# (libbpf only refuses sizes that collide with the BUSY/DISCARD bits, 2^30 and up.)
+DYNPTR_MAX_SIZE = (1 << 24) - 1
+
+_RESERVED, _SUBMITTED, _DISCARDED = "reserved", "submitted", "discarded"
+
+
+class Sample:
+    """A record reserved in a :class:`UserRingBuffer`: fill :attr:`buf`, then submit or discard.
+
+    ``buf`` is a writable memoryview of exactly the requested size, pointing into the ring (no
+    copy). Until the sample is submitted the kernel stops at it, so every later record waits too.
+    Submit and discard release ``buf``; views made from it (slices, ``numpy.frombuffer``) are not
+    tracked by Python and must not be written to afterwards.
+    As a context manager it hands out ``buf`` and submits on a normal exit, discards on an
+    exception::
+
+        with urb.reserve(len(data)) as buf:
+            buf[:] = data
+    """
+
+    __slots__ = ("_urb", "_pos", "_size", "_buf", "_state")
+
+    def __init__(self, urb: UserRingBuffer, pos: int, size: int, buf: memoryview) -> None:
+        self._urb = urb
+        self._pos = pos
+        self._size = size
+        self._buf = buf
+        self._state = _RESERVED
+
+    @property
+    def buf(self) -> memoryview:
+        """The record's bytes in the ring; released (unusable) once submitted or discarded."""
+        self._check_reserved()
+        return self._buf
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def pos(self) -> int:
+        """The ring position of the record's header (the producer_pos it was reserved at)."""
+        return self._pos
+
+    @property
+    def submitted(self) -> bool:
+        return self._state == _SUBMITTED
+
+    @property
+    def discarded(self) -> bool:
+        return self._state == _DISCARDED
+
+    def submit(self) -> None:
+        """Publish the record to the BPF side (same as ``urb.submit(sample)``)."""
+        self._urb.submit(self)
+
+    def discard(self) -> None:
+        """Give the space back without the BPF side ever seeing the record."""
+        self._urb.discard(self)
+
+    def _check_reserved(self) -> None:
+        if self._state != _RESERVED:
+            raise ValueError(f"sample of {self._size} bytes already {self._state}")
+
+    def __enter__(self) -> memoryview:
+        return self.buf
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != _RESERVED:
+            return  # submitted or discarded explicitly inside the block
+        if exc_type is None:
+            self._urb.submit(self)
+        else:
+            self._urb.discard(self)
+
+    def __repr__(self) -> str:
+        return f"<Sample {self._size} bytes at pos {self._pos} {self._state}>"
+
+
+class UserRingBuffer:
+    """libbpf's ``user_ring_buffer`` in Python: the producer side of a BPF_MAP_TYPE_USER_RINGBUF.
+
+    ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path; the buffer works on its own
+    duplicate of the fd. Records may be submitted in any order: the kernel delivers them in ring
+    order and stops at the first one still reserved. Reserving is thread-safe; one process
+    should be the only producer of a map (as with libbpf).
+
+    Example::
+
+        with bpfring.UserRingBuffer(obj.map("urb")) as urb:
+            with urb.reserve(len(data)) as buf:
+                buf[:] = data
+            obj.program("drain").test_run()   # the BPF side calls bpf_user_ringbuf_drain()
+    """
+
+    # The views over the mapping; None before they exist and after close().
+    _consumer_pos: memoryview | None = None
+    _producer_pos: memoryview | None = None
+    _data: memoryview | None = None
+    _headers: memoryview | None = None
+
+    def __init__(self, map: MapLike) -> None:
+        self._map: Map = open_map(map, MapType.USER_RINGBUF)
+        self._consumer_mm: mmap.mmap | None = None
+        self._producer_mm: mmap.mmap | None = None
+        self._epoll: select.epoll | None = None
+        self._wake_fd = -1
+        self._lock = threading.Lock()
+        self._pending: dict[int, Sample] = {}  # reserved samples by position, discarded on close()
+        # close() waits for reserve_blocking() calls in other threads to leave epoll before it
+        # closes the fds they wait on.
+        self._waiters = 0
+        self._no_waiters = threading.Condition(self._lock)
+        self._closing = False
+        try:
+            self.size: int = self._map.max_entries
+            check_ring_size(self.size)
+            self._mask = self.size - 1
+            self.max_sample_size: int = min(self.size - BPF_RINGBUF_HDR_SZ, DYNPTR_MAX_SIZE)
+            fd = self._map.fd
+            # kernel/bpf/ringbuf.c ringbuf_map_mmap_user: page 0 (consumer_pos, advanced by the
+            # kernel) may only be mapped read-only; from page 1, producer_pos and the data area,
+            # mapped twice back to back so a record that wraps the end is contiguous, read-write.
+            self._consumer_mm = self._map.mmap(PAGE_SIZE, mmap.PROT_READ, 0, "consumer page")
+            self._producer_mm = self._map.mmap(
+                PAGE_SIZE + 2 * self.size, mmap.PROT_READ | mmap.PROT_WRITE, PAGE_SIZE, "producer page and data"
+            )
+            # ringbuf_map_poll_user: EPOLLOUT while any space is free. Edge-triggered, so a wait
+            # for a record bigger than the free space sleeps until the next drain instead of
+            # spinning; the drain wakes the fd whenever it consumed something.
+            self._epoll = select.epoll()
+            self._epoll.register(fd, select.EPOLLOUT | select.EPOLLET)
+            # close() from another thread writes this eventfd to end a reserve_blocking() wait.
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._epoll.register(self._wake_fd, select.EPOLLIN)
+        except BaseException:
+            self._release()
+            raise
+        # Aligned 4- and 8-byte loads and stores through native-format memoryviews are single
+        # instructions; on x86-64 (TSO) they carry the acquire/release ordering the kernel pairs
+        # with (see reserve() and _commit()).
+        self._consumer_pos = memoryview(self._consumer_mm)[:8].cast("Q")
+        self._producer_pos = memoryview(self._producer_mm)[:8].cast("Q")
+        self._data = memoryview(self._producer_mm)[PAGE_SIZE:]
+        self._headers = self._data.cast("I")
+
+    # -- positions ------------------------------------------------------------------------------
+
+    @property
+    def map(self) -> Map:
+        return self._map
+
+    def fileno(self) -> int:
+        """The map fd: writable (EPOLLOUT) while the ring has free space, for selectors and asyncio."""
+        return self._map.fd
+
+    @property
+    def consumer_pos(self) -> int:
+        """Bytes the BPF side has drained so far (a free-running counter)."""
+        self._check_open()
+        return self._consumer_pos[0]
+
+    @property
+    def producer_pos(self) -> int:
+        """Bytes reserved so far, committed or not (a free-running counter)."""
+        self._check_open()
+        return self._producer_pos[0]
+
+    @property
+    def avail_space(self) -> int:
+        """Free bytes in the ring; a record of n bytes needs ``(n + 8 + 7) & ~7`` of them."""
+        self._check_open()
+        return self.size - (self._producer_pos[0] - self._consumer_pos[0])
+
+    # -- producing ------------------------------------------------------------------------------
+
+    def reserve(self, size: int) -> Sample:
+        """Reserve a record of ``size`` bytes; raise :class:`RingFullError` at once if it does not fit."""
+        total = self._check_size(size)
+        with self._lock:
+            self._check_open()
+            # Load consumer_pos first (acquire): pairs with the smp_store_release() in
+            # __bpf_user_ringbuf_sample_release(), so the kernel is done reading the space we reuse.
+            cons_pos = self._consumer_pos[0]
+            prod_pos = self._producer_pos[0]
+            free = self.size - (prod_pos - cons_pos)
+            if total > free:
+                raise RingFullError(
+                    errno.ENOSPC,
+                    f"user ring buffer of map {self._map.name!r} has no room for a sample of {size} bytes "
+                    f"({total} with its header): {free} of {self.size} bytes free",
+                )
+            off = prod_pos & self._mask
+            word = off >> 2  # records are 8-byte aligned: the header is two aligned u32 words
+            self._headers[word + 1] = 0  # pg_off: unused for user rings
+            # The header, BUSY, is stored before producer_pos (release: x86-64 never reorders two
+            # stores), pairing with the smp_load_acquire(&rb->producer_pos) in
+            # __bpf_user_ringbuf_peek(): the kernel never sees a position past a header it can't read.
+            self._headers[word] = size | BPF_RINGBUF_BUSY_BIT
+            self._producer_pos[0] = prod_pos + total
+            start = off + BPF_RINGBUF_HDR_SZ
+            sample = Sample(self, prod_pos, size, self._data[start : start + size])
+            self._pending[prod_pos] = sample
+        return sample
+
+    def reserve_blocking(self, size: int, timeout_ms: int = -1) -> Sample:
+        """Reserve ``size`` bytes, waiting up to ``timeout_ms`` (-1: forever) for the BPF side to drain.
+
+        Raises :class:`RingFullError` if the space did not free up in time, ValueError if
+        :meth:`close` is called meanwhile. Each drain that consumes records wakes the wait (unless
+        the BPF program passed BPF_RB_NO_WAKEUP to ``bpf_user_ringbuf_drain()``).
+        """
+        self._check_size(size)
+        if timeout_ms < 0 and timeout_ms != -1:
+            raise ValueError(f"timeout_ms must be -1 (wait forever) or at least 0, got {timeout_ms}")
+        deadline = None if timeout_ms == -1 else time.monotonic() + timeout_ms / 1000
+        with self._lock:
+            epoll = self._check_open()
+            self._waiters += 1
+        try:
+            while True:
+                try:
+                    return self.reserve(size)  # raises "closed" once close() has begun
+                except RingFullError:
+                    pass
+                if deadline is None:
+                    wait = -1.0
+                else:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                # A drain between the failed reserve and this wait is not lost: the edge is
+                # recorded on the epoll as soon as it happens, and the wait returns at once.
+                epoll.poll(wait)
+            try:
+                return self.reserve(size)  # one last try at the deadline, as libbpf does
+            except RingFullError:
+                pass
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                self._no_waiters.notify_all()
+        raise RingFullError(
+            errno.ENOSPC,
+            f"timed out after {timeout_ms} ms waiting for room for a sample of {size} bytes in the user "
+            f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
+        )
+
+    def submit(self, sample: Sample) -> None:
+        """Publish ``sample`` to the BPF side; its buffer is released and can't be used any more."""
+        self._commit(sample, discard=False)
+
+    def discard(self, sample: Sample) -> None:
+        """Drop ``sample``: the BPF side skips it and its space is reclaimed by the next drain."""
+        self._commit(sample, discard=True)
+
+    def _commit(self, sample: Sample, discard: bool) -> None:
+        if not isinstance(sample, Sample):
+            raise TypeError(f"expected a Sample from reserve(), got {type(sample).__name__}")
+        if sample._urb is not self:
+            raise ValueError(f"{sample!r} was reserved in another UserRingBuffer")
+        with self._lock:
+            sample._check_reserved()
+            # Release the view before publishing, so no write through it can land after the
+            # kernel starts reading. If a consumer still holds its buffer open (a Py_buffer
+            # export, e.g. pickle.PickleBuffer), the sample stays reserved: release that, retry.
+            try:
+                sample._buf.release()
+            except BufferError:
+                raise BufferError(
+                    f"{sample!r} is still exported (something holds its buffer open): "
+                    f"release that before {'discard' if discard else 'submit'}"
+                ) from None
+            self._publish(sample, discard)
+
+    def _publish(self, sample: Sample, discard: bool) -> None:
+        # One aligned 4-byte store clears BUSY (and sets DISCARD). On x86-64 it is a release: the
+        # record's bytes, written before it, are visible first. It pairs with the
+        # smp_load_acquire(hdr) in __bpf_user_ringbuf_peek(); libbpf uses an atomic exchange.
+        length = (sample._size | BPF_RINGBUF_DISCARD_BIT) if discard else sample._size
+        self._headers[(sample._pos & self._mask) >> 2] = length
+        sample._state = _DISCARDED if discard else _SUBMITTED
+        del self._pending[sample._pos]
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def _check_size(self, size: int) -> int:
+        """The ring bytes a record of ``size`` takes (header included, rounded up to 8)."""
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"sample size must be an int, got {type(size).__name__}")
+        if not 1 <= size <= self.max_sample_size:
+            raise ValueError(
+                f"sample size must be 1 to {self.max_sample_size} bytes in this {self.size}-byte ring, got {size}"
+                + ("" if size < 1 else _size_limit_reason(self.size))
+            )
+        return (size + BPF_RINGBUF_HDR_SZ + 7) & ~7
+
+    def _check_open(self) -> select.epoll:
+        if self._epoll is None or self._closing:
+            raise ValueError(f"user ring buffer of map {self._map.name!r} is closed")
+        return self._epoll
+
+    def _release(self) -> None:
+        for sample in list(self._pending.values()):
+            # A record left BUSY would stop the kernel there for good (the map may outlive us):
+            # discard what was never submitted.
+            try:
+                sample._buf.release()
+            except BufferError:
+                pass  # still exported: the mapping lives until that export goes
+            if self._headers is not None:
+                self._publish(sample, discard=True)
+        for name in ("_headers", "_data", "_producer_pos", "_consumer_pos"):
+            view = self.__dict__.pop(name, None)
+            if view is not None:
+                view.release()
+        for name in ("_producer_mm", "_consumer_mm"):
+            mm = getattr(self, name, None)
+            if mm is not None:
+                setattr(self, name, None)
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # a view derived from a sample is alive: unmapped when it goes
+        if self._epoll is not None:
+            epoll, self._epoll = self._epoll, None
+            epoll.close()
+        if self._wake_fd >= 0:
+            fd, self._wake_fd = self._wake_fd, -1
+            os.close(fd)
+        self._map.close()
+
+    def close(self) -> None:
+        """Discard samples still reserved, unmap the ring and close its fds; idempotent.
+
+        A ``reserve_blocking()`` waiting in another thread raises ValueError ("closed").
+        """
+        with self._lock:
+            if self._epoll is None or self._closing:
+                return
+            self._closing = True
+            if self._waiters:
+                os.eventfd_write(self._wake_fd, 1)  # stays readable: every waiter wakes and leaves
+                self._no_waiters.wait_for(lambda: self._waiters == 0)
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll is None
+
+    def __del__(self) -> None:
+        if getattr(self, "_epoll", None) is not None:
+            self.close()  # the eventfd is a bare fd: nothing else would close it
+
+    def __enter__(self) -> UserRingBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<UserRingBuffer closed>"
+        return (
+            f"<UserRingBuffer map={self._map.name!r} size={self.size} producer_pos={self.producer_pos} "
+            f"consumer_pos={self.consumer_pos}>"
+        )
+
+
+def _size_limit_reason(ring_size: int) -> str:
+    if ring_size - BPF_RINGBUF_HDR_SZ > DYNPTR_MAX_SIZE:
+        return f" (the kernel hands records to BPF as dynptrs of at most {DYNPTR_MAX_SIZE} bytes)"
+    return f" (a record and its {BPF_RINGBUF_HDR_SZ}-byte header must fit in the ring)"

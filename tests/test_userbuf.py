@@ -1,0 +1,445 @@
+"""UserRingBuffer against the real kernel: records go user space -> BPF (tests/bpf/user_drain.bpf.c,
+bpf_user_ringbuf_drain) -> back through a BPF ring buffer, read with RingBuffer."""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import selectors
+import threading
+import time
+
+import pytest
+from conftest import open_fds
+from user_drain import UserDrain, payload, record_size
+
+import bpfring
+from bpfring.errors import RingFullError
+from bpfring.userbuf import DYNPTR_MAX_SIZE, Sample, UserRingBuffer
+
+
+@pytest.fixture
+def make_user_drain(bpf_object):
+    """Load user_drain.bpf.o with other ring sizes: ``make_user_drain(urb_size=..., echo_size=...)``."""
+    made = []
+
+    def make(**kwargs) -> UserDrain:
+        d = UserDrain(bpf_object("user_drain"), **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.fixture
+def user_drain(make_user_drain):
+    """user_drain.bpf.o with its default 16 KiB user ring and 256 KiB echo ring."""
+    return make_user_drain()
+
+
+def send(urb: UserRingBuffer, seq: int, size: int) -> bytes:
+    data = payload(seq, size)
+    with urb.reserve(size) as buf:
+        buf[:] = data
+    return data
+
+
+# -- the round trip ----------------------------------------------------------------------------
+
+
+def test_mixed_sizes_round_trip_exactly_once_in_order_over_many_laps(user_drain):
+    sizes = (1, 5000)  # most are not multiples of 8
+    sent: list[bytes] = []
+    got: list[bytes] = []
+    with UserRingBuffer(user_drain.urb) as urb:
+        seq = 0
+        while urb.consumer_pos < 30 * urb.size:
+            batch = 0
+            while True:  # fill the ring as far as it goes, then let the kernel drain it
+                size = record_size(seq, *sizes)
+                try:
+                    sample = urb.reserve(size)
+                except RingFullError:
+                    break
+                sample.buf[:] = data = payload(seq, size)
+                urb.submit(sample)
+                sent.append(data)
+                seq += 1
+                batch += 1
+            assert batch > 0
+            r = user_drain.drain()
+            assert (r.ret, r.drained, r.dropped) == (batch, batch, 0)
+            got.extend(r.records)
+            assert urb.consumer_pos == urb.producer_pos  # every byte given back
+        assert urb.consumer_pos // urb.size >= 30
+    assert len(got) == len(sent) == seq
+    for i, (g, s) in enumerate(zip(got, sent)):
+        assert g == s, f"record {i} of {len(s)} bytes came back different"
+
+
+def test_every_size_from_1_to_64_bytes(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        for size in range(1, 65):
+            data = send(urb, size, size)
+            assert user_drain.drain().records == [data]
+
+
+def test_a_sample_that_wraps_the_end_of_the_ring_arrives_intact(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        send(urb, 0, 4096 - 16 - 8)  # with its header, it ends 16 bytes before the end of the data area
+        assert d.drain().ret == 1
+        assert urb.producer_pos % urb.size == 4096 - 16
+        sample = urb.reserve(1000)  # its header fits, its bytes run past the end
+        assert (sample.pos + 8) % urb.size + len(sample) > urb.size
+        data = payload(1, 1000)
+        sample.buf[:] = data
+        sample.submit()
+        assert d.drain().records == [data]
+
+
+def test_reserve_hands_out_exactly_size_writable_bytes(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        sample = urb.reserve(13)
+        assert isinstance(sample, Sample)
+        assert len(sample) == len(sample.buf) == sample.size == 13
+        assert not sample.buf.readonly and sample.buf.format == "B"
+        assert urb.producer_pos == 24  # 13 bytes + 8-byte header, rounded up to 8
+        assert urb.avail_space == urb.size - 24
+        sample.discard()
+
+
+def test_the_largest_sample_the_kernel_takes(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        assert urb.max_sample_size == 4096 - 8
+        data = send(urb, 7, 4088)  # with its header it fills the whole ring
+        assert urb.avail_space == 0
+        assert d.drain().records == [data]
+
+
+def test_the_dynptr_limit_caps_samples_in_big_rings(make_user_drain):
+    d = make_user_drain(urb_size=32 << 20)
+    with UserRingBuffer(d.urb) as urb:
+        assert urb.max_sample_size == DYNPTR_MAX_SIZE == (1 << 24) - 1
+        with pytest.raises(ValueError, match=f"1 to {DYNPTR_MAX_SIZE} bytes .*, got {1 << 24} .*dynptr"):
+            urb.reserve(1 << 24)
+        with urb.reserve(DYNPTR_MAX_SIZE) as buf:
+            buf[-3:] = b"end"
+        r = d.drain()  # the kernel takes it (too big for the test's echo, so only counted)
+        assert (r.ret, r.drained, r.oversize) == (1, 1, 1)
+
+
+# -- discard, order, context manager -----------------------------------------------------------
+
+
+def test_discarded_samples_never_reach_the_bpf_program_and_their_space_is_reclaimed(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        kept = []
+        for seq in range(30):
+            sample = urb.reserve(40 + seq)
+            sample.buf[:] = data = payload(seq, 40 + seq)
+            if seq % 3 == 0:
+                urb.discard(sample)
+            else:
+                urb.submit(sample)
+                kept.append(data)
+        r = user_drain.drain()
+        assert r.drained == r.ret == 20
+        assert r.records == kept
+        assert urb.consumer_pos == urb.producer_pos
+        assert urb.avail_space == urb.size
+
+
+def test_a_later_submit_does_not_publish_an_earlier_sample_still_reserved(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        first, second = urb.reserve(10), urb.reserve(20)
+        second.buf[:] = b"2" * 20
+        second.submit()
+        r = user_drain.drain()
+        assert (r.ret, r.records) == (0, [])  # the kernel stops at the first, still BUSY
+        assert urb.consumer_pos == 0
+        first.buf[:] = b"1" * 10
+        first.submit()
+        assert user_drain.drain().records == [b"1" * 10, b"2" * 20]
+
+
+def test_a_discard_out_of_order_releases_the_records_behind_it(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        first, second = urb.reserve(8), urb.reserve(8)
+        second.buf[:] = b"kept...."
+        second.submit()
+        first.discard()
+        r = user_drain.drain()
+        assert (r.ret, r.records) == (1, [b"kept...."])
+
+
+def test_the_context_manager_submits_on_success_and_discards_on_an_exception(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        with urb.reserve(5) as buf:
+            buf[:] = b"hello"
+        with pytest.raises(RuntimeError, match="boom"):
+            with urb.reserve(5) as buf:
+                buf[:] = b"wrong"
+                raise RuntimeError("boom")
+        sample = urb.reserve(3)
+        with sample as buf:
+            buf[:] = b"bye"
+        assert sample.submitted and not sample.discarded
+        r = user_drain.drain()
+        assert r.records == [b"hello", b"bye"]
+        assert r.drained == 2 and urb.avail_space == urb.size  # the discarded one was skipped
+
+
+def test_an_explicit_discard_inside_the_with_block_wins(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        sample = urb.reserve(4)
+        with sample as buf:
+            buf[:] = b"nope"
+            sample.discard()
+        assert sample.discarded
+        assert user_drain.drain().records == []
+
+
+def test_a_drain_limited_to_some_records_leaves_the_rest(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        sent = [send(urb, seq, 100) for seq in range(10)]
+        assert user_drain.drain(max_records=4).records == sent[:4]
+        assert urb.avail_space == urb.size - 6 * 112
+        assert user_drain.drain().records == sent[4:]
+
+
+# -- a full ring -------------------------------------------------------------------------------
+
+
+def fill(urb: UserRingBuffer) -> int:
+    """Fill the ring with 1000-byte records; returns how many."""
+    n = 0
+    while urb.avail_space >= 1008:
+        send(urb, n, 1000)
+        n += 1
+    return n
+
+
+def test_reserve_on_a_full_ring_raises_ring_full(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        assert fill(urb) == 4
+        assert urb.avail_space == 64
+        with pytest.raises(RingFullError, match="sample of 57 bytes .*: 64 of 4096 bytes free") as info:
+            urb.reserve(57)  # 57 + 8 rounds up to 72
+        assert info.value.errno == 28  # ENOSPC
+        assert isinstance(info.value, OSError)
+        urb.reserve(56).discard()  # 64 bytes: just fits
+
+
+def test_reserve_blocking_times_out_on_a_full_ring(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        fill(urb)
+        with pytest.raises(RingFullError, match="timed out after 200 ms .* 1000 bytes"):
+            urb.reserve_blocking(1000, timeout_ms=200)
+        with pytest.raises(RingFullError, match="timed out after 0 ms"):
+            urb.reserve_blocking(1000, timeout_ms=0)
+        assert d.drain().ret == 4  # nothing was lost while waiting
+
+
+def test_reserve_blocking_returns_once_the_bpf_side_drains(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        n = fill(urb)
+        drained: list[int] = []
+
+        def drain_later() -> None:
+            time.sleep(0.2)  # most likely after the main thread started waiting
+            drained.append(d.drain().ret)
+
+        t = threading.Thread(target=drain_later)
+        t.start()
+        try:
+            sample = urb.reserve_blocking(2000, timeout_ms=30_000)
+        finally:
+            t.join()
+        assert drained == [n]
+        sample.buf[:] = data = payload(99, 2000)
+        sample.submit()
+        assert d.drain().records == [data]
+
+
+def test_reserve_blocking_takes_free_space_at_once(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        with urb.reserve_blocking(100, timeout_ms=0) as buf:
+            buf[:] = b"x" * 100
+        with urb.reserve_blocking(100) as buf:  # no timeout: there is room, so no wait
+            buf[:] = b"y" * 100
+        assert user_drain.drain().records == [b"x" * 100, b"y" * 100]
+
+
+def test_a_waiting_reserve_blocking_ends_when_another_thread_closes(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    urb = UserRingBuffer(d.urb)
+    fill(urb)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            urb.reserve_blocking(1000, timeout_ms=30_000)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    urb.close()
+    t.join(timeout=10)
+    assert not t.is_alive(), "reserve_blocking() did not return after close()"
+    assert len(errors) == 1 and isinstance(errors[0], ValueError) and "closed" in str(errors[0])
+
+
+def test_fileno_polls_writable_only_while_there_is_room(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb, selectors.DefaultSelector() as sel:
+        sel.register(urb.fileno(), selectors.EVENT_WRITE)
+        assert len(sel.select(0)) == 1
+        urb.reserve(4088).submit()
+        assert sel.select(0) == []
+        d.drain()
+        assert len(sel.select(5)) == 1
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_a_map_of_another_type_is_refused_by_name(bpf):
+    with bpfring.Map.create(bpfring.MapType.RINGBUF, 4096, name="kernel_rb") as m:
+        before = open_fds()
+        with pytest.raises(ValueError, match="BPF_MAP_TYPE_RINGBUF, expected BPF_MAP_TYPE_USER_RINGBUF"):
+            UserRingBuffer(m)
+        assert open_fds() == before
+
+
+def test_sizes_out_of_range_name_the_value_and_the_limit(bpf):
+    with bpfring.Map.create(bpfring.MapType.USER_RINGBUF, 8192) as m, UserRingBuffer(m) as urb:
+        for size in (0, -1):
+            with pytest.raises(ValueError, match=f"sample size must be 1 to 8184 bytes in this 8192-byte ring, got {size}$"):
+                urb.reserve(size)
+        with pytest.raises(ValueError, match="1 to 8184 bytes .*, got 8185 .*8-byte header must fit"):
+            urb.reserve(8185)
+        with pytest.raises(ValueError, match="got 8185"):
+            urb.reserve_blocking(8185, timeout_ms=10_000)  # refused at once, not after a wait
+        with pytest.raises(ValueError, match="timeout_ms must be -1 .* got -5"):
+            urb.reserve_blocking(8, timeout_ms=-5)
+        with pytest.raises(TypeError, match="sample size must be an int, got float"):
+            urb.reserve(8.0)  # type: ignore[arg-type]
+        assert urb.producer_pos == 0  # nothing was reserved by the failures
+
+
+def test_a_sample_cannot_be_submitted_twice_nor_used_after(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        sample = urb.reserve(8)
+        buf = sample.buf
+        buf[:] = b"once...."
+        urb.submit(sample)
+        with pytest.raises(ValueError, match="sample of 8 bytes already submitted"):
+            urb.submit(sample)
+        with pytest.raises(ValueError, match="already submitted"):
+            sample.discard()
+        with pytest.raises(ValueError, match="already submitted"):
+            sample.buf
+        with pytest.raises(ValueError, match="released"):
+            buf[0] = 1  # the memoryview handed out no longer reaches the ring
+        other = urb.reserve(8)
+        other.discard()
+        with pytest.raises(ValueError, match="already discarded"):
+            other.submit()
+        assert user_drain.drain().records == [b"once...."]
+
+
+def test_submit_takes_only_samples_of_this_buffer(user_drain, bpf):
+    with bpfring.Map.create(bpfring.MapType.USER_RINGBUF, 4096) as m:
+        with UserRingBuffer(user_drain.urb) as urb, UserRingBuffer(m) as other:
+            stranger = other.reserve(8)
+            with pytest.raises(ValueError, match="reserved in another UserRingBuffer"):
+                urb.submit(stranger)
+            with pytest.raises(TypeError, match="expected a Sample from reserve\\(\\), got memoryview"):
+                urb.submit(urb.reserve(8).buf)  # type: ignore[arg-type]
+            stranger.submit()
+
+
+def test_an_exported_buffer_keeps_the_sample_reserved(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        sample = urb.reserve(4)
+        sample.buf[:] = b"late"
+        export = pickle.PickleBuffer(sample.buf)  # a consumer holding the buffer (Py_buffer) open
+        with pytest.raises(BufferError, match="still exported"):
+            sample.submit()
+        assert not sample.submitted
+        assert user_drain.drain().records == []  # not published
+        export.release()
+        sample.submit()
+        assert user_drain.drain().records == [b"late"]
+
+
+def test_a_closed_buffer_refuses_everything(user_drain):
+    urb = UserRingBuffer(user_drain.urb)
+    sample = urb.reserve(8)
+    urb.close()
+    urb.close()  # idempotent
+    assert urb.closed
+    with pytest.raises(ValueError, match="closed"):
+        urb.reserve(8)
+    with pytest.raises(ValueError, match="closed"):
+        urb.reserve_blocking(8, 0)
+    with pytest.raises(ValueError, match="closed"):
+        urb.avail_space
+    with pytest.raises(ValueError, match="already discarded"):
+        sample.submit()
+
+
+def test_close_discards_samples_left_reserved_so_the_ring_does_not_stall(user_drain):
+    with UserRingBuffer(user_drain.urb) as urb:
+        urb.reserve(16)  # never submitted
+        send(urb, 0, 16)
+        assert user_drain.drain().records == []  # stuck behind the reserved one
+    with UserRingBuffer(user_drain.urb) as urb:
+        data = send(urb, 1, 16)
+        assert user_drain.drain().records == [payload(0, 16), data]
+
+
+def test_close_releases_every_fd_and_mapping(user_drain):
+    before = open_fds()
+    urb = UserRingBuffer(user_drain.urb)
+    assert urb.fileno() != user_drain.urb.fd  # it owns a duplicate
+    urb.reserve(100)
+    assert open_fds() - before  # map dup, epoll, eventfd (and the dups Python's mmap keeps)
+    urb.close()
+    assert open_fds() == before
+    assert not user_drain.urb.closed  # the caller's Map is untouched
+
+
+def test_a_buffer_never_closed_releases_its_fds_when_collected(user_drain):
+    before = open_fds()
+    urb = UserRingBuffer(user_drain.urb)
+    urb.reserve(8)  # the sample and the buffer refer to each other: a cycle for the collector
+    del urb
+    gc.collect()
+    assert open_fds() == before
+
+
+def test_a_pinned_user_ring_by_path(bpf):
+    from bpfring._sys.mounts import BPFFS, ensure_bpffs
+
+    ensure_bpffs()
+    path = f"{BPFFS}/bpfring-urb-test-{os.getpid()}"
+    with bpfring.Map.create(bpfring.MapType.USER_RINGBUF, 8192) as m:
+        m.pin(path)
+    try:
+        with UserRingBuffer(path) as urb:
+            assert urb.size == 8192 and urb.avail_space == 8192
+            with UserRingBuffer(urb.fileno()) as by_fd:  # a plain fd works too
+                assert by_fd.size == 8192
+    finally:
+        os.unlink(path)
