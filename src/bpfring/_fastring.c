@@ -9,6 +9,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BPF_RINGBUF_BUSY_BIT (1U << 31)
 #define BPF_RINGBUF_DISCARD_BIT (1U << 30)
@@ -136,9 +137,115 @@ out:
 	return result;
 }
 
+/* scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit, allow_discards) -> (n, discarded)
+ *
+ * The length of the run of records from position cons that batch reads as one array: committed
+ * records of exactly itemsize bytes (and, with allow_discards, discarded ones of that size),
+ * at most limit of them, ending at producer_pos. Moves nothing: the caller advances consumer_pos.
+ */
+static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+	Py_buffer prod_buf;
+	Py_ssize_t data_offset, limit, n = 0, discarded = 0;
+	unsigned long long cons, mask;
+	unsigned long itemsize;
+	int allow_discards;
+	const uint8_t *data;
+	uint64_t prod, stride;
+
+	if (nargs != 7) {
+		PyErr_SetString(PyExc_TypeError, "scan_fixed() takes 7 arguments");
+		return NULL;
+	}
+	data_offset = PyLong_AsSsize_t(args[1]);
+	cons = PyLong_AsUnsignedLongLong(args[2]);
+	mask = PyLong_AsUnsignedLongLong(args[3]);
+	itemsize = PyLong_AsUnsignedLong(args[4]);
+	limit = PyLong_AsSsize_t(args[5]);
+	allow_discards = PyObject_IsTrue(args[6]);
+	if (PyErr_Occurred())
+		return NULL;
+	if (PyObject_GetBuffer(args[0], &prod_buf, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (prod_buf.len < data_offset + 2 * (Py_ssize_t)(mask + 1)) {
+		PyBuffer_Release(&prod_buf);
+		PyErr_SetString(PyExc_ValueError, "ring mapping is smaller than the ring");
+		return NULL;
+	}
+	data = (const uint8_t *)prod_buf.buf + data_offset;
+	stride = (itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL;
+	prod = __atomic_load_n((const uint64_t *)prod_buf.buf, __ATOMIC_ACQUIRE);
+	while (n < limit && cons + stride <= prod) {
+		uint32_t len = __atomic_load_n((const uint32_t *)(data + (cons & mask)), __ATOMIC_ACQUIRE);
+
+		if (len != itemsize) {
+			if (!allow_discards || len != (itemsize | BPF_RINGBUF_DISCARD_BIT))
+				break; /* BUSY, another size, or a discard a view cannot skip */
+			discarded++;
+		}
+		n++;
+		cons += stride;
+	}
+	PyBuffer_Release(&prod_buf);
+	return Py_BuildValue("(nn)", n, discarded);
+}
+
+/* gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None
+ *
+ * Copy n records of itemsize bytes, one per ring slot from position cons, into the writable
+ * contiguous buffer out (n * itemsize bytes): the copying batch, one memcpy per record.
+ */
+static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+	Py_buffer prod_buf, out_buf;
+	Py_ssize_t data_offset, itemsize, n;
+	unsigned long long cons, mask;
+	const uint8_t *data;
+	uint8_t *out;
+	uint64_t stride;
+
+	if (nargs != 7) {
+		PyErr_SetString(PyExc_TypeError, "gather() takes 7 arguments");
+		return NULL;
+	}
+	data_offset = PyLong_AsSsize_t(args[1]);
+	cons = PyLong_AsUnsignedLongLong(args[2]);
+	mask = PyLong_AsUnsignedLongLong(args[3]);
+	itemsize = PyLong_AsSsize_t(args[4]);
+	n = PyLong_AsSsize_t(args[5]);
+	if (PyErr_Occurred())
+		return NULL;
+	if (PyObject_GetBuffer(args[0], &prod_buf, PyBUF_SIMPLE) < 0)
+		return NULL;
+	if (PyObject_GetBuffer(args[6], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+		PyBuffer_Release(&prod_buf);
+		return NULL;
+	}
+	stride = ((uint64_t)itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL;
+	if (n < 0 || itemsize <= 0 || out_buf.len < n * itemsize ||
+	    (uint64_t)n * stride > mask + 1 || prod_buf.len < data_offset + 2 * (Py_ssize_t)(mask + 1)) {
+		PyBuffer_Release(&out_buf);
+		PyBuffer_Release(&prod_buf);
+		PyErr_SetString(PyExc_ValueError, "gather(): sizes do not fit the ring or the output");
+		return NULL;
+	}
+	/* The double mapping keeps the run contiguous from its first slot, even across the end. */
+	data = (const uint8_t *)prod_buf.buf + data_offset + (cons & mask) + BPF_RINGBUF_HDR_SZ;
+	out = out_buf.buf;
+	for (Py_ssize_t i = 0; i < n; i++)
+		memcpy(out + i * itemsize, data + i * stride, itemsize);
+	PyBuffer_Release(&out_buf);
+	PyBuffer_Release(&prod_buf);
+	Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
 	{ "consume", (PyCFunction)(void (*)(void))consume, METH_FASTCALL,
 	  "consume(consumer_mm, producer_mm, data_offset, mask, callback, limit) -> int" },
+	{ "gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
+	  "gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None" },
+	{ "scan_fixed", (PyCFunction)(void (*)(void))scan_fixed, METH_FASTCALL,
+	  "scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit, allow_discards) -> (n, discarded)" },
 	{ NULL, NULL, 0, NULL },
 };
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import select
@@ -48,6 +49,13 @@ def _numpy() -> Any:
     import numpy
 
     return numpy
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_dtype(np: Any, dt: Any) -> Any:
+    """One ring slot holding a record of ``dt``: the 8-byte header, the record, padding to 8."""
+    stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+    return np.dtype({"names": ["record"], "formats": [dt], "offsets": [BPF_RINGBUF_HDR_SZ], "itemsize": stride})
 
 _NO_LIMIT = sys.maxsize
 
@@ -115,28 +123,47 @@ class Ring:
         """
         return self._consume(_NO_LIMIT if max_records is None else _check_limit(max_records))
 
-    def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None) -> Any:
+    def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Take every record available now in one call, bypassing the callback.
 
         Without ``dtype``: a list of ``bytes``. With ``dtype`` (a numpy dtype, or anything numpy
         accepts): a numpy array, one element per record, copied out before ``consumer_pos`` moves.
-        Fixed-size records are located and checked with vectorized numpy operations, not a Python
-        step per record. A record whose size is not ``dtype.itemsize`` raises
-        :class:`RecordSizeError` when it is reached, and stays in the ring.
+        Fixed-size records are located and checked without a Python step per record. A record
+        whose size is not ``dtype.itemsize`` raises :class:`RecordSizeError` when it is reached,
+        and stays in the ring.
+
+        ``out``: a contiguous array of ``dtype`` to copy into instead of a new array (no
+        allocation, no page faults on fresh memory); at most ``len(out)`` records are taken and
+        ``out[:n]`` is returned.
         """
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         if dtype is None:
+            if out is not None:
+                raise TypeError("out= needs a dtype")
             records: list[bytes] = []
             self._consume(limit, records.append)
             return records
         np = _numpy()
         dt = np.dtype(dtype)
+        if out is not None:
+            if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
+                raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+            limit = min(limit, len(out))
         n, keep = self._fixed_run(dt, limit, allow_discards=True)
         if n == 0:
-            return np.empty(0, dtype=dt)
-        view = self._records_view(np, dt, n)
-        records = view[keep] if keep is not None else view.copy()
-        del view
+            return np.empty(0, dtype=dt) if out is None else out[:0]
+        if keep is None and _native is not None:
+            records = np.empty(n, dtype=dt) if out is None else out[:n]
+            _native.gather(self._producer_mm, PAGE_SIZE, self._consumer_pos[0], self._mask, dt.itemsize, n, records)
+        else:
+            # Copied as opaque fixed-size items: numpy copies a void item with one memcpy, where
+            # a structured dtype would be copied field by field.
+            raw = self._records_view(np, np.dtype((np.void, dt.itemsize)), n)
+            if keep is not None:
+                raw = raw[keep]
+            records = np.empty(len(raw), dtype=dt) if out is None else out[: len(raw)]
+            np.copyto(records.view(raw.dtype), raw)
+            del raw
         self._advance(n, dt)
         return records
 
@@ -226,7 +253,6 @@ class Ring:
         """
         if self._consumer_mm is None:
             raise ValueError(f"ring of map {self._map.name!r} is closed")
-        np = _numpy()
         itemsize = dt.itemsize
         stride = (itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
         headers = self._headers
@@ -238,10 +264,10 @@ class Ring:
             if length & BPF_RINGBUF_BUSY_BIT:
                 return 0, None
             if length & BPF_RINGBUF_DISCARD_BIT:
-                cons_pos += ((length & _LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7
-                if cons_pos > prod_pos:
+                next_pos = cons_pos + (((length & _LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7)
+                if next_pos > prod_pos:
                     raise self._corrupt(cons_pos, length & _LEN_MASK, prod_pos)
-                self._consumer_pos[0] = cons_pos
+                cons_pos = self._consumer_pos[0] = next_pos
                 continue
             if length != itemsize:
                 raise RecordSizeError(
@@ -249,37 +275,48 @@ class Ring:
                     f"dtype {dt} expects {itemsize}; it stays in the ring (read it with consume())"
                 )
             break
-        n = min((prod_pos - cons_pos) // stride, limit)
-        if n == 0:
+        if cons_pos >= prod_pos:
             return 0, None
-        # One header per stride, read in a single pass: x86-64 keeps loads in order, so the
-        # records read after this are at least as new as their committed headers.
-        hdr = np.ndarray(
-            (n,), dtype=np.uint32, buffer=self._producer_mm, offset=PAGE_SIZE + (cons_pos & self._mask), strides=(stride,)
-        ).copy()
-        if (hdr == itemsize).all():
-            return n, None
-        live = (hdr & ~np.uint32(BPF_RINGBUF_DISCARD_BIT)) == itemsize  # committed or discarded, right size
-        if not allow_discards:
-            live &= (hdr & np.uint32(BPF_RINGBUF_DISCARD_BIT)) == 0
-        stops = np.flatnonzero(~live)
-        if stops.size:
-            n = int(stops[0])  # BUSY, another size, or (zero-copy) a discard: the run ends before it
-        keep = (hdr[:n] & np.uint32(BPF_RINGBUF_DISCARD_BIT)) == 0
+        np = _numpy()
+        if _native is not None:
+            n, discarded = _native.scan_fixed(
+                self._producer_mm, PAGE_SIZE, cons_pos, self._mask, itemsize, limit, allow_discards
+            )
+            if not discarded:
+                return n, None
+            hdr = self._headers_view(np, cons_pos, n, stride)
+        else:
+            n = min((prod_pos - cons_pos) // stride, limit)
+            hdr = self._headers_view(np, cons_pos, n, stride)
+            if (hdr == itemsize).all():
+                return n, None
+            live = (hdr & ~np.uint32(BPF_RINGBUF_DISCARD_BIT)) == itemsize  # committed or discarded, right size
+            if not allow_discards:
+                live &= hdr == itemsize
+            stops = np.flatnonzero(~live)
+            if stops.size:
+                n = int(stops[0])  # BUSY, another size, or (zero-copy) a discard: the run ends before it
+                hdr = hdr[:n]
+        keep = (hdr & np.uint32(BPF_RINGBUF_DISCARD_BIT)) == 0
         return n, (None if keep.all() else keep)
 
+    def _headers_view(self, np: Any, cons_pos: int, n: int, stride: int) -> Any:
+        """The n headers from cons_pos, copied in one pass: x86-64 keeps loads in order, so the
+        records read after this are at least as new as the committed headers seen here."""
+        return np.ndarray(
+            (n,), dtype=np.uint32, buffer=self._producer_mm, offset=PAGE_SIZE + (cons_pos & self._mask), strides=(stride,)
+        ).copy()
+
     def _records_view(self, np: Any, dt: Any, n: int) -> Any:
-        stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        """A view of n records of ``dt`` from consumer_pos, one per stride, straight into the mapping.
+
+        np.frombuffer keeps the memoryview as the view's base, and while that memoryview lives the
+        mapping cannot be unmapped (mmap.close() refuses): a view kept past close() stays valid
+        memory. The double mapping makes the run contiguous even where it wraps the end of the ring.
+        """
         off = self._consumer_pos[0] & self._mask
-        # np.frombuffer keeps the memoryview as the view's base, and while that memoryview lives the
-        # mapping cannot be unmapped (mmap.close() refuses): a view kept past close() stays valid memory.
-        # The double mapping makes the run contiguous even where it wraps the end of the ring.
-        span = (n - 1) * stride + dt.itemsize
-        raw = np.frombuffer(
-            memoryview(self._producer_mm), dtype=np.uint8, count=span, offset=PAGE_SIZE + off + BPF_RINGBUF_HDR_SZ
-        )
-        first = raw[: dt.itemsize].view(dt)
-        return np.lib.stride_tricks.as_strided(first, shape=(n,), strides=(stride,), writeable=False)
+        slots = np.frombuffer(memoryview(self._producer_mm), dtype=_slot_dtype(np, dt), count=n, offset=PAGE_SIZE + off)
+        return slots["record"]
 
     def _advance(self, n: int, dt: Any) -> None:
         stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
@@ -422,20 +459,26 @@ class RingBuffer:
                 self._consuming_thread = None
         return total
 
-    def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None) -> Any:
+    def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`."""
         self._check_open()
         left = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        if out is not None:
+            left = min(left, len(out))
         parts = []
+        taken = 0
         with self._lock:
             for ring in self._rings:
                 if left <= 0:
                     break
-                part = ring.consume_batch(dtype, left)
+                part = ring.consume_batch(dtype, left, None if out is None else out[taken:])
                 parts.append(part)
+                taken += len(part)
                 left -= len(part)
         if dtype is None:
             return [record for part in parts for record in part]
+        if out is not None:
+            return out[:taken]
         np = _numpy()
         return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.dtype(dtype))
 
