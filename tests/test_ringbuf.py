@@ -307,9 +307,11 @@ def test_close_from_another_thread_wakes_a_blocked_poll(producer):
     t = threading.Thread(target=lambda: result.append(rb.poll(30_000)))
     t.start()
     time.sleep(0.2)
-    rb.close()
+    closer = threading.Thread(target=rb.close)  # close() itself waits for poll(): watch from here
+    closer.start()
     t.join(timeout=10)
     assert not t.is_alive(), "poll() did not return after close()"
+    closer.join()
     assert result == [0]
     with pytest.raises(ValueError, match="closed"):
         rb.poll(0)

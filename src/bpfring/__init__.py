@@ -3,7 +3,8 @@
 The kernel side is a BPF program calling ``bpf_ringbuf_output()`` or
 ``bpf_ringbuf_reserve()/submit()/discard()``; the user side is :class:`RingBuffer`, which
 maps each ring and walks its records itself, with libbpf's semantics, one callback per record
-or in numpy batches. :class:`UserRingBuffer` is the reverse channel: Python produces records
+or in numpy batches. :class:`PerfBuffer` reads ``bpf_perf_event_output()``'s per-CPU perf
+rings the same way. :class:`UserRingBuffer` is the reverse channel: Python produces records
 that a BPF program drains with ``bpf_user_ringbuf_drain()``. :class:`Object` loads
 and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin or id.
 """
@@ -12,6 +13,7 @@ from ._sys.bpf import MapType
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
+from .perfbuf import PerfBuffer
 from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RecordSizeError, Ring, RingBuffer
 from .userbuf import Sample, UserRingBuffer
 
@@ -27,6 +29,7 @@ __all__ = [
     "Map",
     "MapType",
     "Object",
+    "PerfBuffer",
     "Program",
     "RecordSizeError",
     "Ring",

@@ -83,7 +83,9 @@ class Map:
         try:
             dup = os.dup(fd)
         except OSError as exc:
-            raise BPFError(exc.errno, f"fd {fd} is not an open file descriptor") from None
+            if exc.errno == errno.EBADF:
+                raise BPFError(exc.errno, f"fd {fd} is not an open file descriptor") from None
+            raise BPFError(exc.errno, f"can't duplicate map fd {fd}: {exc.strerror}") from None
         return cls(dup, _origin=f"fd {fd}")
 
     @classmethod
@@ -138,6 +140,10 @@ class Map:
         k = ctypes.create_string_buffer(bytes(key), self.key_size)
         v = ctypes.create_string_buffer(bytes(value), self.value_size)
         sys_bpf.map_update_elem(self.fd, k, v, flags)
+
+    def delete(self, key: bytes) -> None:
+        """Remove ``key`` (BPF_MAP_DELETE_ELEM)."""
+        sys_bpf.map_delete_elem(self.fd, ctypes.create_string_buffer(bytes(key), self.key_size))
 
     def mmap(self, length: int, prot: int, offset: int, what: str) -> mmap.mmap:
         """Map ``length`` bytes of the map at ``offset`` (shared); ``what`` names the region in errors."""

@@ -1,0 +1,442 @@
+"""The perf buffer (BPF_MAP_TYPE_PERF_EVENT_ARRAY), consumed natively over mmap.
+
+A :class:`PerfBuffer` opens one BPF output perf event per CPU, maps its ring, stores its fd in
+the array at that CPU's index (where ``bpf_perf_event_output(ctx, &pb, BPF_F_CURRENT_CPU, ...)``
+finds it) and polls them all on one epoll, like libbpf's ``struct perf_buffer``. Protocol
+references are to include/uapi/linux/perf_event.h and kernel/events/ring_buffer.c.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import select
+import sys
+import threading
+from typing import Callable, Iterable, Optional
+
+from ._sys import perf as sys_perf
+from ._sys.bpf import MapType
+from .errors import BPFError
+from .maps import PAGE_SIZE, Map, MapLike, open_map
+
+# include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
+# as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
+# The data area starts one page into the mapping (data_offset) and is page_cnt pages long.
+PERF_DATA_HEAD_OFFSET = 1024
+PERF_DATA_TAIL_OFFSET = 1032
+
+# include/uapi/linux/perf_event.h, enum perf_event_type. Records start with
+# struct perf_event_header {u32 type; u16 misc; u16 size}, size counting the header itself.
+# A sample with sample_type = PERF_SAMPLE_RAW is {header; u32 raw_size; u8 raw[raw_size]};
+# a lost record is {header; u64 id; u64 lost}.
+PERF_RECORD_LOST = 2
+PERF_RECORD_SAMPLE = 9
+PERF_HEADER_SIZE = 8
+
+SampleCallback = Callable[[int, bytes], Optional[int]]
+LostCallback = Callable[[int, int], Optional[int]]
+
+# Word indexes into the mapping seen as u64s (and u32s for raw_size).
+_HEAD = PERF_DATA_HEAD_OFFSET // 8
+_TAIL = PERF_DATA_TAIL_OFFSET // 8
+_DATA_W = PAGE_SIZE // 8
+_DATA_I = PAGE_SIZE // 4
+
+
+def _ignore(cpu: int, value: object) -> None:
+    return None
+
+
+class _CpuBuffer:
+    """One CPU's BPF output event: its fd, its mapping, and the reader's walk over its records."""
+
+    def __init__(self, cpu: int, page_cnt: int, wakeup_events: int) -> None:
+        self.cpu = cpu
+        self.size = page_cnt * PAGE_SIZE
+        self.fd = sys_perf.open_bpf_output(cpu, wakeup_events)
+        try:
+            # Read-write: a read-only mapping would put the kernel in overwrite mode, where it
+            # ignores data_tail (kernel/events/core.c perf_mmap, ring_buffer.c rb_alloc).
+            self._mm = mmap.mmap(
+                self.fd, PAGE_SIZE + self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError as exc:
+            os.close(self.fd)
+            raise BPFError(exc.errno, f"can't mmap the perf buffer of cpu {cpu} ({page_cnt} pages)") from None
+        # Aligned 8- and 4-byte loads and stores through native-format memoryviews are single
+        # instructions; on x86-64 (TSO) they carry the ordering the kernel asks of the reader:
+        # read data_head, then the records (smp_rmb), then store data_tail (smp_mb before it).
+        self._words = memoryview(self._mm).cast("Q")
+        self._u32 = memoryview(self._mm).cast("I")
+
+    @property
+    def data_head(self) -> int:
+        return self._words[_HEAD]
+
+    @property
+    def data_tail(self) -> int:
+        return self._words[_TAIL]
+
+    def consume(self, sample_cb: SampleCallback, lost_cb: LostCallback) -> int:
+        """Deliver every record available now; samples delivered, or a negative callback return."""
+        words = self._words
+        u32 = self._u32
+        mm = self._mm
+        size = self.size
+        mask = size - 1
+        cpu = self.cpu
+        base, base_w, base_i = PAGE_SIZE, _DATA_W, _DATA_I
+        sample_type = PERF_RECORD_SAMPLE
+        tail = words[_TAIL]
+        count = 0
+        while True:
+            head = words[_HEAD]
+            if tail == head:
+                return count
+            while tail < head:
+                off = tail & mask
+                # Record sizes are multiples of 8 (perf_prepare_header), so a header never
+                # straddles the end of the data area, and neither does an aligned field.
+                header = words[base_w + (off >> 3)]
+                rec_size = header >> 48
+                if rec_size < PERF_HEADER_SIZE or tail + rec_size > head:
+                    raise BPFError(
+                        errno.EBADMSG, f"perf buffer of cpu {cpu}: record at {tail} of {rec_size} bytes, head {head}"
+                    )
+                tail += rec_size
+                if header & 0xFFFFFFFF == sample_type:
+                    if off + rec_size <= size:  # the common case: the record is contiguous
+                        raw_size = u32[base_i + ((off + 8) >> 2)]
+                        start = base + off + 12
+                        data = mm[start : start + raw_size]
+                    else:  # wraps the end: the data area is mapped once, copy both pieces
+                        raw_size = u32[base_i + (((off + 8) & mask) >> 2)]
+                        start = (off + 12) & mask
+                        if start + raw_size <= size:
+                            data = mm[base + start : base + start + raw_size]
+                        else:
+                            data = mm[base + start : base + size] + mm[base : base + start + raw_size - size]
+                    if raw_size + 12 > rec_size:
+                        raise BPFError(
+                            errno.EBADMSG, f"perf buffer of cpu {cpu}: sample of {rec_size} bytes claims {raw_size}"
+                        )
+                    # Give the space back before the callback runs: the sample counts as consumed
+                    # once the callback is entered, so an exception or Ctrl-C never redelivers it.
+                    words[_TAIL] = tail
+                    count += 1
+                    ret = sample_cb(cpu, data)
+                elif header & 0xFFFFFFFF == PERF_RECORD_LOST:
+                    lost = words[base_w + (((off + 16) & mask) >> 3)]
+                    words[_TAIL] = tail
+                    ret = lost_cb(cpu, lost)
+                else:  # no other type is written for a BPF output event; skip what we don't know
+                    words[_TAIL] = tail
+                    continue
+                if ret and ret < 0:
+                    return ret
+            # Caught up with the head read above: read it again, so records written meanwhile
+            # are delivered by this call rather than waiting for a wakeup.
+
+    def close(self) -> None:
+        self._words.release()
+        self._u32.release()
+        self._mm.close()
+        os.close(self.fd)
+
+
+class PerfBuffer:
+    """libbpf's ``perf_buffer`` in Python: one perf ring per CPU for a BPF_MAP_TYPE_PERF_EVENT_ARRAY.
+
+    ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path. Each CPU (every online CPU, or
+    ``cpus``) gets a ring of ``page_cnt`` pages (a power of two) whose event fd is stored in the
+    array at that CPU's index, so ``bpf_perf_event_output(ctx, &pb, BPF_F_CURRENT_CPU, e, size)``
+    writes to the ring of the CPU it runs on. The array needs a slot for the highest CPU used.
+
+    ``sample_cb(cpu, data)`` receives each sample's bytes: the kernel's ``raw_size`` of them,
+    which is the size the program passed rounded up so that size + 4 is a multiple of 8 (the
+    padding is not zeroed: carry your own length if it matters), as libbpf delivers them.
+    ``lost_cb(cpu, lost)`` receives the count of samples the kernel dropped because that ring was
+    full; the kernel reports them with the next sample that fits. A negative return value from
+    either callback stops consumption and is returned by :meth:`poll`/:meth:`consume` (that record
+    counts as consumed). An exception propagates; its record counts as consumed and the rest stay
+    for the next call, so no sample is delivered twice. Without ``sample_cb`` samples are dropped.
+
+    Notification is sampled: the kernel wakes the reader every ``wakeup_events`` samples, so with
+    ``wakeup_events=N`` the last N-1 samples of a burst wait for the N-th. :meth:`poll` only
+    consumes rings that woke it (as ``perf_buffer__poll``), and a timeout consumes nothing: call
+    :meth:`consume` to drain them (before exiting, or on a timeout when latency matters).
+
+    Example, as the seed's ``perf_buffer__new`` / ``perf_buffer__poll`` loop::
+
+        with bpfring.PerfBuffer(obj.map("pb"), 8, handle_event) as pb:
+            while True:
+                pb.poll(timeout_ms=100)
+    """
+
+    def __init__(
+        self,
+        map: MapLike,
+        page_cnt: int = 8,
+        sample_cb: SampleCallback | None = None,
+        lost_cb: LostCallback | None = None,
+        *,
+        wakeup_events: int = 1,
+        cpus: Iterable[int] | None = None,
+    ) -> None:
+        _check_positive_int("page_cnt", page_cnt)
+        if page_cnt & (page_cnt - 1):
+            raise ValueError(f"page_cnt must be a power of two, got {page_cnt}")
+        _check_positive_int("wakeup_events", wakeup_events)
+        for name, cb in (("sample_cb", sample_cb), ("lost_cb", lost_cb)):
+            if cb is not None and not callable(cb):
+                raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
+        self.page_cnt = page_cnt
+        self.wakeup_events = wakeup_events
+        self._sample_cb: SampleCallback = sample_cb or _ignore
+        self._lost_cb: LostCallback = lost_cb or _ignore
+        self._buffers: list[_CpuBuffer] = []
+        self._by_fd: dict[int, _CpuBuffer] = {}
+        self._slots: list[int] = []  # array indexes this object has set, cleared on close
+        self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
+        self._lock = threading.Lock()
+        self._consuming_thread: int | None = None
+        self._closing = False
+        self._epoll: select.epoll | None = None
+        self._wake_fd = -1
+        self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
+        try:
+            chosen = self._choose_cpus(cpus)
+            self._epoll = select.epoll()
+            # An eventfd on the epoll lets close() from another thread wake a blocked poll().
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._epoll.register(self._wake_fd, select.EPOLLIN)
+            for cpu in chosen:
+                self._open_cpu(cpu)
+        except BaseException:
+            self._release()
+            raise
+
+    def _choose_cpus(self, cpus: Iterable[int] | None) -> list[int]:
+        online = sys_perf.online_cpus()
+        if cpus is None:
+            chosen = online
+        else:
+            chosen = list(cpus)
+            if not chosen:
+                raise ValueError("cpus is empty: give at least one CPU, or None for every online CPU")
+            for cpu in chosen:
+                if not isinstance(cpu, int) or isinstance(cpu, bool):
+                    raise TypeError(f"a cpu must be an int, got {type(cpu).__name__}")
+                if cpu not in online:
+                    raise ValueError(f"cpu {cpu} is not online (online CPUs: {_cpu_list(online)})")
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"cpus {chosen} names a CPU more than once")
+        need = max(chosen) + 1
+        if self._map.max_entries < need:
+            raise ValueError(
+                f"perf event array {self._map.name!r} has max_entries={self._map.max_entries}, "
+                f"too small for cpu {need - 1}: it needs at least {need} (one slot per CPU index)"
+            )
+        return chosen
+
+    def _open_cpu(self, cpu: int) -> None:
+        buf = _CpuBuffer(cpu, self.page_cnt, self.wakeup_events)
+        self._buffers.append(buf)
+        self._by_fd[buf.fd] = buf
+        assert self._epoll is not None
+        # perf_poll reports a wakeup once (it clears rb->poll), so a ring is read to its end
+        # whenever it is reported; see _unfinished for a read cut short.
+        self._epoll.register(buf.fd, select.EPOLLIN)
+        # The array holds u32 keys and values in host byte order.
+        self._map.update(cpu.to_bytes(4, sys.byteorder), buf.fd.to_bytes(4, sys.byteorder))
+        self._slots.append(cpu)
+        sys_perf.enable(buf.fd)
+
+    # -- accessors ------------------------------------------------------------------------------
+
+    @property
+    def buffer_cnt(self) -> int:
+        """Number of per-CPU rings (libbpf's ``perf_buffer__buffer_cnt``)."""
+        return len(self._buffers)
+
+    def buffer_fd(self, i: int) -> int:
+        """The perf event fd of ring ``i`` (libbpf's ``perf_buffer__buffer_fd``), e.g. to poll it alone."""
+        return self._buffer(i).fd
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        """The CPU of each ring, in ring order."""
+        return tuple(buf.cpu for buf in self._buffers)
+
+    @property
+    def buffer_size(self) -> int:
+        """Bytes of data area per CPU: ``page_cnt`` pages."""
+        return self.page_cnt * PAGE_SIZE
+
+    @property
+    def map(self) -> Map:
+        return self._map
+
+    def fileno(self) -> int:
+        """The epoll fd: readable when a ring has woken the reader (for selectors and event loops).
+
+        When it polls readable, call :meth:`consume`, not :meth:`poll`: the outer poll has taken
+        the perf wakeup (perf_poll reports it once), so an inner epoll would find nothing.
+        """
+        return self._check_open().fileno()
+
+    def _buffer(self, i: int) -> _CpuBuffer:
+        self._check_open()
+        if not 0 <= i < len(self._buffers):
+            raise IndexError(f"buffer index {i} out of range: this PerfBuffer has {len(self._buffers)} buffers")
+        return self._buffers[i]
+
+    # -- consuming ------------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int = -1) -> int:
+        """Wait up to ``timeout_ms`` (-1: forever) for a wakeup, then read the rings that woke.
+
+        Returns samples delivered (0 on timeout) or a callback's negative return value. Rings
+        whose reading a callback cut short are read first, without waiting.
+        """
+        epoll = self._check_open()
+        with self._lock:
+            self._consuming_thread = threading.get_ident()
+            try:
+                unfinished = self._unfinished
+                timeout = 0 if unfinished else (-1 if timeout_ms < 0 else timeout_ms / 1000)
+                events = epoll.poll(timeout)
+                if self._closing:
+                    return 0
+                by_fd = self._by_fd
+                # Reported once, so remembered until read to the end (see _consume).
+                unfinished.update(by_fd[fd] for fd, _ in events if fd in by_fd)
+                total = 0
+                for buf in list(unfinished):
+                    n = self._consume(buf)
+                    if n < 0:
+                        return n
+                    total += n
+                return total
+            finally:
+                self._consuming_thread = None
+
+    def consume(self) -> int:
+        """Read every ring without waiting (libbpf's ``perf_buffer__consume``).
+
+        Returns samples delivered or a callback's negative return value. This is how to drain
+        samples that have not reached ``wakeup_events`` yet.
+        """
+        self._check_open()
+        with self._lock:
+            self._consuming_thread = threading.get_ident()
+            try:
+                total = 0
+                for buf in self._buffers:
+                    n = self._consume(buf)
+                    if n < 0:
+                        return n
+                    total += n
+                return total
+            finally:
+                self._consuming_thread = None
+
+    def consume_buffer(self, i: int) -> int:
+        """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``)."""
+        buf = self._buffer(i)
+        with self._lock:
+            self._consuming_thread = threading.get_ident()
+            try:
+                return self._consume(buf)
+            finally:
+                self._consuming_thread = None
+
+    def _consume(self, buf: _CpuBuffer) -> int:
+        # Marked unfinished until it is read to the end: after an exception or a negative return
+        # the rest of the ring will not be reported by epoll again, so the next poll() reads it.
+        self._unfinished.add(buf)
+        n = buf.consume(self._sample_cb, self._lost_cb)
+        if n >= 0:
+            self._unfinished.discard(buf)
+        return n
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def _check_open(self) -> select.epoll:
+        if self._epoll is None or self._closing:
+            raise ValueError("PerfBuffer is closed")
+        return self._epoll
+
+    def _release(self) -> None:
+        try:
+            for buf in self._buffers:
+                sys_perf.disable(buf.fd)
+            for cpu in self._slots:
+                try:
+                    self._map.delete(cpu.to_bytes(4, sys.byteorder))
+                except BPFError as exc:
+                    if exc.errno != errno.ENOENT:  # already cleared (the map file was released)
+                        raise
+        finally:
+            self._slots.clear()
+            for buf in self._buffers:
+                buf.close()
+            self._buffers.clear()
+            self._by_fd.clear()
+            self._unfinished.clear()
+            if self._epoll is not None:
+                self._epoll.close()
+                self._epoll = None
+            if self._wake_fd >= 0:
+                os.close(self._wake_fd)
+                self._wake_fd = -1
+            self._map.close()
+
+    def close(self) -> None:
+        """Disable the events, clear the array slots set, unmap and close everything; idempotent.
+
+        A poll() blocked in another thread returns first.
+        """
+        if self._epoll is None or self._closing:
+            return
+        if self._consuming_thread == threading.get_ident():
+            raise RuntimeError("PerfBuffer.close() called from its own callback: return a negative value to stop")
+        self._closing = True
+        os.eventfd_write(self._wake_fd, 1)
+        with self._lock:
+            self._release()
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll is None
+
+    def __enter__(self) -> PerfBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<PerfBuffer closed>"
+        return f"<PerfBuffer map={self._map.name!r} cpus={list(self.cpus)} page_cnt={self.page_cnt}>"
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5', the kernel's cpulist format."""
+    ranges: list[list[int]] = []
+    for cpu in cpus:
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
