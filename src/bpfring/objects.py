@@ -11,12 +11,13 @@ import errno
 import logging
 import os
 import resource
-from typing import Iterator
+from typing import Any, Iterator
 
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType
 from ._sys.libbpf import capture_log, lib
 from ._sys.mounts import ensure_tracefs
+from .btf import KIND_STRUCT, BTFTypes
 from .errors import BPFError, bpf_error
 from .maps import Map, check_ring_size
 
@@ -296,6 +297,19 @@ class Object:
                     raise
                 log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
         return links
+
+    def struct(self, name: str) -> Any:
+        """``struct name`` as its BPF program declares it, as a numpy dtype (from the object's BTF).
+
+        Offsets, padding, nested structs and arrays follow the C layout; ``char x[N]`` becomes
+        bytes (``S{N}``). Use it with :meth:`RingBuffer.consume_batch`, or ``np.frombuffer`` in a
+        callback, so a consumer never restates a C struct in Python.
+        """
+        btf = lib.bpf_object__btf(self._check_open())
+        if not btf:
+            raise ValueError(f"{self.path!r} has no BTF: compile it with clang -g")
+        types = BTFTypes(btf, f"BPF object {self.name!r}")
+        return types.dtype(types.find(name, KIND_STRUCT), f"struct {name}")
 
     @property
     def links(self) -> list[Link]:
