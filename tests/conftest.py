@@ -58,7 +58,7 @@ def bpf_object(tmp_path_factory):
     from bpfring import _build
 
     out = tmp_path_factory.mktemp("bpf")
-    header = _build.vmlinux_h(out)
+    _build.vmlinux_h(out)  # once, before the first compile
     built: dict[str, Path] = {}
 
     def build(name: str) -> Path:
@@ -103,6 +103,15 @@ def make_producer(bpf_object):
     yield make
     for p in made:
         p.close()
+
+
+@pytest.fixture
+def perf_producer(bpf_object):
+    """A loaded perf_producer.bpf.o; its array `pb` has a slot per possible CPU (tests/perf_producer.py)."""
+    from perf_producer import PerfProducer
+
+    with PerfProducer(bpf_object("perf_producer")) as p:
+        yield p
 
 
 @pytest.fixture

@@ -11,19 +11,12 @@ import time
 
 import pytest
 from conftest import open_fds
-from perf_producer import PerfProducer, padded_size, record_bytes
+from perf_producer import padded_size, record_bytes
 from producer import expected_record, parse, record_size
 
 import bpfring
 from bpfring._sys.perf import ONLINE_CPUS, online_cpus
 from bpfring.perfbuf import PerfBuffer
-
-
-@pytest.fixture
-def perf_producer(bpf_object):
-    """A loaded perf_producer.bpf.o; its array `pb` has a slot per possible CPU."""
-    with PerfProducer(bpf_object("perf_producer")) as p:
-        yield p
 
 
 @pytest.fixture

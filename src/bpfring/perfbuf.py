@@ -8,14 +8,14 @@ references are to include/uapi/linux/perf_event.h and kernel/events/ring_buffer.
 
 from __future__ import annotations
 
+import collections
 import errno
 import mmap
 import os
-import select
 import sys
-import threading
-from typing import Callable, Iterable, Optional
+from typing import AsyncIterator, Callable, Iterable, Optional
 
+from ._poller import Poller
 from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError
@@ -200,22 +200,20 @@ class PerfBuffer:
         self._by_fd: dict[int, _CpuBuffer] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
-        self._lock = threading.Lock()
-        self._consuming_thread: int | None = None
-        self._closing = False
-        self._epoll: select.epoll | None = None
-        self._wake_fd = -1
+        # Samples an async iteration took but has not yielded yet (see records()).
+        self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
         try:
             chosen = self._choose_cpus(cpus)
-            self._epoll = select.epoll()
-            # An eventfd on the epoll lets close() from another thread wake a blocked poll().
-            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._epoll.register(self._wake_fd, select.EPOLLIN)
+            self._poller = Poller("PerfBuffer")
+        except BaseException:
+            self._map.close()
+            raise
+        try:
             for cpu in chosen:
                 self._open_cpu(cpu)
         except BaseException:
-            self._release()
+            self._poller.close(self._release)
             raise
 
     def _choose_cpus(self, cpus: Iterable[int] | None) -> list[int]:
@@ -245,10 +243,9 @@ class PerfBuffer:
         buf = _CpuBuffer(cpu, self.page_cnt, self.wakeup_events)
         self._buffers.append(buf)
         self._by_fd[buf.fd] = buf
-        assert self._epoll is not None
         # perf_poll reports a wakeup once (it clears rb->poll), so a ring is read to its end
         # whenever it is reported; see _unfinished for a read cut short.
-        self._epoll.register(buf.fd, select.EPOLLIN)
+        self._poller.register(buf.fd)
         # The array holds u32 keys and values in host byte order.
         self._map.update(cpu.to_bytes(4, sys.byteorder), buf.fd.to_bytes(4, sys.byteorder))
         self._slots.append(cpu)
@@ -285,10 +282,10 @@ class PerfBuffer:
         When it polls readable, call :meth:`consume`, not :meth:`poll`: the outer poll has taken
         the perf wakeup (perf_poll reports it once), so an inner epoll would find nothing.
         """
-        return self._check_open().fileno()
+        return self._poller.fileno()
 
     def _buffer(self, i: int) -> _CpuBuffer:
-        self._check_open()
+        self._poller.check_open()
         if not 0 <= i < len(self._buffers):
             raise IndexError(f"buffer index {i} out of range: this PerfBuffer has {len(self._buffers)} buffers")
         return self._buffers[i]
@@ -301,27 +298,20 @@ class PerfBuffer:
         Returns samples delivered (0 on timeout) or a callback's negative return value. Rings
         whose reading a callback cut short are read first, without waiting.
         """
-        epoll = self._check_open()
-        with self._lock:
-            self._consuming_thread = threading.get_ident()
-            try:
-                unfinished = self._unfinished
-                timeout = 0 if unfinished else (-1 if timeout_ms < 0 else timeout_ms / 1000)
-                events = epoll.poll(timeout)
-                if self._closing:
-                    return 0
-                by_fd = self._by_fd
-                # Reported once, so remembered until read to the end (see _consume).
-                unfinished.update(by_fd[fd] for fd, _ in events if fd in by_fd)
-                total = 0
-                for buf in list(unfinished):
-                    n = self._consume(buf)
-                    if n < 0:
-                        return n
-                    total += n
-                return total
-            finally:
-                self._consuming_thread = None
+        with self._poller.consuming():
+            unfinished = self._unfinished
+            ready = self._poller.wait(0 if unfinished else timeout_ms)
+            if self._poller.closing:
+                return 0
+            # Reported once, so remembered until read to the end (see _consume).
+            unfinished.update(self._by_fd[fd] for fd in ready)
+            total = 0
+            for buf in list(unfinished):
+                n = self._consume(buf)
+                if n < 0:
+                    return n
+                total += n
+            return total
 
     def consume(self) -> int:
         """Read every ring without waiting (libbpf's ``perf_buffer__consume``).
@@ -329,45 +319,63 @@ class PerfBuffer:
         Returns samples delivered or a callback's negative return value. This is how to drain
         samples that have not reached ``wakeup_events`` yet.
         """
-        self._check_open()
-        with self._lock:
-            self._consuming_thread = threading.get_ident()
-            try:
-                total = 0
-                for buf in self._buffers:
-                    n = self._consume(buf)
-                    if n < 0:
-                        return n
-                    total += n
-                return total
-            finally:
-                self._consuming_thread = None
+        self._poller.check_open()
+        with self._poller.consuming():
+            total = 0
+            for buf in self._buffers:
+                n = self._consume(buf)
+                if n < 0:
+                    return n
+                total += n
+            return total
 
     def consume_buffer(self, i: int) -> int:
         """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``)."""
         buf = self._buffer(i)
-        with self._lock:
-            self._consuming_thread = threading.get_ident()
-            try:
-                return self._consume(buf)
-            finally:
-                self._consuming_thread = None
+        with self._poller.consuming():
+            return self._consume(buf)
 
-    def _consume(self, buf: _CpuBuffer) -> int:
+    def _consume(self, buf: _CpuBuffer, sample_cb: SampleCallback | None = None) -> int:
         # Marked unfinished until it is read to the end: after an exception or a negative return
         # the rest of the ring will not be reported by epoll again, so the next poll() reads it.
         self._unfinished.add(buf)
-        n = buf.consume(self._sample_cb, self._lost_cb)
+        n = buf.consume(sample_cb or self._sample_cb, self._lost_cb)
         if n >= 0:
             self._unfinished.discard(buf)
         return n
 
     # -- lifetime -------------------------------------------------------------------------------
 
-    def _check_open(self) -> select.epoll:
-        if self._epoll is None or self._closing:
-            raise ValueError("PerfBuffer is closed")
-        return self._epoll
+    # -- asyncio --------------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, bytes]]:
+        return self.records()
+
+    async def records(self, interval: float | None = None) -> AsyncIterator[tuple[int, bytes]]:
+        """Every sample as ``(cpu, data)``, waiting on the event loop (not ``sample_cb``).
+
+        Cancelling the task that iterates loses nothing: samples taken but not yet yielded are
+        yielded first by the next iteration. Lost counts still go to ``lost_cb``. ``interval``
+        (seconds) also drains the rings that often, for samples short of ``wakeup_events``.
+        The iteration ends when the PerfBuffer is closed.
+        """
+        pending = self._pending
+
+        def take(cpu: int, data: bytes) -> None:
+            pending.append((cpu, data))
+
+        while True:
+            while pending:
+                yield pending.popleft()
+            if self._poller.closed or self._poller.closing:
+                return
+            with self._poller.consuming():
+                for buf in self._buffers:
+                    self._consume(buf, take)
+            if not pending:
+                await self._poller.wait_readable(interval)
+
+    # -- lifetime -------------------------------------------------------------------------------
 
     def _release(self) -> None:
         try:
@@ -386,31 +394,18 @@ class PerfBuffer:
             self._buffers.clear()
             self._by_fd.clear()
             self._unfinished.clear()
-            if self._epoll is not None:
-                self._epoll.close()
-                self._epoll = None
-            if self._wake_fd >= 0:
-                os.close(self._wake_fd)
-                self._wake_fd = -1
             self._map.close()
 
     def close(self) -> None:
-        """Disable the events, clear the array slots set, unmap and close everything; idempotent.
+        """Disable the events, clear the array slots this buffer set, unmap and close; idempotent.
 
         A poll() blocked in another thread returns first.
         """
-        if self._epoll is None or self._closing:
-            return
-        if self._consuming_thread == threading.get_ident():
-            raise RuntimeError("PerfBuffer.close() called from its own callback: return a negative value to stop")
-        self._closing = True
-        os.eventfd_write(self._wake_fd, 1)
-        with self._lock:
-            self._release()
+        self._poller.close(self._release)
 
     @property
     def closed(self) -> bool:
-        return self._epoll is None
+        return self._poller.closed
 
     def __enter__(self) -> PerfBuffer:
         return self

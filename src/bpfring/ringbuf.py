@@ -7,16 +7,15 @@ like libbpf's ``struct ring_buffer``. Protocol references are to kernel/bpf/ring
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
 import mmap
-import os
-import select
 import sys
-import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
+from ._poller import Poller
 from ._sys.bpf import MapType
 from .errors import BPFError
 from .maps import PAGE_SIZE, Map, MapLike, check_ring_size, open_map
@@ -372,19 +371,17 @@ class RingBuffer:
         with bpfring.RingBuffer(obj.map("rb"), handle_event) as rb:
             while True:
                 rb.poll(timeout_ms=100)
+
+    With asyncio, ``async for data in rb`` (see :meth:`records` and :meth:`batches`).
     """
 
     def __init__(self, map: MapLike | None = None, callback: Callback | None = None) -> None:
         self._rings: list[Ring] = []
         self._by_fd: dict[int, Ring] = {}
-        self._epoll: select.epoll | None = select.epoll()
-        self._lock = threading.Lock()
-        self._consuming_thread: int | None = None
-        self._closing = False
-        # An eventfd on the epoll lets close() from another thread wake a blocked poll().
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller = Poller("RingBuffer")
+        # Records an async iteration took from the rings but has not yielded yet (see records()).
+        self._pending: collections.deque[bytes] = collections.deque()
         try:
-            self._epoll.register(self._wake_fd, select.EPOLLIN)
             if map is not None:
                 if callback is None:
                     raise TypeError("RingBuffer(map, callback): a callback is needed with a map")
@@ -395,11 +392,10 @@ class RingBuffer:
 
     def add(self, map: MapLike, callback: Callback) -> Ring:
         """Add another ringbuf map with its own callback; returns its :class:`Ring`."""
-        epoll = self._check_open()
+        self._poller.check_open()
         ring = Ring(map, callback)
         try:
-            # Level-triggered: a ring that still holds data after a poll is reported again by the next.
-            epoll.register(ring.map_fd, select.EPOLLIN)
+            self._poller.register(ring.map_fd)
         except BaseException:
             ring.close()
             raise
@@ -413,61 +409,47 @@ class RingBuffer:
 
     def fileno(self) -> int:
         """The epoll fd: readable when any ring has data (for selectors and event loops)."""
-        return self._check_open().fileno()
+        return self._poller.fileno()
 
     def poll(self, timeout_ms: int = -1) -> int:
         """Wait up to ``timeout_ms`` (-1: forever) for data, then consume the rings that have it.
 
         Returns records delivered (0 on timeout) or a callback's negative return value.
         """
-        epoll = self._check_open()
-        timeout = -1 if timeout_ms < 0 else timeout_ms / 1000
-        with self._lock:
-            self._consuming_thread = threading.get_ident()
-            try:
-                events = epoll.poll(timeout)
-                total = 0
-                for fd, _ in events:
-                    ring = self._by_fd.get(fd)
-                    if ring is None or self._closing:
-                        continue  # the wake-up eventfd, or a close() in progress
-                    n = ring._consume(_NO_LIMIT)
-                    if n < 0:
-                        return n
-                    total += n
-                return total
-            finally:
-                self._consuming_thread = None
+        total = 0
+        with self._poller.consuming():
+            for fd in self._poller.wait(timeout_ms):
+                n = self._by_fd[fd]._consume(_NO_LIMIT)
+                if n < 0:
+                    return n
+                total += n
+        return total
 
     def consume(self, max_records: int | None = None) -> int:
         """Consume every ring without waiting, up to ``max_records`` in all (libbpf's consume_n)."""
-        self._check_open()
+        self._poller.check_open()
         left = _NO_LIMIT if max_records is None else _check_limit(max_records)
         total = 0
-        with self._lock:
-            self._consuming_thread = threading.get_ident()
-            try:
-                for ring in self._rings:
-                    if left <= 0:
-                        break
-                    n = ring._consume(left)
-                    if n < 0:
-                        return n
-                    total += n
-                    left -= n
-            finally:
-                self._consuming_thread = None
+        with self._poller.consuming():
+            for ring in self._rings:
+                if left <= 0:
+                    break
+                n = ring._consume(left)
+                if n < 0:
+                    return n
+                total += n
+                left -= n
         return total
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`."""
-        self._check_open()
+        self._poller.check_open()
         left = _NO_LIMIT if max_records is None else _check_limit(max_records)
         if out is not None:
             left = min(left, len(out))
         parts = []
         taken = 0
-        with self._lock:
+        with self._poller.consuming():
             for ring in self._rings:
                 if left <= 0:
                     break
@@ -485,37 +467,66 @@ class RingBuffer:
     @contextlib.contextmanager
     def batch(self, dtype: DTypeLike, max_records: int | None = None) -> Iterator[Any]:
         """Zero-copy view of the available records of a single-ring RingBuffer: see :meth:`Ring.batch`."""
-        self._check_open()
+        self._poller.check_open()
         if len(self._rings) != 1:
             raise ValueError(f"batch() needs exactly one ring, this RingBuffer has {len(self._rings)}: use rings[i].batch()")
-        with self._lock, self._rings[0].batch(dtype, max_records) as records:
+        with self._poller.consuming(), self._rings[0].batch(dtype, max_records) as records:
             yield records
 
-    def _check_open(self) -> select.epoll:
-        if self._epoll is None or self._closing:
-            raise ValueError("RingBuffer is closed")
-        return self._epoll
+    # -- asyncio --------------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.records()
+
+    async def records(self, interval: float | None = None) -> AsyncIterator[bytes]:
+        """Every record of every ring as ``bytes``, waiting on the event loop (not the callback).
+
+        Cancelling the task that iterates loses nothing: records taken from the rings but not
+        yet yielded are kept and yielded first by the next iteration. ``interval`` (seconds)
+        also drains the rings that often without a wakeup, for producers that pass
+        ``BPF_RB_NO_WAKEUP``. The iteration ends when the RingBuffer is closed.
+        """
+        pending = self._pending
+        while True:
+            while pending:
+                yield pending.popleft()
+            if self._poller.closed or self._poller.closing:
+                return
+            with self._poller.consuming():
+                for ring in self._rings:
+                    ring._consume(_NO_LIMIT, pending.append)
+            if not pending:
+                await self._poller.wait_readable(interval)
+
+    async def batches(
+        self, dtype: DTypeLike | None = None, max_records: int | None = None, interval: float | None = None
+    ) -> AsyncIterator[Any]:
+        """:meth:`consume_batch` on the event loop: yields each non-empty batch as it arrives.
+
+        Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
+        """
+        while not (self._poller.closed or self._poller.closing):
+            records = self.consume_batch(dtype, max_records)
+            if len(records):
+                yield records
+            else:
+                await self._poller.wait_readable(interval)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        for ring in self._rings:
+            ring.close()
+        self._rings.clear()
+        self._by_fd.clear()
 
     def close(self) -> None:
         """Unmap every ring and close every fd; a poll() blocked in another thread returns first."""
-        if self._epoll is None or self._closing:
-            return
-        if self._consuming_thread == threading.get_ident():
-            raise RuntimeError("RingBuffer.close() called from its own callback: return a negative value to stop")
-        self._closing = True
-        os.eventfd_write(self._wake_fd, 1)
-        with self._lock:
-            for ring in self._rings:
-                ring.close()
-            self._rings.clear()
-            self._by_fd.clear()
-            epoll, self._epoll = self._epoll, None
-            epoll.close()
-            os.close(self._wake_fd)
+        self._poller.close(self._release)
 
     @property
     def closed(self) -> bool:
-        return self._epoll is None
+        return self._poller.closed
 
     def __enter__(self) -> RingBuffer:
         return self

@@ -17,7 +17,7 @@ import time
 from types import TracebackType
 
 from ._sys.bpf import MapType
-from .errors import BPFError, RingFullError
+from .errors import RingFullError
 from .maps import PAGE_SIZE, Map, MapLike, check_ring_size, open_map
 from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ
 

@@ -1,0 +1,113 @@
+"""The epoll set shared by RingBuffer and PerfBuffer: waiting, one consumer at a time, closing.
+
+Both consumers poll many fds on one epoll, let ``close()`` from another thread wake a blocked
+``poll()`` (an eventfd on the epoll), refuse ``close()`` from their own callback, and wait for
+data from asyncio. That machinery lives here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import threading
+from typing import Iterator
+
+
+class Poller:
+    """An epoll set with a wake-up eventfd, a consumer lock, and asyncio waiting."""
+
+    def __init__(self, owner: str) -> None:
+        self._owner = owner
+        self._lock = threading.Lock()
+        self._consuming_thread: int | None = None
+        self._closing = False
+        self._async_waiters: set[asyncio.Future[None]] = set()
+        self._epoll: select.epoll | None = select.epoll()
+        try:
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except BaseException:
+            self._epoll.close()
+            raise
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+
+    def register(self, fd: int) -> None:
+        """Watch ``fd`` for EPOLLIN, level-triggered: data left after a poll is reported again."""
+        self.check_open().register(fd, select.EPOLLIN)
+
+    def check_open(self) -> select.epoll:
+        if self._epoll is None or self._closing:
+            raise ValueError(f"{self._owner} is closed")
+        return self._epoll
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll is None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def fileno(self) -> int:
+        return self.check_open().fileno()
+
+    @contextlib.contextmanager
+    def consuming(self) -> Iterator[None]:
+        """One consumer at a time; remembers which thread, so close() can refuse to run inside it."""
+        with self._lock:
+            self._consuming_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._consuming_thread = None
+
+    def wait(self, timeout_ms: int) -> list[int]:
+        """The fds epoll reports ready within ``timeout_ms`` (-1: forever); call inside consuming()."""
+        epoll = self.check_open()
+        ready = epoll.poll(-1 if timeout_ms < 0 else timeout_ms / 1000)
+        return [] if self._closing else [fd for fd, _ in ready if fd != self._wake_fd]
+
+    def close(self, release: object) -> None:
+        """Run ``release()`` under the consumer lock and close the epoll; idempotent.
+
+        A poll() blocked in another thread is woken first, and asyncio waiters end.
+        """
+        if self._epoll is None or self._closing:
+            return
+        if self._consuming_thread == threading.get_ident():
+            raise RuntimeError(f"{self._owner}.close() called from its own callback: return a negative value to stop")
+        self._closing = True
+        os.eventfd_write(self._wake_fd, 1)
+        for waiter in list(self._async_waiters):
+            waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+        with self._lock:
+            try:
+                release()  # type: ignore[operator]
+            finally:
+                epoll, self._epoll = self._epoll, None
+                epoll.close()
+                os.close(self._wake_fd)
+
+    async def wait_readable(self, interval: float | None) -> None:
+        """Wait on the event loop until the epoll fd is readable, ``interval`` seconds pass, or close()."""
+        loop = asyncio.get_running_loop()
+        fd = self.fileno()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._async_waiters.add(waiter)
+        loop.add_reader(fd, _resolve, waiter)
+        try:
+            if interval is None:
+                await waiter
+            else:
+                await asyncio.wait_for(asyncio.shield(waiter), interval)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._async_waiters.discard(waiter)
+            loop.remove_reader(fd)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,142 @@
+"""asyncio: async iteration over RingBuffer and PerfBuffer, and cancellation that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from producer import expected_fixed, expected_record, parse
+
+from bpfring import BPF_RB_NO_WAKEUP, PerfBuffer, RingBuffer
+
+FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payload", "u1", (48,))])
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def never(data: bytes) -> None:
+    raise AssertionError("async iteration does not call the callback")
+
+
+def test_async_for_delivers_records_produced_while_it_waits(producer):
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        with RingBuffer(producer.ring, never) as rb:
+            loop.call_later(0.1, producer.produce, 30, 40)  # the iteration is already waiting
+            async for record in rb:
+                got.append(record)
+                if len(got) == 30:
+                    break
+        return got
+
+    got = run(main())
+    assert got == [expected_record(i, 0, 40) for i in range(30)]
+
+
+def test_cancelling_mid_stream_loses_and_repeats_nothing(producer):
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        with RingBuffer(producer.ring, never) as rb:
+            producer.produce(100, 24)
+
+            async def reader() -> None:
+                async for record in rb:
+                    got.append(record)
+                    await asyncio.sleep(0)  # a point where cancellation can land
+
+            task = asyncio.create_task(reader())
+            while len(got) < 30:
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert len(got) < 100 and rb.rings[0].avail_data_size == 0  # the rest was taken, not yielded
+            producer.produce(10, 24)
+            async for record in rb.records():  # a new iteration picks up where the last stopped
+                got.append(record)
+                if len(got) == 110:
+                    break
+        return got
+
+    got = run(main())
+    assert [parse(g)[0] for g in got] == list(range(110))
+    assert got == [expected_record(i, 0, 24) for i in range(110)]
+
+
+def test_async_batches_with_a_dtype(producer):
+    async def main() -> np.ndarray:
+        parts = []
+        with RingBuffer(producer.ring, never) as rb:
+            asyncio.get_running_loop().call_later(0.05, lambda: producer.produce(50, fixed=True))
+            async for batch in rb.batches(FIXED):
+                parts.append(batch)
+                if sum(map(len, parts)) == 50:
+                    break
+        return np.concatenate(parts)
+
+    records = run(main())
+    assert records.tobytes() == b"".join(expected_fixed(i, 0) for i in range(50))
+
+
+def test_interval_drains_no_wakeup_records(producer):
+    async def main() -> int:
+        with RingBuffer(producer.ring, never) as rb:
+            rb.poll(0)
+            producer.produce(5, 16, flags=BPF_RB_NO_WAKEUP)  # no wakeup will ever come
+            n = 0
+            async for _ in rb.records(interval=0.05):
+                n += 1
+                if n == 5:
+                    break
+            return n
+
+    assert run(main()) == 5
+
+
+def test_close_ends_the_iteration(producer):
+    async def main() -> str:
+        rb = RingBuffer(producer.ring, never)
+
+        async def reader() -> str:
+            async for _ in rb:
+                pass
+            return "ended"
+
+        task = asyncio.create_task(reader())
+        await asyncio.sleep(0.1)
+        rb.close()
+        return await task
+
+    assert run(main()) == "ended"
+
+
+def test_perf_buffer_async_for_with_cancellation(perf_producer):
+    async def main() -> list[tuple[int, bytes]]:
+        got: list[tuple[int, bytes]] = []
+        with PerfBuffer(perf_producer.array, 8, cpus=[0]) as pb:
+            perf_producer.output(60, 20, cpu=0)
+
+            async def reader() -> None:
+                async for sample in pb:
+                    got.append(sample)
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(reader())
+            while len(got) < 20:
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async for sample in pb.records():
+                got.append(sample)
+                if len(got) == 60:
+                    break
+        return got
+
+    got = run(main())
+    assert [cpu for cpu, _ in got] == [0] * 60
+    assert [parse(data)[0] for _, data in got] == list(range(60))
