@@ -232,6 +232,104 @@ def run(sizes: Sequence[int], count: int, rounds: int, progress: Callable[[str],
     return list(results.values())
 
 
+# -- end to end: a producer on one CPU, the consumer on the other ----------------------------------
+
+E2E_RING = 4 << 20
+E2E_CHUNK = 4096  # records per BPF_PROG_TEST_RUN call of the producer
+
+
+@dataclass
+class EndToEnd:
+    consumer: str
+    size: int
+    seconds: float
+    produced: int
+    dropped: int
+    consumed: int
+
+    @property
+    def producer_rate(self) -> float:
+        return (self.produced + self.dropped) / self.seconds
+
+    @property
+    def consumer_rate(self) -> float:
+        return self.consumed / self.seconds
+
+
+def end_to_end(size: int, seconds: float, consumer: str) -> EndToEnd:
+    """Run the producer flat out on CPU 0 (a child process) while ``consumer`` drains on CPU 1."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError("the end-to-end run needs two CPUs")
+    obj = Object(bundled_object("bench"))
+    try:
+        for prog in obj.programs:
+            prog.autoload = prog.name == f"produce{size}"
+        obj.set_max_entries("rb", E2E_RING)
+        obj.load()
+        prog = obj.program(f"produce{size}")
+        dtype = RECORD_DTYPES[size]
+        consumed = 0
+
+        def count(data: bytes) -> None:
+            nonlocal consumed
+            consumed += 1
+
+        with RingBuffer(obj.map("rb"), count) as rb:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the producer
+                code = 1
+                try:
+                    os.close(r)
+                    os.sched_setaffinity(0, {cpus[0]})
+                    produced = dropped = seq = 0
+                    stop = time.monotonic() + seconds
+                    while time.monotonic() < stop:
+                        args = BENCH_ARGS.pack(E2E_CHUNK, 0, seq, 0)
+                        lost = BENCH_ARGS.unpack(prog.test_run(ctx=args).ctx_out)[3]
+                        produced += E2E_CHUNK - lost
+                        dropped += lost
+                        seq += E2E_CHUNK
+                    os.write(w, struct.pack("<QQ", produced, dropped))
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {cpus[1]})
+            try:
+                t0 = time.perf_counter()
+                while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    if consumer == "bpfring-batch-view":
+                        with rb.batch(dtype) as view:
+                            consumed += len(view)
+                    elif consumer == "bpfring-batch-copy":
+                        consumed += len(rb.consume_batch(dtype))
+                    else:
+                        rb.poll(10)
+                elapsed = time.perf_counter() - t0
+                with os.fdopen(r, "rb") as f:
+                    produced, dropped = struct.unpack("<QQ", f.read())
+                rest = rb.consume()  # whatever was still in the ring at the end
+                if consumer != "bpfring-callback":
+                    consumed += rest
+            finally:
+                os.sched_setaffinity(0, saved)
+        return EndToEnd(consumer, size, elapsed, produced, dropped, consumed)
+    finally:
+        obj.close()
+
+
+def report_end_to_end(runs: list[EndToEnd], out=sys.stdout) -> None:
+    out.write(f"\nend to end: producer flat out on one CPU, consumer on the other, {E2E_RING >> 20} MiB ring\n\n")
+    out.write(f"{'consumer':<22} {'size':>5} {'produced M/s':>13} {'consumed M/s':>13} {'dropped':>10}\n")
+    for e in runs:
+        out.write(
+            f"{e.consumer:<22} {e.size:>5} {e.producer_rate / 1e6:>13.2f} {e.consumer_rate / 1e6:>13.2f} {e.dropped:>10}\n"
+        )
+
+
 def report(results: list[Result], count: int, out=sys.stdout) -> None:
     base = {r.size: r.rate for r in results if r.consumer == BASELINE}
     out.write(f"\n{count} pre-produced records per round, drained by each consumer (median of rounds)\n\n")
@@ -273,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds per consumer (default 5; --quick 3)")
     parser.add_argument("--sizes", default="8,64", help="record sizes, from 8 and 64 (default both)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure and the machine's description")
+    parser.add_argument(
+        "--e2e-seconds", type=float, help="seconds of each end-to-end run (default 3; --quick 1; 0 skips them)"
+    )
     args = parser.parse_args(argv)
     count = args.records or (200_000 if args.quick else 1_000_000)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -285,17 +386,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(f"\r\033[K{text}")
             sys.stderr.flush()
 
+    e2e_seconds = args.e2e_seconds if args.e2e_seconds is not None else (1.0 if args.quick else 3.0)
     results: list[Result] = []
+    runs: list[EndToEnd] = []
     status = 0
     try:
         results = run(sizes, count, rounds, progress)
+        if e2e_seconds > 0:
+            for size in sizes:
+                for consumer in ("bpfring-batch-view", "bpfring-batch-copy", "bpfring-callback"):
+                    progress(f"end to end, {size}-byte records: {consumer}")
+                    runs.append(end_to_end(size, e2e_seconds, consumer))
     except KeyboardInterrupt:
         status = 130
-        sys.stderr.write("\ninterrupted: no complete figures to report\n")
-        return status
+        sys.stderr.write("\ninterrupted: reporting what was measured\n")
     finally:
         progress("")
-    report(results, count)
+    if results:
+        report(results, count)
+    if runs:
+        report_end_to_end(runs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -304,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "records_per_round": count,
                     "rounds": rounds,
                     "results": [r.__dict__ | {"median_rate": r.rate} for r in results],
+                    "end_to_end": [e.__dict__ for e in runs],
                 },
                 f,
                 indent=2,
