@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import open_fds
 from producer import expected_fixed, expected_record
 
 from bpfring import RingBuffer
-from bpfring.ringbuf import RecordSizeError
+from bpfring import PerfBuffer, RecordSizeError
 
 # struct fixed_rec of tests/bpf/producer.h
 FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payload", "u1", (48,))])
@@ -164,3 +166,35 @@ def test_batch_needs_one_ring_and_merges_many_for_consume_batch(make_producer):
                 pass
         records = rb.consume_batch(FIXED)
     assert records["producer"].tolist() == [0, 0, 0, 1, 1]
+
+
+# -- PerfBuffer.consume_batch ------------------------------------------------------------------
+
+# a 20-byte sample of tests/perf_producer.py: struct rec_hdr, then 4 pattern bytes
+PERF20 = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("tail", "u1", (4,))])
+
+
+def test_perf_consume_batch_with_a_dtype_and_the_cpus(perf_producer):
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    with PerfBuffer(perf_producer.array, 8, nothing, cpus=cpus) as pb:
+        for cpu in cpus:
+            perf_producer.output(40, 20, cpu=cpu)
+        got_cpus, records = pb.consume_batch(PERF20, with_cpus=True)
+        assert pb.consume_batch(PERF20).size == 0
+    assert len(records) == 40 * len(cpus)
+    for cpu in cpus:
+        mine = records[got_cpus == cpu]
+        assert mine["seq"].tolist() == list(range(40))
+        assert (mine["size"] == 20).all()
+    assert records.tobytes()[:16] == expected_record(0, records[0]["producer"], 20)[:16]
+
+
+def test_perf_consume_batch_pads_and_mismatches(perf_producer):
+    with PerfBuffer(perf_producer.array, 8, nothing, cpus=[0]) as pb:
+        perf_producer.output(5, 16, cpu=0)  # the kernel pads 16-byte samples to 20
+        perf_producer.output(3, 40, cpu=0)  # padded to 44
+        records = pb.consume_batch(np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4")]))
+        assert records["seq"].tolist() == [0, 1, 2, 3, 4] and (records["size"] == 16).all()
+        with pytest.raises(RecordSizeError, match="is 44 bytes, the dtype expects 16"):
+            pb.consume_batch(np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4")]))
+        assert [len(b) for b in pb.consume_batch()] == [44, 44, 44]  # still there; padded too

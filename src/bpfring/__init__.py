@@ -10,11 +10,11 @@ and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin
 """
 
 from ._sys.bpf import MapType
-from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RingFullError
+from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
 from .perfbuf import PerfBuffer
-from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RecordSizeError, Ring, RingBuffer
+from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer
 from .userbuf import Sample, UserRingBuffer
 
 __version__ = "0.1.0"

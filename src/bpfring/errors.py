@@ -44,3 +44,7 @@ def bpf_error(err: int, what: str) -> BPFError:
     if cls is BPFPermissionError:
         message += _PRIVILEGE_HINT
     return cls(err, message + (f"\n{details}" if details else ""))
+
+
+class RecordSizeError(ValueError):
+    """A record's size does not match the dtype it is read as; the record stays in the ring."""

@@ -13,13 +13,14 @@ import errno
 import mmap
 import os
 import sys
-from typing import AsyncIterator, Callable, Iterable, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Optional
 
 from ._poller import Poller
 from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
-from .errors import BPFError
+from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
+from .ringbuf import DTypeLike, _numpy
 
 # include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
 # as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
@@ -79,8 +80,12 @@ class _CpuBuffer:
     def data_tail(self) -> int:
         return self._words[_TAIL]
 
-    def consume(self, sample_cb: SampleCallback, lost_cb: LostCallback) -> int:
-        """Deliver every record available now; samples delivered, or a negative callback return."""
+    def consume(self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None = None) -> int:
+        """Deliver every record available now; samples delivered, or a negative callback return.
+
+        ``expect``: the sample sizes a batch accepts; another size raises RecordSizeError and
+        that sample stays in the ring.
+        """
         words = self._words
         u32 = self._u32
         mm = self._mm
@@ -121,6 +126,12 @@ class _CpuBuffer:
                     if raw_size + 12 > rec_size:
                         raise BPFError(
                             errno.EBADMSG, f"perf buffer of cpu {cpu}: sample of {rec_size} bytes claims {raw_size}"
+                        )
+                    if expect is not None and raw_size not in expect:
+                        raise RecordSizeError(
+                            f"sample at {tail - rec_size} of the perf buffer of cpu {cpu} is {raw_size} bytes, "
+                            f"the dtype expects {expect.start} (up to {expect.stop - 1} with the kernel's padding); "
+                            "it stays in the ring (read it with consume())"
                         )
                     # Give the space back before the callback runs: the sample counts as consumed
                     # once the callback is entered, so an exception or Ctrl-C never redelivers it.
@@ -334,6 +345,44 @@ class PerfBuffer:
         buf = self._buffer(i)
         with self._poller.consuming():
             return self._consume(buf)
+
+    def consume_batch(self, dtype: DTypeLike | None = None, *, with_cpus: bool = False) -> Any:
+        """Every sample available now, from every CPU, in one call, bypassing ``sample_cb``.
+
+        Without ``dtype``: a list of ``bytes``. With ``dtype``: a numpy array, one element per
+        sample, decoded in one step; each sample must be ``dtype.itemsize`` bytes (plus the
+        kernel's padding, under 8 bytes), else :class:`RecordSizeError` is raised when it is
+        reached and it stays in the ring. ``with_cpus=True`` returns ``(cpus, records)``, the CPU
+        of each sample in a parallel list (numpy array with a dtype). Lost counts still go to
+        ``lost_cb``.
+        """
+        np = _numpy() if dtype is not None else None
+        dt = np.dtype(dtype) if np is not None else None
+        expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
+        cpus: list[int] = []
+        samples: list[bytes] = []
+
+        def take(cpu: int, data: bytes) -> None:
+            cpus.append(cpu)
+            samples.append(data)
+
+        self._poller.check_open()
+        with self._poller.consuming():
+            for buf in self._buffers:
+                self._unfinished.add(buf)
+                try:
+                    buf.consume(take, self._lost_cb, expect)
+                except RecordSizeError:
+                    if not samples:
+                        raise
+                    break  # deliver what came before it; the next call raises
+                self._unfinished.discard(buf)
+        if dt is None:
+            return (cpus, samples) if with_cpus else samples
+        if dt.itemsize and any(len(sample) != dt.itemsize for sample in samples):
+            samples = [sample[: dt.itemsize] for sample in samples]  # drop the kernel's padding
+        records = np.frombuffer(b"".join(samples), dtype=dt) if samples else np.empty(0, dtype=dt)
+        return (np.array(cpus, dtype=np.int32), records) if with_cpus else records
 
     def _consume(self, buf: _CpuBuffer, sample_cb: SampleCallback | None = None) -> int:
         # Marked unfinished until it is read to the end: after an exception or a negative return

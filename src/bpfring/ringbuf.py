@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ._poller import Poller
 from ._sys.bpf import MapType
-from .errors import BPFError
+from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, check_ring_size, open_map
 
 # include/uapi/linux/bpf.h: the record header is {u32 len; u32 pg_off}; two high bits of len
@@ -38,10 +38,6 @@ try:
     from . import _fastring as _native  # the consumer walk in C, built by pip install
 except ImportError:  # no compiler at install time: the pure-Python walk does the same
     _native = None
-
-
-class RecordSizeError(ValueError):
-    """A record's size does not match the dtype it is read as."""
 
 
 def _numpy() -> Any:
