@@ -224,9 +224,9 @@ class Object:
             raise bpf_error(-ret, f"setting max_entries={max_entries} on map {map_name!r}")
 
     def initial_value(self, map_name: str) -> bytearray:
-        """A copy of the initial contents of a global-data map (``.rodata``, ``.data``, ``.bss``)."""
+        """A copy of the initial contents of a global-data map (``".rodata"``, ``".data"``, ``".bss"``)."""
         size = ctypes.c_size_t()
-        addr = lib.bpf_map__initial_value(self._map_ptr(map_name), ctypes.byref(size))
+        addr = lib.bpf_map__initial_value(self._map_ptr(self._resolve(map_name)), ctypes.byref(size))
         if not addr:
             raise ValueError(f"map {map_name!r} has no initial value (not a global-data map)")
         return bytearray(ctypes.string_at(addr, size.value))
@@ -235,7 +235,7 @@ class Object:
         """Set a global-data map's contents before load (e.g. ``const volatile`` settings in .rodata)."""
         self._check_not_loaded(f"set the initial value of {map_name!r}")
         buf = ctypes.create_string_buffer(bytes(data), len(data))
-        ret = lib.bpf_map__set_initial_value(self._map_ptr(map_name), buf, len(data))
+        ret = lib.bpf_map__set_initial_value(self._map_ptr(self._resolve(map_name)), buf, len(data))
         if ret < 0:
             raise bpf_error(-ret, f"setting the initial value of map {map_name!r} ({len(data)} bytes)")
 

@@ -1,0 +1,216 @@
+"""``bpfring tail``: consume a ring buffer map another program created, and print its records."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import struct
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .._sys.bpf import MapType
+from ..errors import BPFError
+from ..maps import Map
+from ..objects import Object
+from ..perfbuf import PerfBuffer
+from ..ringbuf import RingBuffer
+from .common import (
+    EXIT_BROKEN_PIPE,
+    EXIT_OK,
+    exit_code_of,
+    hold_signals,
+    paragraphs,
+    poll_until,
+    require_admin,
+    silence_stdout,
+)
+
+def open_map(target: str) -> Map:
+    """The map named by a bpffs path or by a map id (all digits), in words when it is not there."""
+    if target.isdigit():
+        require_admin("bpfring tail", "to open a map by id")
+        try:
+            return Map.from_id(int(target))
+        except FileNotFoundError:
+            raise BPFError(errno.ENOENT, f"no BPF map has id {target} ('bpfring maps' lists the rings)") from None
+    try:
+        return Map.from_pinned(target)
+    except FileNotFoundError:
+        raise BPFError(errno.ENOENT, f"nothing is pinned at {target!r} (give a path on bpffs or a map id)") from None
+    except PermissionError:
+        raise PermissionError(
+            errno.EACCES, f"no permission to open the map pinned at {target!r}: run bpfring tail with sudo"
+        ) from None
+
+
+def check_ring(m: Map) -> None:
+    """Ring buffers and perf event arrays can be tailed; say why for the other map types."""
+    what = f"map {m.name!r} (id {m.id})"
+    if m.type in (MapType.RINGBUF, MapType.PERF_EVENT_ARRAY):
+        return
+    if m.type == MapType.USER_RINGBUF:
+        raise ValueError(f"{what} is a user ring buffer: user space writes it and BPF reads it, there is nothing to tail")
+    raise ValueError(f"{what} is {m.type_name}, not a ring: tail reads BPF_MAP_TYPE_RINGBUF maps")
+
+
+PERF_PAGES = 8  # per CPU, the seed's perf_buffer__new(..., 8, ...)
+
+
+def _value(v: object) -> object:
+    """bytes fields (``s``, ``p``, ``c``) shown as the C strings they usually are."""
+    if isinstance(v, bytes):
+        return v.split(b"\0", 1)[0].decode(errors="backslashreplace")
+    return v
+
+
+class Decoder:
+    """Decodes the start of a record: a Python struct format, or a C struct from BTF (numpy)."""
+
+    def __init__(self, fmt: struct.Struct | None = None, dtype: Any = None) -> None:
+        self.fmt = fmt
+        self.dtype = dtype
+        self.size = fmt.size if fmt is not None else dtype.itemsize
+
+    def values(self, data: bytes) -> list[object]:
+        if self.fmt is not None:
+            return [_value(v) for v in self.fmt.unpack_from(data)]
+        record = np.frombuffer(data, dtype=self.dtype, count=1)[0]
+        return [_plain(record[name]) for name in self.dtype.names]
+
+
+def _plain(v: Any) -> object:
+    """A numpy field as a plain value: char arrays as C strings, arrays as lists."""
+    if isinstance(v, (bytes, np.bytes_)):
+        return _value(bytes(v))
+    if isinstance(v, np.void) and v.dtype.names:
+        return {name: _plain(v[name]) for name in v.dtype.names}
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def formatter(fmt: Decoder | None, as_json: bool) -> Callable[[bytes], str]:
+    """One output line per record: ``LEN HEX``, or the values ``fmt`` decodes, or JSON of either."""
+
+    def line(data: bytes) -> str:
+        if fmt is None or len(data) < fmt.size:
+            if as_json:
+                return json.dumps({"len": len(data), "hex": data.hex()})
+            return f"{len(data)} {data.hex()}"
+        values = fmt.values(data)
+        if as_json:
+            return json.dumps({"len": len(data), "values": values})
+        return " ".join(json.dumps(v) if isinstance(v, (str, dict)) else str(v) for v in values)
+
+    return line
+
+
+def run(args: argparse.Namespace) -> int:
+    """Attach a consumer to a pinned or numbered ring and print its records until stopped."""
+    fmt = _decoder(args)
+    line = formatter(fmt, args.json)
+    printed = short = 0
+    out = sys.stdout
+
+    def on_record(data: bytes) -> int:
+        nonlocal printed, short
+        out.write(line(data) + "\n")
+        out.flush()
+        printed += 1
+        if fmt is not None and len(data) < fmt.size:
+            short += 1
+        return -1 if args.count and printed >= args.count else 0  # leave the rest in the ring
+
+    with open_map(args.target) as m:
+        check_ring(m)
+        if m.type == MapType.PERF_EVENT_ARRAY:
+            reader: Any = PerfBuffer(m, PERF_PAGES, lambda cpu, data: on_record(data))
+            about = f"perf event array {m.name!r} (id {m.id}, {reader.buffer_cnt} CPUs)"
+        else:
+            reader = RingBuffer(m, on_record)
+            ring = reader.rings[0]
+            about = f"ring {m.name!r} (id {m.id}, {ring.size} bytes, {ring.avail_data_size} pending)"
+    with reader:
+        print(f"bpfring: tailing {about}; Ctrl-C to stop", file=sys.stderr, flush=True)
+        status = EXIT_OK
+        deadline = time.monotonic() + args.duration if args.duration else None
+        try:
+            poll_until(reader, deadline)
+        except KeyboardInterrupt as exc:
+            status = exit_code_of(exc)
+        except BrokenPipeError:
+            silence_stdout()
+            status = EXIT_BROKEN_PIPE
+        hold_signals()
+    note = f" ({short} shorter than --format's {fmt.size} bytes, shown as hex)" if short else ""
+    print(f"{printed} records printed{note}", file=sys.stderr)
+    return status
+
+
+def _decoder(args: argparse.Namespace) -> Decoder | None:
+    if args.struct:
+        if not args.object:
+            raise ValueError("--struct needs --object FILE.bpf.o, the BPF object whose BTF declares it")
+        with Object(args.object) as obj:
+            return Decoder(dtype=obj.struct(args.struct))
+    if args.object:
+        raise ValueError("--object goes with --struct NAME")
+    return None if args.format is None else Decoder(fmt=args.format)
+
+
+def _struct_format(text: str) -> struct.Struct:
+    try:
+        fmt = struct.Struct(text)
+    except struct.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Python struct format ({exc})") from None
+    if fmt.size == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} decodes no bytes")
+    return fmt
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return int(text)
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "tail",
+        parents=parents,
+        help="print the records of a ring buffer map another program created",
+        description=paragraphs(
+            "Attach a consumer to a BPF_MAP_TYPE_RINGBUF map that another program created, given "
+            "the path where it is pinned on bpffs or its map id, and print each record: its length "
+            "and its bytes in hex, or the values --format decodes, or JSON lines.",
+            "tail TAKES the records: a ring has a single consumer position, so what tail prints, "
+            "the ring's own consumer will not see. The producer is not disturbed otherwise. Use it "
+            "on rings nobody else reads, or when you mean to take over.",
+            "A perf event array is read by putting tail's own perf events in the array's CPU slots, "
+            "which replaces any other reader's; tail clears them on exit.",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--format takes a Python struct format (https://docs.python.org/3/library/struct.html)\n"
+        "and decodes the first calcsize(FORMAT) bytes of each record; bytes fields (s) are shown\n"
+        "as C strings; records shorter than the format are printed in hex.\n"
+        "\n"
+        "examples:\n"
+        "  bpfring tail /sys/fs/bpf/events                   # LEN HEX, one line per record\n"
+        "  bpfring tail 42 --count 10                        # map id 42: ten records, then exit\n"
+        "  bpfring tail /sys/fs/bpf/events --format '<i16s'  # e.g. 4242 \"bash\"\n"
+        "  bpfring tail /sys/fs/bpf/events --object prog.bpf.o --struct event   # C types from BTF\n"
+        "  bpfring tail /sys/fs/bpf/events --json --duration 5\n",
+    )
+    p.add_argument("target", metavar="PATH_OR_ID", help="a map pinned on bpffs, or a map id")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--format", type=_struct_format, metavar="FORMAT", help="decode records with this struct format")
+    how.add_argument("--struct", metavar="NAME", help="decode records as C struct NAME (with --object)")
+    p.add_argument("--object", metavar="FILE.bpf.o", help="the BPF object whose BTF declares --struct")
+    p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N records")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    p.set_defaults(func=run)
