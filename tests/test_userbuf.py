@@ -421,6 +421,7 @@ def test_close_releases_every_fd_and_mapping(user_drain):
 
 
 def test_a_buffer_never_closed_releases_its_fds_when_collected(user_drain):
+    gc.collect()  # garbage of earlier tests would close its fds during the collection below
     before = open_fds()
     urb = UserRingBuffer(user_drain.urb)
     urb.reserve(8)  # the sample and the buffer refer to each other: a cycle for the collector
