@@ -63,9 +63,23 @@ _fn("ring_buffer__new", _p, ctypes.c_int, _p, _p, _p)
 _fn("ring_buffer__consume", ctypes.c_int, _p)
 _fn("ring_buffer__poll", ctypes.c_int, _p, ctypes.c_int)
 _fn("ring_buffer__free", None, _p)
+# ... and its perf buffer consumer. perf_buffer__new_raw takes a struct perf_event_attr, which
+# is how a wakeup_events other than 1 is chosen (as the kernel's ringbuf benchmark does).
+_fn("perf_buffer__new", _p, ctypes.c_int, ctypes.c_size_t, _p, _p, _p, _p)
+_fn("perf_buffer__new_raw", _p, ctypes.c_int, ctypes.c_size_t, _p, _p, _p, _p)
+_fn("perf_buffer__poll", ctypes.c_int, _p, ctypes.c_int)
+_fn("perf_buffer__consume", ctypes.c_int, _p)
+_fn("perf_buffer__free", None, _p)
 
 # int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
 RING_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+# void (*perf_buffer_sample_fn)(void *ctx, int cpu, void *data, __u32 size)
+PERF_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
+# void (*perf_buffer_lost_fn)(void *ctx, int cpu, __u64 cnt)
+PERF_BUFFER_LOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64)
+# enum bpf_perf_event_ret (*perf_buffer_event_fn)(void *ctx, int cpu, struct perf_event_header *event)
+PERF_BUFFER_EVENT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+LIBBPF_PERF_EVENT_CONT = -2  # enum bpf_perf_event_ret: keep going
 
 VERSION = (lib.libbpf_major_version(), lib.libbpf_minor_version())
 if VERSION < (1, 0):  # pragma: no cover - depends on the machine
