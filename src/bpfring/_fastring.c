@@ -79,8 +79,10 @@ static PyObject *consume(PyObject *module, PyObject *const *args, Py_ssize_t nar
 			if (len & BPF_RINGBUF_BUSY_BIT)
 				goto done;
 			next = cons + (((len & LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL);
-			if (next > prod) {
-				PyObject *exc = PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu",
+			/* Past producer_pos or bigger than the ring: a corrupt header or consumer_pos (user
+			 * space can write it). Reading it would run off the end of the mapping. */
+			if (next > prod || next - cons > mask + 1) {
+				PyObject *exc = PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
 								     (unsigned long long)cons, len & LEN_MASK,
 								     (unsigned long long)prod);
 				if (exc) {

@@ -311,11 +311,17 @@ class PerfBuffer:
         """
         with self._poller.consuming():
             unfinished = self._unfinished
-            ready = self._poller.wait(0 if unfinished else timeout_ms)
-            if self._poller.closing:
-                return 0
-            # Reported once, so remembered until read to the end (see _consume).
-            unfinished.update(self._by_fd[fd] for fd in ready)
+            try:
+                ready = self._poller.wait(0 if unfinished else timeout_ms)
+                if self._poller.closing:
+                    return 0
+                # Reported once, so remembered until read to the end (see _consume).
+                unfinished.update(self._by_fd[fd] for fd in ready)
+            except BaseException:
+                # Interrupted (Ctrl-C) after epoll may have taken wakeups it will not report again:
+                # a full ring would never wake us. Read every ring next time instead.
+                unfinished.update(self._buffers)
+                raise
             total = 0
             for buf in list(unfinished):
                 n = self._consume(buf)

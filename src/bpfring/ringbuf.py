@@ -46,6 +46,15 @@ def _numpy() -> Any:
     return numpy
 
 
+def _record_dtype(np: Any, dtype: DTypeLike) -> Any:
+    """``dtype`` as a numpy dtype that raw ring bytes can be read as: no Python objects in it."""
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        # Ring bytes copied into an object array would be taken for PyObject pointers.
+        raise TypeError(f"dtype {dt} holds Python objects: ring records can only be read as plain data")
+    return dt
+
+
 @functools.lru_cache(maxsize=64)
 def _slot_dtype(np: Any, dt: Any) -> Any:
     """One ring slot holding a record of ``dt``: the 8-byte header, the record, padding to 8."""
@@ -139,7 +148,7 @@ class Ring:
             self._consume(limit, records.append)
             return records
         np = _numpy()
-        dt = np.dtype(dtype)
+        dt = _record_dtype(np, dtype)
         if out is not None:
             if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
                 raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
@@ -175,7 +184,7 @@ class Ring:
         """
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         np = _numpy()
-        dt = np.dtype(dtype)
+        dt = _record_dtype(np, dtype)
         n, _ = self._fixed_run(dt, limit, allow_discards=False)
         view = self._records_view(np, dt, n) if n else np.empty(0, dtype=dt)
         yield view
@@ -212,7 +221,9 @@ class Ring:
                 discarded = length & BPF_RINGBUF_DISCARD_BIT
                 length &= _LEN_MASK
                 next_pos = cons_pos + ((length + BPF_RINGBUF_HDR_SZ + 7) & ~7)
-                if next_pos > prod_pos:
+                # A record never extends past producer_pos nor exceeds the ring; anything else is a
+                # corrupt header or consumer_pos (user space can write it), not memory to read.
+                if next_pos > prod_pos or next_pos - cons_pos > self.size:
                     raise self._corrupt(cons_pos, length, prod_pos)
                 cons_pos = next_pos
                 if discarded:
@@ -235,7 +246,8 @@ class Ring:
     def _corrupt(self, pos: int, length: int, prod_pos: int) -> BPFError:
         return BPFError(
             errno.EBADMSG,
-            f"ring of map {self._map.name!r}: record at {pos} claims {length} bytes, past producer_pos {prod_pos}",
+            f"ring of map {self._map.name!r}: record at {pos} claims {length} bytes, "
+            f"past producer_pos {prod_pos} or the {self.size}-byte ring",
         )
 
     # -- fixed-size records, vectorized ----------------------------------------------------------
@@ -260,7 +272,7 @@ class Ring:
                 return 0, None
             if length & BPF_RINGBUF_DISCARD_BIT:
                 next_pos = cons_pos + (((length & _LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7)
-                if next_pos > prod_pos:
+                if next_pos > prod_pos or next_pos - cons_pos > self.size:
                     raise self._corrupt(cons_pos, length & _LEN_MASK, prod_pos)
                 cons_pos = self._consumer_pos[0] = next_pos
                 continue

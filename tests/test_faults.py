@@ -1,0 +1,449 @@
+"""Faults while producers run on every CPU: callbacks that raise, Ctrl-C, a consumer closed and
+re-opened, producers that go away, a ring full for long, close() from another thread. Through all
+of it, every committed record is delivered exactly once, in order, and the counts add up."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+from conftest import open_fds
+from stress.harness import (
+    Deadline,
+    PerfChecker,
+    PerfProducers,
+    RingChecker,
+    RingProducers,
+    env_stress_seconds,
+    report,
+)
+
+import bpfring
+from bpfring import PerfBuffer, RingBuffer, UserRingBuffer
+
+LAPS = 200  # fault runs lap a 16 KiB ring at least this often (and last BPFRING_STRESS_SECONDS)
+RING = 16 * 1024
+
+
+@pytest.fixture(params=["native", "python"])
+def walk(request, monkeypatch) -> str:
+    """Run on both ring walks: _fastring.c and the pure-Python fallback."""
+    import bpfring.ringbuf
+
+    if request.param == "python":
+        monkeypatch.setattr(bpfring.ringbuf, "_native", None)
+    else:
+        assert bpfring.ringbuf._native is not None, "the _fastring extension was not built"
+    return request.param
+
+
+def until(
+    done: Callable[[], bool], step: Callable[[], Any], what: str, state: Callable[[], object] = lambda: ""
+) -> None:
+    """Run ``step`` until ``done()`` and, in long mode, BPFRING_STRESS_SECONDS have passed."""
+    seconds = env_stress_seconds()
+    start = time.monotonic()
+    deadline = Deadline(seconds, what, state)
+    while not done() or time.monotonic() - start < seconds:
+        deadline.check()
+        step()
+
+
+def drain_ring(rb: RingBuffer, checker: RingChecker, got: list[bytes], consume: Callable[[], Any]) -> None:
+    """After the producers stopped: consume until every committed record is delivered, then check."""
+    deadline = Deadline(0, "drain")
+    while True:
+        checker.records(got)
+        got.clear()
+        if checker.delivered >= checker.producers.total("produced"):
+            break
+        deadline.check()
+        consume()
+    assert rb.consume() == 0 and rb.rings[0].avail_data_size == 0
+    checker.check_totals()
+
+
+def drain_perf(pb: PerfBuffer, producers: PerfProducers, checker: PerfChecker, consume: Callable[[], Any]) -> None:
+    """After the producers stopped: drain, flush the pending lost counts, drain, check."""
+    deadline = Deadline(0, "drain")
+    for flushed in (False, True):
+        while checker.delivered < producers.total("produced"):
+            deadline.check()
+            consume()
+        if not flushed:
+            producers.flush()
+    assert pb.consume() == 0
+    checker.check_totals()
+
+
+def laps(rb: RingBuffer) -> int:
+    return rb.rings[0].consumer_pos // rb.rings[0].size
+
+
+# -- callbacks that raise -----------------------------------------------------------------------
+
+
+def test_callbacks_raising_at_random_points_lose_and_repeat_nothing(make_producer, walk):
+    producer = make_producer(ring_size=RING)
+    producers = RingProducers(producer)
+    checker = RingChecker(producers)
+    got: list[bytes] = []
+    rng = random.Random(4)
+    raised = 0
+
+    def callback(data: bytes) -> None:
+        got.append(data)
+        if rng.random() < 0.01:
+            raise RuntimeError("callback failed")
+
+    def step() -> None:
+        nonlocal raised
+        try:
+            rb.poll(100) if rng.random() < 0.5 else rb.consume(max_records=rng.randint(1, 50))
+        except RuntimeError:
+            raised += 1
+        checker.records(got)
+        got.clear()
+
+    with RingBuffer(producer.ring, callback) as rb:
+        with producers:
+            until(lambda: laps(rb) >= LAPS, step, "raising callbacks")
+        drain_ring(rb, checker, got, step)
+        assert raised > 0
+        report(f"fault: raising callbacks ({walk} walk)", records=checker.delivered, raised=raised, laps=laps(rb))
+
+
+def test_sample_and_lost_callbacks_raising_at_random_points_lose_and_repeat_nothing(perf_producer):
+    producers = PerfProducers(perf_producer)
+    checker = PerfChecker(producers)
+    rng = random.Random(5)
+    raised = {"sample": 0, "lost": 0}
+
+    def sample(cpu: int, data: bytes) -> None:
+        checker.sample(cpu, data)
+        if rng.random() < 0.01:
+            raise RuntimeError("sample")
+
+    def lost(cpu: int, n: int) -> None:
+        checker.lose(cpu, n)
+        if rng.random() < 0.3:
+            raise RuntimeError("lost")
+
+    def step() -> None:
+        try:
+            pb.poll(100)
+        except RuntimeError as exc:
+            raised[str(exc)] += 1
+
+    with PerfBuffer(perf_producer.array, 1, sample, lost) as pb:
+        with producers:
+            until(lambda: checker.delivered >= 20 * LAPS, step, "raising perf callbacks")
+        drain_perf(pb, producers, checker, step)
+    assert raised["sample"] > 0
+    report("fault: raising perf callbacks", records=checker.delivered, lost=sum(checker.lost.values()), raised=raised)
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------------
+
+
+class CtrlC:
+    """SIGINT sent to the main thread every 0-5 ms by a timer thread, raised as KeyboardInterrupt
+    only while a consumer call is running (armed) and outside the test's own callback code, so
+    every interrupt lands in bpfring: in epoll, in the walk, between callbacks."""
+
+    def __init__(self, *callbacks: Callable[..., Any]) -> None:
+        self._codes = {cb.__code__ for cb in callbacks}
+        self._armed = False
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+        self.caught = 0
+        self.sent = 0
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self._armed and (frame is None or frame.f_code not in self._codes):
+            self._armed = False  # one interrupt per call: the test's own code is never hit
+            raise KeyboardInterrupt
+
+    def _send(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        rng = random.Random(6)
+        while not self._stop.wait(rng.uniform(0, 0.005)):
+            signal.pthread_kill(self._main, signal.SIGINT)
+            self.sent += 1
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            self._armed = True
+            return fn()
+        except KeyboardInterrupt:
+            self.caught += 1
+            return None
+        finally:
+            self._armed = False
+
+    def __enter__(self) -> CtrlC:
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        self._thread = threading.Thread(target=self._send, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        signal.signal(signal.SIGINT, self._old)
+
+
+def test_repeated_ctrl_c_during_poll_loses_and_repeats_nothing(make_producer, walk):
+    producer = make_producer(ring_size=RING)
+    producers = RingProducers(producer)
+    checker = RingChecker(producers)
+    got: list[bytes] = []
+
+    def callback(data: bytes) -> None:
+        got.append(data)
+
+    def step() -> None:
+        ctrl_c.call(lambda: rb.poll(100))
+        checker.records(got)  # not armed: the interrupts land in poll() only
+        got.clear()
+
+    with RingBuffer(producer.ring, callback) as rb, CtrlC(callback) as ctrl_c:
+        with producers:
+            until(lambda: laps(rb) >= LAPS and ctrl_c.caught >= 100, step, "ctrl-c")
+        drain_ring(rb, checker, got, lambda: ctrl_c.call(rb.consume))
+        report(
+            f"fault: ctrl-c during poll ({walk} walk)",
+            records=checker.delivered,
+            interrupts=ctrl_c.caught,
+            laps=laps(rb),
+        )
+    assert ctrl_c.caught >= 100
+
+
+def test_repeated_ctrl_c_during_perf_poll_loses_and_repeats_nothing(perf_producer):
+    producers = PerfProducers(perf_producer)
+    checker = PerfChecker(producers)
+
+    def sample(cpu: int, data: bytes) -> None:
+        checker.sample(cpu, data)
+
+    def lost(cpu: int, n: int) -> None:
+        checker.lose(cpu, n)
+
+    with PerfBuffer(perf_producer.array, 1, sample, lost) as pb, CtrlC(sample, lost) as ctrl_c:
+        with producers:
+            until(
+                lambda: checker.delivered >= 20 * LAPS and ctrl_c.caught >= 100,
+                lambda: ctrl_c.call(lambda: pb.poll(100)),
+                "perf ctrl-c",
+                lambda: (checker.delivered, ctrl_c.caught, ctrl_c.sent, producers.total("produced"), producers._errors),
+            )
+        drain_perf(pb, producers, checker, lambda: ctrl_c.call(pb.poll))
+    report("fault: ctrl-c during perf poll", records=checker.delivered, interrupts=ctrl_c.caught)
+
+
+# -- a consumer closed and re-opened; producers that go away -------------------------------------------
+
+
+def test_a_consumer_reopened_on_a_pinned_ring_resumes_exactly_where_the_last_one_stopped(make_producer, walk):
+    from bpfring._sys.mounts import BPFFS, ensure_bpffs
+
+    ensure_bpffs()
+    path = f"{BPFFS}/bpfring-faults-{os.getpid()}"
+    producer = make_producer(ring_size=RING)
+    producer.ring.pin(path)
+    producers = RingProducers(producer)
+    checker = RingChecker(producers)
+    got: list[bytes] = []
+    rng = random.Random(7)
+    state = {"pos": 0, "opened": 0}
+
+    def one_consumer() -> None:
+        with RingBuffer(path, got.append) as rb:  # a new consumer, as another process would open it
+            ring = rb.rings[0]
+            assert ring.consumer_pos == state["pos"], "the new consumer does not resume where the last stopped"
+            for _ in range(rng.randint(1, 4)):
+                rb.poll(50) if rng.random() < 0.5 else rb.consume(max_records=rng.randint(1, 40))
+            state["pos"] = ring.consumer_pos
+        state["opened"] += 1
+        checker.records(got)
+        got.clear()
+        if rng.random() < 0.1:
+            time.sleep(0.01)  # producers go on alone for a while
+
+    try:
+        with producers:
+            until(lambda: state["pos"] >= LAPS * RING and state["opened"] >= 100, one_consumer, "reopen")
+        with RingBuffer(path, got.append) as rb:
+            assert rb.rings[0].consumer_pos == state["pos"]
+            drain_ring(rb, checker, got, rb.consume)
+    finally:
+        os.unlink(path)
+    report(
+        f"fault: consumer reopened on a pinned ring ({walk} walk)", records=checker.delivered, consumers=state["opened"]
+    )
+
+
+def test_producers_detached_mid_run_leave_every_committed_record_to_drain(make_producer, walk):
+    a, b = make_producer(ring_size=RING), make_producer(ring_size=RING)
+    producers_a, producers_b = RingProducers(a), RingProducers(b)
+    checker_a, checker_b = RingChecker(producers_a), RingChecker(producers_b)
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+
+    def step() -> None:
+        rb.poll(100)
+        checker_a.records(got_a)
+        checker_b.records(got_b)
+        got_a.clear()
+        got_b.clear()
+
+    with RingBuffer(a.ring, got_a.append) as rb:
+        ring_b = rb.add(b.ring, got_b.append)
+        with producers_b:
+            with producers_a:
+                until(lambda: laps(rb) >= LAPS // 2, step, "before the detach")
+            a.close()  # ring a's programs unloaded and its object's fds closed: the RingBuffer's own fd holds the ring
+            until(lambda: ring_b.consumer_pos >= LAPS * RING, step, "after the detach")
+        deadline = Deadline(0, "drain both rings")
+        while checker_a.delivered < producers_a.total("produced") or checker_b.delivered < producers_b.total(
+            "produced"
+        ):
+            deadline.check()
+            step()
+        assert rb.consume() == 0
+        checker_a.check_totals()
+        checker_b.check_totals()
+
+
+def test_perf_producers_detached_mid_run_leave_every_sample_to_drain(bpf_object):
+    from perf_producer import PerfProducer
+
+    other = PerfProducer(bpf_object("perf_producer"))
+    producers = PerfProducers(other)
+    checker = PerfChecker(producers)
+    pb = PerfBuffer(other.array, 1, checker.sample, checker.lose)
+    try:
+        with producers:
+            until(lambda: checker.delivered >= 10 * LAPS, lambda: pb.poll(100), "perf before the detach")
+        drain_perf(pb, producers, checker, lambda: pb.poll(100))
+        other.close()  # the program and the object's array fd go; the buffer keeps its own
+        assert pb.poll(50) == 0 and pb.consume() == 0
+    finally:
+        pb.close()
+        other.close()
+    assert pb.closed
+
+
+# -- a full ring, for long ---------------------------------------------------------------------------
+
+
+def full_seconds() -> float:
+    return min(max(env_stress_seconds(), 1.0), 60.0)
+
+
+def test_a_ring_full_for_long_drops_then_drains_with_exact_accounting(make_producer, walk):
+    producer = make_producer(ring_size=RING)
+    producers = RingProducers(producer, pause=0)
+    checker = RingChecker(producers)
+    got: list[bytes] = []
+    with RingBuffer(producer.ring, got.append) as rb:
+        with producers:
+            end = time.monotonic() + full_seconds()
+            while time.monotonic() < end:  # nobody reads: the ring stays full
+                time.sleep(0.05)
+            ring = rb.rings[0]
+            assert ring.size - ring.avail_data_size < 1008, "the ring is not full"  # no room for one more record
+            until(lambda: laps(rb) >= 10, lambda: rb.poll(100), "draining while producing")
+        drain_ring(rb, checker, got, rb.consume)
+    assert producers.total("dropped") > 0
+    report(
+        f"fault: ring full for {full_seconds():.0f} s ({walk} walk)",
+        records=checker.delivered,
+        dropped=producers.total("dropped"),
+    )
+
+
+def test_a_perf_buffer_full_for_long_reports_every_lost_sample(perf_producer):
+    producers = PerfProducers(perf_producer, pause=0)
+    checker = PerfChecker(producers)
+    with PerfBuffer(perf_producer.array, 1, checker.sample, checker.lose) as pb:
+        with producers:
+            time.sleep(full_seconds())
+            until(lambda: checker.delivered >= 1000, lambda: pb.poll(100), "perf draining while producing")
+        drain_perf(pb, producers, checker, pb.consume)
+    assert sum(checker.lost.values()) > 0
+    report(
+        f"fault: perf buffer full for {full_seconds():.0f} s",
+        records=checker.delivered,
+        lost=sum(checker.lost.values()),
+    )
+
+
+# -- close() from another thread ------------------------------------------------------------------
+
+
+def close_during(make: Callable[[], Any], wait: Callable[[Any], Any], rounds: int) -> list[Any]:
+    """``rounds`` times: ``wait(consumer)`` in a thread, close() from this one at a random moment.
+    The wait must end (a generous timeout proves it did not hang) with a result or "closed"; the
+    fds close() freed are then taken by placeholders, which nothing may touch afterwards."""
+    rng = random.Random(8)
+    results: list[Any] = []
+    before = open_fds()
+    for _ in range(rounds):
+        consumer = make()
+        mine = open_fds() - before
+        result: list[Any] = []
+
+        def run(consumer: Any = consumer, result: list[Any] = result) -> None:
+            try:
+                result.append(wait(consumer))
+            except ValueError as exc:  # close() came first
+                result.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(rng.uniform(0, 0.01))
+        consumer.close()
+        placeholders = [os.open("/dev/null", os.O_RDONLY) for _ in mine]  # reuse the freed numbers
+        t.join(timeout=30)
+        assert not t.is_alive(), "the waiting call did not return after close()"
+        assert len(result) == 1, "the waiting call raised something other than 'closed'"
+        if isinstance(result[0], ValueError):
+            assert "closed" in str(result[0])
+        for fd in placeholders:  # a late close() or read on a freed number would show here
+            assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/null"
+            os.close(fd)
+        assert open_fds() == before
+        results.append(result[0])
+    return results
+
+
+def test_close_from_another_thread_ends_a_busy_or_blocked_poll_without_touching_freed_fds(make_producer, walk):
+    producer = make_producer(ring_size=RING)
+    producers = RingProducers(producer)
+    with producers:  # sometimes poll() is inside a callback when close() comes, sometimes in epoll
+        results = close_during(lambda: RingBuffer(producer.ring, lambda d: None), lambda rb: rb.poll(-1), 100)
+    assert any(isinstance(r, int) for r in results)
+
+
+def test_close_from_another_thread_ends_a_perf_poll_without_touching_freed_fds(perf_producer):
+    producers = PerfProducers(perf_producer)
+    with producers:
+        results = close_during(
+            lambda: PerfBuffer(perf_producer.array, 1, lambda c, d: None), lambda pb: pb.poll(-1), 50
+        )
+    assert any(isinstance(r, int) for r in results)
+
+
+def test_close_from_another_thread_ends_a_reserve_blocking_without_touching_freed_fds(bpf):
+    with bpfring.Map.create(bpfring.MapType.USER_RINGBUF, 4096) as m:
+        with UserRingBuffer(m) as urb:
+            urb.reserve(4000).submit()  # full, and nothing drains it
+        results = close_during(lambda: UserRingBuffer(m), lambda urb: urb.reserve_blocking(4000, -1), 50)
+    assert all(isinstance(r, ValueError) for r in results)

@@ -1,0 +1,138 @@
+"""Leaks: thousands of open/close cycles of every class leave the process where it started.
+
+Measured after a warm-up (so caches, allocator arenas and lazily built objects exist already):
+- open fds (/proc/self/fd): exactly equal;
+- mappings of BPF maps and perf events (anon_inode lines of /proc/self/maps): exactly equal;
+- VmRSS (/proc/self/status): within RSS_TOLERANCE. A leaked ring mapping costs at least the two
+  pages a consumer touches (8 KiB), a leaked Python object graph of a buffer several hundred bytes;
+  over CYCLES cycles either is far above the tolerance (1,000 cycles in CI: anything from 4 KiB a
+  cycle; 10,000 in long mode: from 400 bytes), while a healthy process varies by allocator noise,
+  well under a megabyte.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from typing import Callable
+
+import pytest
+from conftest import open_fds
+from stress.harness import long_mode, report
+
+import bpfring
+from bpfring import Map, MapType, Object, PerfBuffer, RingBuffer, UserRingBuffer
+
+CYCLES = int(os.environ.get("BPFRING_LEAK_CYCLES") or (10_000 if long_mode() else 1_000))
+LOADS = CYCLES // 20  # loading an object runs the verifier: slower, fewer
+WARMUP = 100
+RSS_TOLERANCE = 4 << 20
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def kernel_mappings() -> int:
+    """Mappings of BPF maps and perf events: a leaked ring shows here even if never touched."""
+    with open("/proc/self/maps") as f:
+        return sum("anon_inode:" in line for line in f)
+
+
+def assert_no_leak(name: str, cycle: Callable[[], None], cycles: int = CYCLES) -> None:
+    for _ in range(min(WARMUP, cycles)):
+        cycle()
+    gc.collect()
+    fds, maps, rss = open_fds(), kernel_mappings(), vm_rss()
+    for _ in range(cycles):
+        cycle()
+    gc.collect()
+    assert open_fds() == fds, f"{name}: fds leaked"
+    assert kernel_mappings() == maps, f"{name}: mappings leaked"
+    grown = vm_rss() - rss
+    assert grown < RSS_TOLERANCE, f"{name}: RSS grew by {grown} bytes over {cycles} cycles"
+    report(f"leaks: {name}", cycles=cycles, rss_growth_bytes=grown)
+
+
+def wrong_type(open_it: Callable[[], object]) -> Callable[[], None]:
+    def cycle() -> None:
+        with pytest.raises(ValueError, match="expected BPF_MAP_TYPE"):
+            open_it()
+
+    return cycle
+
+
+def test_ring_buffers_opened_and_closed_many_times_leak_nothing(producer):
+    def cycle() -> None:
+        with RingBuffer(producer.ring, lambda d: None) as rb:
+            rb.add(producer.ring, lambda d: None)
+            rb.poll(0)
+
+    assert_no_leak("RingBuffer", cycle)
+    with Map.create(MapType.ARRAY, 1, 4, 4) as array:
+        assert_no_leak("RingBuffer refused", wrong_type(lambda: RingBuffer(array, lambda d: None)))
+
+
+def test_perf_buffers_opened_and_closed_many_times_leak_nothing(perf_producer):
+    def cycle() -> None:
+        with PerfBuffer(perf_producer.array, 1, lambda c, d: None) as pb:
+            pb.poll(0)
+
+    assert_no_leak("PerfBuffer", cycle)
+    with Map.create(MapType.RINGBUF, 4096) as ring:
+        assert_no_leak("PerfBuffer refused", wrong_type(lambda: PerfBuffer(ring, 1)))
+
+
+def test_user_ring_buffers_opened_and_closed_many_times_leak_nothing(bpf):
+    with Map.create(MapType.USER_RINGBUF, 1 << 20) as m:  # 16 bytes a cycle, never drained: room for all
+
+        def cycle() -> None:
+            with UserRingBuffer(m) as urb:
+                urb.reserve(8)  # left reserved: close() discards it
+
+        assert_no_leak("UserRingBuffer", cycle, min(CYCLES, (1 << 20) // 16 - WARMUP))
+    with Map.create(MapType.RINGBUF, 4096) as ring:
+        assert_no_leak("UserRingBuffer refused", wrong_type(lambda: UserRingBuffer(ring)))
+
+
+def test_objects_opened_loaded_and_closed_many_times_leak_nothing(bpf_object):
+    path = bpf_object("producer")
+
+    def opened() -> None:
+        with Object(path) as obj:
+            assert obj.map_names
+
+    def loaded() -> None:
+        with Object(path) as obj:
+            obj.load()
+            obj.map("rb")
+            assert obj.program("produce").fd >= 0
+
+    assert_no_leak("Object opened", opened)
+    assert_no_leak("Object loaded", loaded, LOADS)
+
+
+def test_maps_created_and_opened_many_times_leak_nothing(bpf, tmp_path):
+    from bpfring._sys.mounts import BPFFS, ensure_bpffs
+
+    ensure_bpffs()
+    path = f"{BPFFS}/bpfring-leaks-{os.getpid()}"
+    with Map.create(MapType.RINGBUF, 4096) as m:
+        m.pin(path)
+        try:
+
+            def cycle() -> None:
+                Map.create(MapType.RINGBUF, 4096).close()
+                Map.from_fd(m.fd).close()
+                Map.from_pinned(path).close()
+                Map.from_id(m.id).close()
+                with pytest.raises(bpfring.BPFError):
+                    Map.from_fd(0)  # stdin: not a map, and its dup is closed again
+
+            assert_no_leak("Map", cycle)
+        finally:
+            os.unlink(path)
