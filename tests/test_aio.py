@@ -140,3 +140,23 @@ def test_perf_buffer_async_for_with_cancellation(perf_producer):
     got = run(main())
     assert [cpu for cpu, _ in got] == [0] * 60
     assert [parse(data)[0] for _, data in got] == list(range(60))
+
+
+def test_perf_buffer_async_batches_with_cpus(perf_producer):
+    dtype = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("tail", "u1", (4,))])
+
+    async def main() -> tuple[list[int], np.ndarray]:
+        cpus: list[int] = []
+        parts = []
+        with PerfBuffer(perf_producer.array, 8, cpus=[0]) as pb:
+            asyncio.get_running_loop().call_later(0.05, lambda: perf_producer.output(25, 20, cpu=0))
+            async for got_cpus, records in pb.batches(dtype, with_cpus=True, interval=0.05):
+                cpus.extend(got_cpus.tolist())
+                parts.append(records)
+                if len(cpus) == 25:
+                    break
+        return cpus, np.concatenate(parts)
+
+    cpus, records = run(main())
+    assert cpus == [0] * 25
+    assert records["seq"].tolist() == list(range(25))

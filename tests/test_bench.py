@@ -54,12 +54,9 @@ def test_every_consumer_is_listed_or_skipped_with_a_reason(tiny_run):
                 assert len(o["status"].split(":", 1)[1].strip()) > 10, "a skip says why"
     for name in ALL_CONSUMERS:
         assert name in text
-    # bpfring's and libbpf's consumers run everywhere (batches() is ringbuf-only).
+    # bpfring's and libbpf's consumers run everywhere.
     for o in outcomes:
-        if o["consumer"].startswith(("bpfring", "libbpf")) and (o["consumer"], o["scenario"]) != (
-            "bpfring-async-batch",
-            "pb-500",
-        ):
+        if o["consumer"].startswith(("bpfring", "libbpf")):
             assert o["status"] == "ok", (o["scenario"], o["consumer"], o["status"])
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 from conftest import open_fds
 from stress.harness import (
+    FIXED,
     Deadline,
     PerfChecker,
     PerfProducers,
@@ -245,6 +246,65 @@ def test_repeated_ctrl_c_during_perf_poll_loses_and_repeats_nothing(perf_produce
             )
         drain_perf(pb, producers, checker, lambda: ctrl_c.call(pb.poll))
     report("fault: ctrl-c during perf poll", records=checker.delivered, interrupts=ctrl_c.caught)
+
+
+def test_repeated_ctrl_c_during_perf_batch_calls_loses_and_repeats_nothing(perf_producer):
+    producers = PerfProducers(perf_producer)
+    checker = PerfChecker(producers)
+
+    def lost(cpu: int, n: int) -> None:
+        checker.lose(cpu, n)
+
+    def take() -> None:  # the test's own code: the interrupts land inside bpfring only
+        for cpu, data in zip(*pb.consume_batch(with_cpus=True)):
+            checker.sample(cpu, data)
+
+    with PerfBuffer(perf_producer.array, 1, None, lost) as pb, CtrlC(take, lost) as ctrl_c:
+        with producers:
+            until(
+                lambda: checker.delivered >= 20 * LAPS and ctrl_c.caught >= 100,
+                lambda: ctrl_c.call(take),
+                "perf ctrl-c in batches",
+            )
+        drain_perf(pb, producers, checker, lambda: ctrl_c.call(take))
+    report("fault: ctrl-c during perf batch calls", records=checker.delivered, interrupts=ctrl_c.caught)
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["bytes", "dtype"])
+def test_repeated_ctrl_c_during_batch_calls_loses_and_repeats_nothing(make_producer, walk, fixed):
+    """A batch interrupted after it took records hands them to the next call."""
+    producer = make_producer(ring_size=RING)
+    producers = RingProducers(producer, fixed=fixed)
+    checker = RingChecker(producers)
+    got: list[bytes] = []
+    batches: list[Any] = []
+
+    def take() -> None:  # the test's own code: the interrupts land inside bpfring only
+        if fixed:
+            batches.append(rb.consume_batch(FIXED))
+        else:
+            got.extend(rb.consume_batch())
+
+    def step() -> None:
+        ctrl_c.call(take)
+        for arr in batches:
+            checker.fixed(arr)
+        batches.clear()
+
+    with RingBuffer(producer.ring, lambda data: None) as rb:
+        with CtrlC(take) as ctrl_c, producers:
+            until(lambda: laps(rb) >= LAPS and ctrl_c.caught >= 100, step, "ctrl-c in batches")
+        deadline = Deadline(0, "drain")
+        while True:
+            step()
+            checker.records(got)
+            got.clear()
+            if checker.delivered >= producers.total("produced"):
+                break
+            deadline.check()
+    checker.check_totals()
+    assert ctrl_c.caught >= 100
+    report(f"fault: ctrl-c during batch calls ({walk} walk, {'dtype' if fixed else 'bytes'})", records=checker.delivered)
 
 
 # -- a consumer closed and re-opened; producers that go away -------------------------------------------

@@ -211,6 +211,9 @@ class PerfBuffer:
         self._by_fd: dict[int, _CpuBuffer] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
+        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call.
+        self._taken_cpus: list[int] = []
+        self._taken_samples: list[bytes] = []
         # Samples an async iteration took but has not yielded yet (see records()).
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
@@ -365,8 +368,9 @@ class PerfBuffer:
         np = _numpy() if dtype is not None else None
         dt = np.dtype(dtype) if np is not None else None
         expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
-        cpus: list[int] = []
-        samples: list[bytes] = []
+        # Samples land in lists kept on self as they are taken: if Ctrl-C interrupts the call,
+        # they wait there and the next call returns them first.
+        cpus, samples = self._taken_cpus, self._taken_samples
 
         def take(cpu: int, data: bytes) -> None:
             cpus.append(cpu)
@@ -384,11 +388,15 @@ class PerfBuffer:
                     break  # deliver what came before it; the next call raises
                 self._unfinished.discard(buf)
         if dt is None:
-            return (cpus, samples) if with_cpus else samples
-        if dt.itemsize and any(len(sample) != dt.itemsize for sample in samples):
-            samples = [sample[: dt.itemsize] for sample in samples]  # drop the kernel's padding
-        records = np.frombuffer(b"".join(samples), dtype=dt) if samples else np.empty(0, dtype=dt)
-        return (np.array(cpus, dtype=np.int32), records) if with_cpus else records
+            result: Any = (cpus, samples) if with_cpus else samples
+        else:
+            if any(len(sample) != dt.itemsize for sample in samples):
+                samples = [sample[: dt.itemsize] for sample in samples]  # drop the kernel's padding
+            records = np.frombuffer(b"".join(samples), dtype=dt) if samples else np.empty(0, dtype=dt)
+            result = (np.array(cpus, dtype=np.int32), records) if with_cpus else records
+        # No call between handing the samples over and the return: nothing can raise in between.
+        self._taken_cpus, self._taken_samples = [], []
+        return result
 
     def _consume(self, buf: _CpuBuffer, sample_cb: SampleCallback | None = None) -> int:
         # Marked unfinished until it is read to the end: after an exception or a negative return
@@ -398,8 +406,6 @@ class PerfBuffer:
         if n >= 0:
             self._unfinished.discard(buf)
         return n
-
-    # -- lifetime -------------------------------------------------------------------------------
 
     # -- asyncio --------------------------------------------------------------------------------
 
@@ -428,6 +434,20 @@ class PerfBuffer:
                 for buf in self._buffers:
                     self._consume(buf, take)
             if not pending:
+                await self._poller.wait_readable(interval)
+
+    async def batches(
+        self, dtype: DTypeLike | None = None, *, with_cpus: bool = False, interval: float | None = None
+    ) -> AsyncIterator[Any]:
+        """:meth:`consume_batch` on the event loop: yields each non-empty batch as it arrives.
+
+        Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
+        """
+        while not (self._poller.closed or self._poller.closing):
+            batch = self.consume_batch(dtype, with_cpus=with_cpus)
+            if len(batch[1] if with_cpus else batch):
+                yield batch
+            else:
                 await self._poller.wait_readable(interval)
 
     # -- lifetime -------------------------------------------------------------------------------

@@ -63,6 +63,45 @@ def _slot_dtype(np: Any, dt: Any) -> Any:
 
 _NO_LIMIT = sys.maxsize
 
+# Records an async iteration takes from a ring at a time: under sustained load its queue (and
+# the delay of the records in it) stays bounded; the rest waits in the ring.
+ASYNC_REFILL = 4096
+
+
+class _Taken:
+    """Records a batch call took from a ring but has not returned yet, kept across a Ctrl-C.
+
+    Python raises KeyboardInterrupt between calls; a batch that is interrupted after records
+    left the ring would lose them. Collected here instead, they are handed to the next batch call.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def hand_over(self, dt: Any, limit: int, out: Any) -> Any:
+        """Up to ``limit`` kept records (as ``dt`` if given), removed from here with no signal check
+        between the removal and the return."""
+        records, rest = self.records[:limit], self.records[limit:]
+        if dt is not None:
+            np = _numpy()
+            if any(len(r) != dt.itemsize for r in records):
+                size = next(len(r) for r in records if len(r) != dt.itemsize)
+                raise RecordSizeError(
+                    f"a record an interrupted batch took is {size} bytes, dtype {dt} expects {dt.itemsize}: "
+                    "read it with consume_batch() without a dtype"
+                )
+            array = np.frombuffer(b"".join(records), dtype=dt)
+            if out is not None:
+                out[: len(array)] = array
+                array = out[: len(array)]
+            self.records = rest
+            return array
+        self.records = rest
+        return records
+
 
 class Ring:
     """One mapped ringbuf map: positions, sizes and the consumer walk.
@@ -75,6 +114,7 @@ class Ring:
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
+        self._taken = _Taken()
         self._map: Map = open_map(source, MapType.RINGBUF)
         self._consumer_mm: mmap.mmap | None = None
         self._producer_mm: mmap.mmap | None = None
@@ -144,15 +184,20 @@ class Ring:
         if dtype is None:
             if out is not None:
                 raise TypeError("out= needs a dtype")
-            records: list[bytes] = []
-            self._consume(limit, records.append)
-            return records
+            # Records land in self._taken as they are taken: if Ctrl-C interrupts the walk, they
+            # wait there and this call's successor returns them first (see _Taken).
+            taken = self._taken.records
+            if len(taken) < limit:
+                self._consume(limit - len(taken), taken.append)
+            return self._taken.hand_over(None, limit, None)
         np = _numpy()
         dt = _record_dtype(np, dtype)
         if out is not None:
             if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
                 raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
             limit = min(limit, len(out))
+        if self._taken:
+            return self._taken.hand_over(dt, limit, out)  # an interrupted call's records first
         n, keep = self._fixed_run(dt, limit, allow_discards=True)
         if n == 0:
             return np.empty(0, dtype=dt) if out is None else out[:0]
@@ -168,6 +213,9 @@ class Ring:
             records = np.empty(len(raw), dtype=dt) if out is None else out[: len(raw)]
             np.copyto(records.view(raw.dtype), raw)
             del raw
+        # From here to the return nothing checks for signals (no call, no loop), so a Ctrl-C is
+        # raised either before consumer_pos moves (the records stay in the ring) or after the
+        # caller has the array.
         self._advance(n, dt)
         return records
 
@@ -387,6 +435,9 @@ class RingBuffer:
         self._rings: list[Ring] = []
         self._by_fd: dict[int, Ring] = {}
         self._poller = Poller("RingBuffer")
+        # What a batch call interrupted by Ctrl-C had taken, for the next one (see _Taken).
+        self._taken = _Taken()
+        self._taken_parts: list[Any] = []
         # Records an async iteration took from the rings but has not yielded yet (see records()).
         self._pending: collections.deque[bytes] = collections.deque()
         try:
@@ -450,27 +501,43 @@ class RingBuffer:
         return total
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
-        """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`."""
+        """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`.
+
+        A Ctrl-C that interrupts the call loses no record: what it had taken is returned first by
+        the next call.
+        """
         self._poller.check_open()
-        left = _NO_LIMIT if max_records is None else _check_limit(max_records)
-        if out is not None:
-            left = min(left, len(out))
-        parts = []
-        taken = 0
+        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         with self._poller.consuming():
+            if len(self._rings) == 1 and not self._taken_parts:
+                return self._rings[0].consume_batch(dtype, limit, out)
+            if dtype is None:
+                if out is not None:
+                    raise TypeError("out= needs a dtype")
+                taken = self._taken.records
+                for ring in self._rings:
+                    if len(taken) < limit:
+                        taken.extend(ring.consume_batch(None, limit - len(taken)))
+                return self._taken.hand_over(None, limit, None)
+            np = _numpy()
+            dt = _record_dtype(np, dtype)
+            if out is not None:
+                limit = min(limit, len(out))
+            # Each ring's part goes into self._taken_parts before anything can raise: a Ctrl-C
+            # leaves them there for the next call.
+            parts = self._taken_parts
+            have = sum(len(part) for part in parts)
             for ring in self._rings:
-                if left <= 0:
+                if have >= limit:
                     break
-                part = ring.consume_batch(dtype, left, None if out is None else out[taken:])
-                parts.append(part)
-                taken += len(part)
-                left -= len(part)
-        if dtype is None:
-            return [record for part in parts for record in part]
-        if out is not None:
-            return out[:taken]
-        np = _numpy()
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, dtype=np.dtype(dtype))
+                parts.append(ring.consume_batch(dt, limit - have))
+                have += len(parts[-1])
+            records = np.concatenate([np.frombuffer(p.tobytes(), dtype=dt) for p in parts]) if parts else np.empty(0, dt)
+            if out is not None:
+                out[: len(records)] = records
+                records = out[: len(records)]
+            self._taken_parts = []
+            return records
 
     @contextlib.contextmanager
     def batch(self, dtype: DTypeLike, max_records: int | None = None) -> Iterator[Any]:
@@ -502,7 +569,7 @@ class RingBuffer:
                 return
             with self._poller.consuming():
                 for ring in self._rings:
-                    ring._consume(_NO_LIMIT, pending.append)
+                    ring._consume(ASYNC_REFILL, pending.append)
             if not pending:
                 await self._poller.wait_readable(interval)
 

@@ -323,9 +323,6 @@ class Consumer:
 
 
 def bpfring_consumers() -> list[Consumer]:
-    def no_perf(what: str) -> Callable[[str], Optional[str]]:
-        return lambda ch: f"n/a: PerfBuffer has no {what}" if ch == "perfbuf" else None
-
     perf_batch = None if hasattr(PerfBuffer, "consume_batch") else "n/a: this PerfBuffer has no consume_batch()"
     return [
         Consumer("bpfring-callback", "bpfring poll() with a per-record Python callback", BpfringCallback),
@@ -337,10 +334,7 @@ def bpfring_consumers() -> list[Consumer]:
         ),
         Consumer("bpfring-async", "bpfring async for over records()", lambda wl: BpfringAsync(wl, batches=False)),
         Consumer(
-            "bpfring-async-batch",
-            "bpfring async for over batches(dtype)",
-            lambda wl: BpfringAsync(wl, batches=True),
-            no_perf("batches()"),
+            "bpfring-async-batch", "bpfring async for over batches(dtype)", lambda wl: BpfringAsync(wl, batches=True)
         ),
     ]
 
