@@ -80,11 +80,15 @@ class _CpuBuffer:
     def data_tail(self) -> int:
         return self._words[_TAIL]
 
-    def consume(self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None = None) -> int:
+    def consume(
+        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None = None, into: Any = None
+    ) -> int:
         """Deliver every record available now; samples delivered, or a negative callback return.
 
         ``expect``: the sample sizes a batch accepts; another size raises RecordSizeError and
-        that sample stays in the ring.
+        that sample stays in the ring. ``into``: a list (or deque) that takes ``(cpu, data)``
+        instead of ``sample_cb``: its append is a built-in, so a Ctrl-C cannot land between
+        taking a sample and keeping it, as it can at the entry of a Python callback.
         """
         words = self._words
         u32 = self._u32
@@ -137,6 +141,9 @@ class _CpuBuffer:
                     # once the callback is entered, so an exception or Ctrl-C never redelivers it.
                     words[_TAIL] = tail
                     count += 1
+                    if into is not None:
+                        into.append((cpu, data))
+                        continue
                     ret = sample_cb(cpu, data)
                 elif header & 0xFFFFFFFF == PERF_RECORD_LOST:
                     lost = words[base_w + (((off + 16) & mask) >> 3)]
@@ -211,9 +218,8 @@ class PerfBuffer:
         self._by_fd: dict[int, _CpuBuffer] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
-        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call.
-        self._taken_cpus: list[int] = []
-        self._taken_samples: list[bytes] = []
+        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data).
+        self._taken: list[tuple[int, bytes]] = []
         # Samples an async iteration took but has not yielded yet (see records()).
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
@@ -368,25 +374,22 @@ class PerfBuffer:
         np = _numpy() if dtype is not None else None
         dt = np.dtype(dtype) if np is not None else None
         expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
-        # Samples land in lists kept on self as they are taken: if Ctrl-C interrupts the call,
+        # Samples land in a list kept on self as they are taken: if Ctrl-C interrupts the call,
         # they wait there and the next call returns them first.
-        cpus, samples = self._taken_cpus, self._taken_samples
-
-        def take(cpu: int, data: bytes) -> None:
-            cpus.append(cpu)
-            samples.append(data)
-
+        taken = self._taken
         self._poller.check_open()
         with self._poller.consuming():
             for buf in self._buffers:
                 self._unfinished.add(buf)
                 try:
-                    buf.consume(take, self._lost_cb, expect)
+                    buf.consume(_ignore, self._lost_cb, expect, into=taken)
                 except RecordSizeError:
-                    if not samples:
+                    if not taken:
                         raise
                     break  # deliver what came before it; the next call raises
                 self._unfinished.discard(buf)
+        cpus = [cpu for cpu, _ in taken]
+        samples = [data for _, data in taken]
         if dt is None:
             result: Any = (cpus, samples) if with_cpus else samples
         else:
@@ -395,14 +398,14 @@ class PerfBuffer:
             records = np.frombuffer(b"".join(samples), dtype=dt) if samples else np.empty(0, dtype=dt)
             result = (np.array(cpus, dtype=np.int32), records) if with_cpus else records
         # No call between handing the samples over and the return: nothing can raise in between.
-        self._taken_cpus, self._taken_samples = [], []
+        self._taken = []
         return result
 
-    def _consume(self, buf: _CpuBuffer, sample_cb: SampleCallback | None = None) -> int:
+    def _consume(self, buf: _CpuBuffer, into: Any = None) -> int:
         # Marked unfinished until it is read to the end: after an exception or a negative return
         # the rest of the ring will not be reported by epoll again, so the next poll() reads it.
         self._unfinished.add(buf)
-        n = buf.consume(sample_cb or self._sample_cb, self._lost_cb)
+        n = buf.consume(self._sample_cb, self._lost_cb, into=into)
         if n >= 0:
             self._unfinished.discard(buf)
         return n
@@ -421,10 +424,6 @@ class PerfBuffer:
         The iteration ends when the PerfBuffer is closed.
         """
         pending = self._pending
-
-        def take(cpu: int, data: bytes) -> None:
-            pending.append((cpu, data))
-
         while True:
             while pending:
                 yield pending.popleft()
@@ -432,7 +431,7 @@ class PerfBuffer:
                 return
             with self._poller.consuming():
                 for buf in self._buffers:
-                    self._consume(buf, take)
+                    self._consume(buf, into=pending)
             if not pending:
                 await self._poller.wait_readable(interval)
 
