@@ -103,7 +103,61 @@ class _Taken:
         return records
 
 
-class Ring:
+class _MappedRing:
+    """The two mappings of a ring map and the views the protocol reads through.
+
+    kernel/bpf/ringbuf.c: page 0 holds consumer_pos; from page 1, producer_pos and then the data
+    area mapped twice back to back, so a record that wraps the end is contiguous. The side that
+    advances a position maps its page read-write: the consumer page for a BPF_MAP_TYPE_RINGBUF
+    (ringbuf_map_mmap_kern), the producer page and data for a USER_RINGBUF (ringbuf_map_mmap_user).
+    """
+
+    _map: Map
+    _consumer_mm: mmap.mmap | None = None
+    _producer_mm: mmap.mmap | None = None
+    # Aligned 8- and 4-byte loads and stores through native-format memoryviews are single
+    # instructions; on x86-64 (TSO) they carry the acquire/release ordering the protocol needs.
+    _consumer_pos: memoryview | None = None
+    _producer_pos: memoryview | None = None
+    _data: memoryview | None = None
+    _headers: memoryview | None = None
+
+    def _map_ring(self, user: bool) -> None:
+        """Map ``self._map``; on failure nothing stays mapped (the caller closes the map)."""
+        self.size: int = self._map.max_entries
+        check_ring_size(self.size)
+        self._mask = self.size - 1
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        try:
+            self._consumer_mm = self._map.mmap(PAGE_SIZE, mmap.PROT_READ if user else rw, 0, "consumer page")
+            self._producer_mm = self._map.mmap(
+                PAGE_SIZE + 2 * self.size, rw if user else mmap.PROT_READ, PAGE_SIZE, "producer page and data"
+            )
+        except BaseException:
+            self._unmap_ring()
+            raise
+        self._consumer_pos = memoryview(self._consumer_mm)[:8].cast("Q")
+        self._producer_pos = memoryview(self._producer_mm)[:8].cast("Q")
+        self._data = memoryview(self._producer_mm)[PAGE_SIZE:]
+        self._headers = self._data.cast("I")
+
+    def _unmap_ring(self) -> None:
+        for name in ("_headers", "_data", "_producer_pos", "_consumer_pos"):
+            view = getattr(self, name)
+            if view is not None:
+                setattr(self, name, None)
+                view.release()
+        for name in ("_producer_mm", "_consumer_mm"):
+            mm = getattr(self, name)
+            if mm is not None:
+                setattr(self, name, None)
+                try:
+                    mm.close()
+                except BufferError:
+                    pass  # a view handed out still points in: the mapping goes when it does
+
+
+class Ring(_MappedRing):
     """One mapped ringbuf map: positions, sizes and the consumer walk.
 
     Obtain rings from :meth:`RingBuffer.add` or :attr:`RingBuffer.rings`. The ring owns a
@@ -115,25 +169,12 @@ class Ring:
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
         self._taken = _Taken()
-        self._map: Map = open_map(source, MapType.RINGBUF)
-        self._consumer_mm: mmap.mmap | None = None
-        self._producer_mm: mmap.mmap | None = None
+        self._map = open_map(source, MapType.RINGBUF)
         try:
-            self.size: int = self._map.max_entries
-            check_ring_size(self.size)
-            self._mask = self.size - 1
-            # kernel/bpf/ringbuf.c ringbuf_map_mmap_kern: page 0 (consumer_pos) is writable; from page 1,
-            # producer_pos then the data area mapped twice, read-only, so a wrapping record is contiguous.
-            self._consumer_mm = self._map.mmap(PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, 0, "consumer page")
-            self._producer_mm = self._map.mmap(PAGE_SIZE + 2 * self.size, mmap.PROT_READ, PAGE_SIZE, "producer page and data")
+            self._map_ring(user=False)
         except BaseException:
-            self._release()
+            self._map.close()
             raise
-        # Aligned 8- and 4-byte loads and stores through native-format memoryviews are single
-        # instructions; on x86-64 (TSO) they carry the acquire/release ordering libbpf spells out.
-        self._consumer_pos = memoryview(self._consumer_mm)[:8].cast("Q")
-        self._producer_pos = memoryview(self._producer_mm)[:8].cast("Q")
-        self._headers = memoryview(self._producer_mm)[PAGE_SIZE:].cast("I")
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -381,18 +422,7 @@ class Ring:
     # -- lifetime -------------------------------------------------------------------------------
 
     def _release(self) -> None:
-        for name in ("_headers", "_producer_pos", "_consumer_pos"):
-            view = self.__dict__.pop(name, None)
-            if view is not None:
-                view.release()
-        for name in ("_producer_mm", "_consumer_mm"):
-            mm = getattr(self, name, None)
-            if mm is not None:
-                setattr(self, name, None)
-                try:
-                    mm.close()
-                except BufferError:
-                    pass  # a zero-copy view still points in: the mapping goes when the view does
+        self._unmap_ring()
         self._map.close()
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ libbpf's ``user_ring_buffer__reserve/reserve_blocking/submit/discard``.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import select
 import threading
@@ -18,8 +17,8 @@ from types import TracebackType
 
 from ._sys.bpf import MapType
 from .errors import RingFullError
-from .maps import PAGE_SIZE, Map, MapLike, check_ring_size, open_map
-from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ
+from .maps import Map, MapLike, open_map
+from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ, _MappedRing
 
 # The drain hands each record to the BPF callback as a dynptr, and bpf_dynptr_check_size()
 # (kernel/bpf/helpers.c, DYNPTR_MAX_SIZE) refuses more than 2^24 - 1 bytes: a bigger record makes
@@ -108,7 +107,7 @@ class Sample:
         return f"<Sample {self._size} bytes at pos {self._pos} {self._state}>"
 
 
-class UserRingBuffer:
+class UserRingBuffer(_MappedRing):
     """libbpf's ``user_ring_buffer`` in Python: the producer side of a BPF_MAP_TYPE_USER_RINGBUF.
 
     ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path; the buffer works on its own
@@ -124,16 +123,8 @@ class UserRingBuffer:
             obj.program("drain").test_run()   # the BPF side calls bpf_user_ringbuf_drain()
     """
 
-    # The views over the mapping; None before they exist and after close().
-    _consumer_pos: memoryview | None = None
-    _producer_pos: memoryview | None = None
-    _data: memoryview | None = None
-    _headers: memoryview | None = None
-
     def __init__(self, map: MapLike) -> None:
-        self._map: Map = open_map(map, MapType.USER_RINGBUF)
-        self._consumer_mm: mmap.mmap | None = None
-        self._producer_mm: mmap.mmap | None = None
+        self._map = open_map(map, MapType.USER_RINGBUF)
         self._epoll: select.epoll | None = None
         self._wake_fd = -1
         self._lock = threading.Lock()
@@ -144,18 +135,9 @@ class UserRingBuffer:
         self._no_waiters = threading.Condition(self._lock)
         self._closing = False
         try:
-            self.size: int = self._map.max_entries
-            check_ring_size(self.size)
-            self._mask = self.size - 1
+            self._map_ring(user=True)
             self.max_sample_size: int = min(self.size - BPF_RINGBUF_HDR_SZ, DYNPTR_MAX_SIZE)
             fd = self._map.fd
-            # kernel/bpf/ringbuf.c ringbuf_map_mmap_user: page 0 (consumer_pos, advanced by the
-            # kernel) may only be mapped read-only; from page 1, producer_pos and the data area,
-            # mapped twice back to back so a record that wraps the end is contiguous, read-write.
-            self._consumer_mm = self._map.mmap(PAGE_SIZE, mmap.PROT_READ, 0, "consumer page")
-            self._producer_mm = self._map.mmap(
-                PAGE_SIZE + 2 * self.size, mmap.PROT_READ | mmap.PROT_WRITE, PAGE_SIZE, "producer page and data"
-            )
             # ringbuf_map_poll_user: EPOLLOUT while any space is free. Edge-triggered, so a wait
             # for a record bigger than the free space sleeps until the next drain instead of
             # spinning; the drain wakes the fd whenever it consumed something.
@@ -167,13 +149,6 @@ class UserRingBuffer:
         except BaseException:
             self._release()
             raise
-        # Aligned 4- and 8-byte loads and stores through native-format memoryviews are single
-        # instructions; on x86-64 (TSO) they carry the acquire/release ordering the kernel pairs
-        # with (see reserve() and _commit()).
-        self._consumer_pos = memoryview(self._consumer_mm)[:8].cast("Q")
-        self._producer_pos = memoryview(self._producer_mm)[:8].cast("Q")
-        self._data = memoryview(self._producer_mm)[PAGE_SIZE:]
-        self._headers = self._data.cast("I")
 
     # -- positions ------------------------------------------------------------------------------
 
@@ -341,18 +316,7 @@ class UserRingBuffer:
                 pass  # still exported: the mapping lives until that export goes
             if self._headers is not None:
                 self._publish(sample, discard=True)
-        for name in ("_headers", "_data", "_producer_pos", "_consumer_pos"):
-            view = self.__dict__.pop(name, None)
-            if view is not None:
-                view.release()
-        for name in ("_producer_mm", "_consumer_mm"):
-            mm = getattr(self, name, None)
-            if mm is not None:
-                setattr(self, name, None)
-                try:
-                    mm.close()
-                except BufferError:
-                    pass  # a view derived from a sample is alive: unmapped when it goes
+        self._unmap_ring()
         if self._epoll is not None:
             epoll, self._epoll = self._epoll, None
             epoll.close()
