@@ -114,6 +114,18 @@ def perf_producer(bpf_object):
         yield p
 
 
+@pytest.fixture(params=["native", "python"])
+def walk(request, monkeypatch) -> str:
+    """Run a test on both ring walks: _fastring.c and the pure-Python fallback."""
+    import bpfring.ringbuf
+
+    if request.param == "python":
+        monkeypatch.setattr(bpfring.ringbuf, "_native", None)
+    elif bpfring.ringbuf._native is None:
+        pytest.skip("the _fastring extension was not built (no C compiler at install time)")
+    return request.param
+
+
 @pytest.fixture
 def bpf():
     """For tests that need BPF but no program."""

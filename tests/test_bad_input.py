@@ -275,17 +275,6 @@ def test_loading_an_object_without_privileges_says_root_is_needed(bpf_object):
 # -- hostile ring contents ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["native", "python"])
-def walk(request, monkeypatch) -> str:
-    import bpfring.ringbuf
-
-    if request.param == "python":
-        monkeypatch.setattr(bpfring.ringbuf, "_native", None)
-    else:
-        assert bpfring.ringbuf._native is not None, "the _fastring extension was not built"
-    return request.param
-
-
 def plant_header(producer: Any, rb: RingBuffer, length: int, laps_behind: int) -> int:
     """Make the ring walk read ``length`` as a record header, the way a process sharing the map fd
     can: a BPF-written record whose payload holds that value everywhere, and consumer_pos (the one

@@ -31,18 +31,6 @@ LAPS = 200  # fault runs lap a 16 KiB ring at least this often (and last BPFRING
 RING = 16 * 1024
 
 
-@pytest.fixture(params=["native", "python"])
-def walk(request, monkeypatch) -> str:
-    """Run on both ring walks: _fastring.c and the pure-Python fallback."""
-    import bpfring.ringbuf
-
-    if request.param == "python":
-        monkeypatch.setattr(bpfring.ringbuf, "_native", None)
-    else:
-        assert bpfring.ringbuf._native is not None, "the _fastring extension was not built"
-    return request.param
-
-
 def until(
     done: Callable[[], bool], step: Callable[[], Any], what: str, state: Callable[[], object] = lambda: ""
 ) -> None:

@@ -15,16 +15,10 @@ import bpfring
 from bpfring import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RingBuffer
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
-def walk(request, monkeypatch):
-    """Every test runs on both consumer walks: _fastring.c and the pure-Python fallback."""
-    import bpfring.ringbuf
-
-    if request.param == "python":
-        monkeypatch.setattr(bpfring.ringbuf, "_native", None)
-    elif bpfring.ringbuf._native is None:
-        pytest.skip("the _fastring extension was not built (no C compiler at install time)")
-    return request.param
+@pytest.fixture(autouse=True)
+def both_walks(walk):
+    """Every test here runs on both consumer walks (conftest's walk fixture)."""
+    return walk
 
 
 def check_records(got: list[bytes], first_seq: int, size: int | tuple[int, int], producer: int = 0) -> None:

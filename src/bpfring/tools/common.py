@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import math
 import os
@@ -11,7 +12,7 @@ import textwrap
 import time
 from contextlib import contextmanager
 from types import FrameType
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's convention for Ctrl-C
@@ -94,6 +95,17 @@ def silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def positive_int(what: str = "a positive number") -> Callable[[str], int]:
+    """An argparse type: a whole number above zero, refused in words that name ``what``."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) == 0:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return int(text)
+
+    return parse
 
 
 def paragraphs(*texts: str) -> str:

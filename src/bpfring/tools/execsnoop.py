@@ -24,6 +24,7 @@ from .common import (
     hold_signals,
     paragraphs,
     poll_until,
+    positive_int,
     require_tracing_privileges,
     silence_stdout,
 )
@@ -156,12 +157,6 @@ def _positive_power_of_two(text: str) -> int:
     return value
 
 
-def _pid(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a process id (a positive number), got {text!r}")
-    return int(text)
-
-
 def _comm(text: str) -> str:
     raw = text.encode()
     if not raw or len(raw) >= TASK_COMM_LEN or b"\0" in raw:
@@ -217,7 +212,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default="ringbuf-reserve",
         help="how the BPF program sends events (default: ringbuf-reserve)",
     )
-    p.add_argument("--pid", type=_pid, metavar="PID", help="only execs by this process id")
+    p.add_argument("--pid", type=positive_int("a process id (a positive number)"), metavar="PID", help="only execs by this process id")
     p.add_argument("--comm", type=_comm, metavar="COMM", help="only execs whose new command name is COMM")
     p.add_argument(
         "--wakeup",

@@ -25,6 +25,7 @@ from .common import (
     hold_signals,
     paragraphs,
     poll_until,
+    positive_int,
     require_admin,
     silence_stdout,
 )
@@ -172,12 +173,6 @@ def _struct_format(text: str) -> struct.Struct:
     return fmt
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return int(text)
-
-
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "tail",
@@ -211,6 +206,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     how.add_argument("--struct", metavar="NAME", help="decode records as C struct NAME (with --object)")
     p.add_argument("--object", metavar="FILE.bpf.o", help="the BPF object whose BTF declares --struct")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
-    p.add_argument("--count", type=_positive_int, metavar="N", help="stop after N records")
+    p.add_argument("--count", type=positive_int(), metavar="N", help="stop after N records")
     p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
     p.set_defaults(func=run)
