@@ -348,6 +348,15 @@ def test_tail_by_id_with_format_takes_only_count_records(pinned_producer):
     assert done.stderr.splitlines()[-1] == "3 records printed"
 
 
+def test_tail_format_as_a_numpy_dtype(pinned_producer):
+    producer, path = pinned_producer
+    produce(producer, 2)
+    done = bpfring_cmd("tail", path, "--count", "2", "--json", "--format", "u8,u4,u4,S8")
+    assert done.returncode == 0, done.stderr
+    values = [json.loads(line)["values"] for line in done.stdout.splitlines()]
+    assert [v[:3] for v in values] == [[0, 0, 24], [1, 0, 24]]
+
+
 def test_tail_json_hex_and_short_records(pinned_producer):
     producer, path = pinned_producer
     records = produce(producer, 2)
@@ -436,7 +445,7 @@ def test_help_says_what_each_command_promises():
         (["execsnoop", "--pid", "abc"], "must be a process id"),
         (["execsnoop", "--comm", "a-name-of-16-chr"], "must be 1 to 15 bytes"),
         (["execsnoop", "--via", "carrier-pigeon"], "invalid choice"),
-        (["tail", "/sys/fs/bpf/x", "--format", "<Z"], "'<Z' is not a Python struct format"),
+        (["tail", "/sys/fs/bpf/x", "--format", "<Z"], "'<Z' is neither a Python struct format"),
         (["tail", "/sys/fs/bpf/x", "--format", "<"], "'<' decodes no bytes"),
         (["tail", "/sys/fs/bpf/x", "--count", "0"], "must be a positive number"),
         (["tail"], "the following arguments are required: PATH_OR_ID"),

@@ -10,6 +10,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define BPF_RINGBUF_BUSY_BIT (1U << 31)
 #define BPF_RINGBUF_DISCARD_BIT (1U << 30)
@@ -192,6 +195,30 @@ static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	return Py_BuildValue("(nn)", n, discarded);
 }
 
+/* Batches bigger than this are copied with non-temporal stores where the CPU has them: the
+ * output is written once and read later, so skipping the cache saves reading each destination
+ * line before writing it, about a third of the memory traffic of a large copy. */
+#define STREAM_MIN_BYTES (1 << 20)
+
+static void copy_records(uint8_t *out, const uint8_t *data, Py_ssize_t n, Py_ssize_t itemsize, uint64_t stride)
+{
+#ifdef __SSE2__
+	if (itemsize % 16 == 0 && ((uintptr_t)out & 15) == 0 && n * itemsize >= STREAM_MIN_BYTES) {
+		for (Py_ssize_t i = 0; i < n; i++) {
+			const uint8_t *src = data + i * stride;
+			__m128i *dst = (__m128i *)(out + i * itemsize);
+
+			for (Py_ssize_t j = 0; j < itemsize / 16; j++)
+				_mm_stream_si128(dst + j, _mm_loadu_si128((const __m128i *)src + j));
+		}
+		_mm_sfence(); /* the streamed stores are visible before the caller reads the array */
+		return;
+	}
+#endif
+	for (Py_ssize_t i = 0; i < n; i++)
+		memcpy(out + i * itemsize, data + i * stride, itemsize);
+}
+
 /* gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None
  *
  * Copy n records of itemsize bytes, one per ring slot from position cons, into the writable
@@ -234,8 +261,7 @@ static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t narg
 	/* The double mapping keeps the run contiguous from its first slot, even across the end. */
 	data = (const uint8_t *)prod_buf.buf + data_offset + (cons & mask) + BPF_RINGBUF_HDR_SZ;
 	out = out_buf.buf;
-	for (Py_ssize_t i = 0; i < n; i++)
-		memcpy(out + i * itemsize, data + i * stride, itemsize);
+	copy_records(out, data, n, itemsize, stride);
 	PyBuffer_Release(&out_buf);
 	PyBuffer_Release(&prod_buf);
 	Py_RETURN_NONE;

@@ -80,6 +80,8 @@ class Decoder:
         if self.fmt is not None:
             return [_value(v) for v in self.fmt.unpack_from(data)]
         record = np.frombuffer(data, dtype=self.dtype, count=1)[0]
+        if self.dtype.names is None:
+            return [_plain(record)]
         return [_plain(record[name]) for name in self.dtype.names]
 
 
@@ -160,17 +162,26 @@ def _decoder(args: argparse.Namespace) -> Decoder | None:
             return Decoder(dtype=obj.struct(args.struct))
     if args.object:
         raise ValueError("--object goes with --struct NAME")
-    return None if args.format is None else Decoder(fmt=args.format)
+    return args.format
 
 
-def _struct_format(text: str) -> struct.Struct:
+def _format(text: str) -> Decoder:
+    """A Python struct format (``<i16s``), else a numpy dtype string (``<i4,S16``)."""
     try:
-        fmt = struct.Struct(text)
+        decoder = Decoder(fmt=struct.Struct(text))
     except struct.error as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a Python struct format ({exc})") from None
-    if fmt.size == 0:
+        try:
+            dtype = np.dtype(text)
+        except (TypeError, ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a Python struct format ({exc}) nor a numpy dtype"
+            ) from None
+        if dtype.hasobject:
+            raise argparse.ArgumentTypeError(f"{text!r} holds Python objects: records are plain bytes") from None
+        decoder = Decoder(dtype=dtype)
+    if decoder.size == 0:
         raise argparse.ArgumentTypeError(f"{text!r} decodes no bytes")
-    return fmt
+    return decoder
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -190,19 +201,21 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="--format takes a Python struct format (https://docs.python.org/3/library/struct.html)\n"
-        "and decodes the first calcsize(FORMAT) bytes of each record; bytes fields (s) are shown\n"
-        "as C strings; records shorter than the format are printed in hex.\n"
+        "or, where that does not parse, a numpy dtype string ('<u4,S16'), and decodes the first\n"
+        "bytes of each record; bytes fields are shown as C strings; records shorter than the\n"
+        "format are printed in hex.\n"
         "\n"
         "examples:\n"
         "  bpfring tail /sys/fs/bpf/events                   # LEN HEX, one line per record\n"
         "  bpfring tail 42 --count 10                        # map id 42: ten records, then exit\n"
         "  bpfring tail /sys/fs/bpf/events --format '<i16s'  # e.g. 4242 \"bash\"\n"
+        "  bpfring tail /sys/fs/bpf/events --format 'i4,S16' # the same, as a numpy dtype\n"
         "  bpfring tail /sys/fs/bpf/events --object prog.bpf.o --struct event   # C types from BTF\n"
         "  bpfring tail /sys/fs/bpf/events --json --duration 5\n",
     )
     p.add_argument("target", metavar="PATH_OR_ID", help="a map pinned on bpffs, or a map id")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--format", type=_struct_format, metavar="FORMAT", help="decode records with this struct format")
+    how.add_argument("--format", type=_format, metavar="FORMAT", help="decode records with a struct format or numpy dtype")
     how.add_argument("--struct", metavar="NAME", help="decode records as C struct NAME (with --object)")
     p.add_argument("--object", metavar="FILE.bpf.o", help="the BPF object whose BTF declares --struct")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
