@@ -65,6 +65,12 @@ def check_sample(cpu: int, data: bytes, size: int | tuple[int, int]) -> int:
     return seq
 
 
+@pytest.fixture(autouse=True)
+def both_walks(walk):
+    """Every test here runs on both perf walks (conftest's walk fixture)."""
+    return walk
+
+
 def test_samples_from_both_cpus_arrive_once_intact_and_in_order(perf_producer, two_cpus):
     got = Collector()
     sizes = (16, 200)

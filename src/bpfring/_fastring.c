@@ -19,7 +19,30 @@
 #define BPF_RINGBUF_HDR_SZ 8
 #define LEN_MASK (BPF_RINGBUF_DISCARD_BIT - 1)
 
-static PyObject *bpf_error; /* bpfring.errors.BPFError */
+static PyObject *bpf_error;         /* bpfring.errors.BPFError */
+static PyObject *record_size_error; /* bpfring.errors.RecordSizeError */
+
+/* include/uapi/linux/perf_event.h: struct perf_event_mmap_page's data_head and data_tail, the
+ * record types a BPF output event writes, and struct perf_event_header {u32 type; u16 misc; u16 size}. */
+#define PERF_DATA_HEAD_OFFSET 1024
+#define PERF_DATA_TAIL_OFFSET 1032
+#define PERF_RECORD_LOST 2
+#define PERF_RECORD_SAMPLE 9
+#define PERF_HEADER_SIZE 8
+
+/* Raise bpfring.errors.BPFError(err, message); takes the reference to message (NULL: already failed). */
+static void set_bpf_error(int err, PyObject *message)
+{
+	PyObject *exc_args;
+
+	if (!message)
+		return;
+	exc_args = Py_BuildValue("(iO)", err, message);
+	if (exc_args)
+		PyErr_SetObject(bpf_error, exc_args);
+	Py_XDECREF(exc_args);
+	Py_DECREF(message);
+}
 
 /* Ctrl-C is noticed at least this often even when the callback is not Python code. */
 #define SIGNAL_CHECK_INTERVAL 4096
@@ -85,16 +108,9 @@ static PyObject *consume(PyObject *module, PyObject *const *args, Py_ssize_t nar
 			/* Past producer_pos or bigger than the ring: a corrupt header or consumer_pos (user
 			 * space can write it). Reading it would run off the end of the mapping. */
 			if (next > prod || next - cons > mask + 1) {
-				PyObject *exc = PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
-								     (unsigned long long)cons, len & LEN_MASK,
-								     (unsigned long long)prod);
-				if (exc) {
-					PyObject *exc_args = Py_BuildValue("(iO)", EBADMSG, exc);
-					if (exc_args)
-						PyErr_SetObject(bpf_error, exc_args);
-					Py_XDECREF(exc_args);
-					Py_DECREF(exc);
-				}
+				set_bpf_error(EBADMSG, PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
+									     (unsigned long long)cons, len & LEN_MASK,
+									     (unsigned long long)prod));
 				goto out;
 			}
 			if (len & BPF_RINGBUF_DISCARD_BIT) {
@@ -267,11 +283,175 @@ static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t narg
 	Py_RETURN_NONE;
 }
 
+/* perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi) -> int
+ *
+ * One CPU's perf ring, the walk of perfbuf._CpuBuffer.consume in C: samples to sample_cb(cpu, data)
+ * (or appended to ``into`` as (cpu, data) when it is not None), lost counts to lost_cb(cpu, lost).
+ * data_tail is stored before each callback, so a record counts as consumed once its callback is
+ * entered. With expect_hi > 0, a sample whose raw size is outside [expect_lo, expect_hi] raises
+ * RecordSizeError and stays in the ring. Returns samples delivered or a negative callback return.
+ */
+static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+	Py_buffer buf;
+	Py_ssize_t data_offset, count = 0;
+	unsigned long long size, mask;
+	unsigned long expect_lo, expect_hi;
+	PyObject *cpu, *sample_cb, *lost_cb, *into, *append = NULL, *result = NULL;
+	uint64_t *tail_ptr, tail, head;
+	const uint64_t *head_ptr;
+	const uint8_t *base;
+	long stop = 0;
+
+	if (nargs != 9) {
+		PyErr_SetString(PyExc_TypeError, "perf_consume() takes 9 arguments");
+		return NULL;
+	}
+	data_offset = PyLong_AsSsize_t(args[1]);
+	size = PyLong_AsUnsignedLongLong(args[2]);
+	cpu = args[3];
+	sample_cb = args[4];
+	lost_cb = args[5];
+	into = args[6];
+	expect_lo = PyLong_AsUnsignedLong(args[7]);
+	expect_hi = PyLong_AsUnsignedLong(args[8]);
+	if (PyErr_Occurred())
+		return NULL;
+	if (size == 0 || (size & (size - 1))) {
+		PyErr_SetString(PyExc_ValueError, "perf_consume(): the data area size must be a power of two");
+		return NULL;
+	}
+	if (into != Py_None && !(append = PyObject_GetAttrString(into, "append")))
+		return NULL;
+	if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0) {
+		Py_XDECREF(append);
+		return NULL;
+	}
+	if (data_offset < PERF_DATA_TAIL_OFFSET + 8 || buf.len < data_offset + (Py_ssize_t)size) {
+		PyErr_SetString(PyExc_ValueError, "perf_consume(): the mapping is smaller than the ring");
+		goto out;
+	}
+	mask = size - 1;
+	head_ptr = (const uint64_t *)((const uint8_t *)buf.buf + PERF_DATA_HEAD_OFFSET);
+	tail_ptr = (uint64_t *)((uint8_t *)buf.buf + PERF_DATA_TAIL_OFFSET);
+	base = (const uint8_t *)buf.buf + data_offset;
+
+	tail = __atomic_load_n(tail_ptr, __ATOMIC_RELAXED);
+	for (;;) {
+		/* Pairs with the kernel's smp_wmb() before it publishes data_head (perf_output_put_handle). */
+		head = __atomic_load_n(head_ptr, __ATOMIC_ACQUIRE);
+		if (tail == head)
+			break;
+		while (tail < head) {
+			uint64_t off = tail & mask, header, next;
+			uint32_t type;
+			PyObject *ret;
+
+			/* Records are multiples of 8 bytes: a header never straddles the end of the area. */
+			header = *(const uint64_t *)(base + off);
+			type = (uint32_t)header;
+			next = tail + (header >> 48);
+			if ((header >> 48) < PERF_HEADER_SIZE || next > head) {
+				set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: record at %llu of %llu bytes, head %llu",
+									     cpu, (unsigned long long)tail,
+									     (unsigned long long)(header >> 48),
+									     (unsigned long long)head));
+				goto out;
+			}
+			if (type == PERF_RECORD_SAMPLE) {
+				uint32_t raw_size = *(const uint32_t *)(base + ((off + 8) & mask));
+				uint64_t start = (off + 12) & mask;
+				PyObject *data;
+
+				if ((uint64_t)raw_size + 12 > (header >> 48)) {
+					set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: sample of %llu bytes claims %u",
+										     cpu, (unsigned long long)(header >> 48), raw_size));
+					goto out;
+				}
+				if (expect_hi && (raw_size < expect_lo || raw_size > expect_hi)) {
+					PyErr_Format(record_size_error,
+						     "sample at %llu of the perf buffer of cpu %S is %u bytes, the dtype expects %lu "
+						     "(up to %lu with the kernel's padding); it stays in the ring (read it with consume())",
+						     (unsigned long long)tail, cpu, raw_size, expect_lo, expect_hi);
+					goto out;
+				}
+				if (start + raw_size <= size) {
+					data = PyBytes_FromStringAndSize((const char *)base + start, raw_size);
+				} else { /* wraps the end: the perf data area is mapped once, copy both pieces */
+					data = PyBytes_FromStringAndSize(NULL, raw_size);
+					if (data) {
+						memcpy(PyBytes_AS_STRING(data), base + start, size - start);
+						memcpy(PyBytes_AS_STRING(data) + (size - start), base, raw_size - (size - start));
+					}
+				}
+				if (!data)
+					goto out;
+				/* The record is copied out: give its space back (perf wants the reads done first). */
+				tail = next;
+				__atomic_store_n(tail_ptr, tail, __ATOMIC_RELEASE);
+				count++;
+				if (append) {
+					PyObject *pair = PyTuple_Pack(2, cpu, data);
+
+					Py_DECREF(data);
+					if (!pair)
+						goto out;
+					ret = PyObject_CallOneArg(append, pair);
+					Py_DECREF(pair);
+				} else {
+					ret = PyObject_CallFunctionObjArgs(sample_cb, cpu, data, NULL);
+					Py_DECREF(data);
+				}
+			} else if (type == PERF_RECORD_LOST) {
+				PyObject *lost = PyLong_FromUnsignedLongLong(*(const uint64_t *)(base + ((off + 16) & mask)));
+
+				if (!lost)
+					goto out;
+				tail = next;
+				__atomic_store_n(tail_ptr, tail, __ATOMIC_RELEASE);
+				ret = PyObject_CallFunctionObjArgs(lost_cb, cpu, lost, NULL);
+				Py_DECREF(lost);
+			} else { /* no other type is written for a BPF output event: skip it */
+				tail = next;
+				__atomic_store_n(tail_ptr, tail, __ATOMIC_RELEASE);
+				continue;
+			}
+			if (!ret)
+				goto out;
+			if (ret != Py_None && PyLong_Check(ret)) {
+				long value = PyLong_AsLong(ret);
+
+				Py_DECREF(ret);
+				if (value == -1 && PyErr_Occurred())
+					PyErr_Clear();
+				else if (value < 0) {
+					stop = value;
+					goto done;
+				}
+			} else {
+				Py_DECREF(ret);
+			}
+			if (count % SIGNAL_CHECK_INTERVAL == 0 && PyErr_CheckSignals() < 0)
+				goto out;
+		}
+		/* Caught up with the head read above: read it again, so records written meanwhile are
+		 * delivered by this call rather than waiting for a wakeup. */
+	}
+done:
+	result = PyLong_FromSsize_t(stop ? stop : count);
+out:
+	PyBuffer_Release(&buf);
+	Py_XDECREF(append);
+	return result;
+}
+
 static PyMethodDef methods[] = {
 	{ "consume", (PyCFunction)(void (*)(void))consume, METH_FASTCALL,
 	  "consume(consumer_mm, producer_mm, data_offset, mask, callback, limit) -> int" },
 	{ "gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
 	  "gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None" },
+	{ "perf_consume", (PyCFunction)(void (*)(void))perf_consume, METH_FASTCALL,
+	  "perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi) -> int" },
 	{ "scan_fixed", (PyCFunction)(void (*)(void))scan_fixed, METH_FASTCALL,
 	  "scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit, allow_discards) -> (n, discarded)" },
 	{ NULL, NULL, 0, NULL },
@@ -288,8 +468,9 @@ PyMODINIT_FUNC PyInit__fastring(void)
 	if (!errors)
 		return NULL;
 	bpf_error = PyObject_GetAttrString(errors, "BPFError");
+	record_size_error = PyObject_GetAttrString(errors, "RecordSizeError");
 	Py_DECREF(errors);
-	if (!bpf_error)
+	if (!bpf_error || !record_size_error)
 		return NULL;
 	return PyModule_Create(&module);
 }

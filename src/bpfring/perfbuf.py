@@ -20,7 +20,7 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
-from .ringbuf import DTypeLike, _numpy
+from .ringbuf import DTypeLike, _native, _numpy
 
 # include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
 # as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
@@ -90,6 +90,15 @@ class _CpuBuffer:
         instead of ``sample_cb``: its append is a built-in, so a Ctrl-C cannot land between
         taking a sample and keeping it, as it can at the entry of a Python callback.
         """
+        if _native is not None:
+            lo, hi = (expect.start, expect.stop - 1) if expect is not None else (0, 0)
+            return _native.perf_consume(self._mm, PAGE_SIZE, self.size, self.cpu, sample_cb, lost_cb, into, lo, hi)
+        return self._consume_python(sample_cb, lost_cb, expect, into)
+
+    def _consume_python(
+        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None, into: Any
+    ) -> int:
+        """The walk record by record (the fallback for _fastring.c's perf_consume)."""
         words = self._words
         u32 = self._u32
         mm = self._mm
