@@ -140,20 +140,25 @@ def plot(outcomes: list[Outcome], scenarios: list[Scenario], directory: str) -> 
     ran = [o for o in outcomes if o.ran]
     flat = [s for s in scenarios if not s.paced and any(o.scenario == s.name for o in ran)]
     if flat:
-        fig, axes = plt.subplots(1, len(flat), figsize=(4.2 * len(flat), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(flat), figsize=(4.2 * len(flat), 4.4), squeeze=False)
+        # One colour per consumer in every panel, and one legend for the figure: a consumer that
+        # does not run in the last panel (cilium-go on perf buffers) is still named.
+        palette = plt.get_cmap("tab10")
+        colour = {c: palette(i % 10) for i, c in enumerate(dict.fromkeys(o.consumer for o in ran))}
         for ax, s in zip(axes[0], flat):
             rows = [o for o in ran if o.scenario == s.name]
             for consumer in dict.fromkeys(o.consumer for o in rows):
                 pts = sorted((o.producers, o.consumer_rate / 1e6) for o in rows if o.consumer == consumer)
-                ax.plot([p for p, _ in pts], [r for _, r in pts], marker="o", label=consumer)
+                ax.plot([p for p, _ in pts], [r for _, r in pts], marker="o", label=consumer, color=colour[consumer])
             ax.set_title(f"{s.name}\n{s.mode}", fontsize=9)
             ax.set_xlabel("producers")
             ax.set_xticks(sorted({o.producers for o in rows}))
             ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("consumed, M records/s")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
+        handles = [plt.Line2D([], [], color=c, marker="o", label=name) for name, c in colour.items()]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         path = os.path.join(directory, "throughput.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
