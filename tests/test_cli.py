@@ -483,7 +483,7 @@ def test_tail_errors_are_one_line_and_exit_1(pin_path):
 @pytest.mark.parametrize(
     "kind, args, message",
     [
-        ("hash", (bpfring.MapType.HASH, 4, 4, 4), "is BPF_MAP_TYPE_HASH, not a ring: tail reads BPF_MAP_TYPE_RINGBUF maps"),
+        ("hash", (bpfring.MapType.HASH, 4, 4, 4), "is BPF_MAP_TYPE_HASH, not a ring: tail reads ring buffers and perf event arrays"),
         ("user", (bpfring.MapType.USER_RINGBUF, 4096), "is a user ring buffer: user space writes it and BPF reads it, there is nothing to tail"),
     ],
 )

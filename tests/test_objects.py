@@ -114,6 +114,8 @@ def test_close_detaches_and_frees_everything(execsnoop_object):
     assert open_fds() == before
     with pytest.raises(ValueError, match="is closed"):
         obj.programs
+    with pytest.raises(ValueError, match="is closed"):
+        link.program.autoload  # noqa: B018 - a Program kept past close() must not touch freed memory
 
 
 def test_programs_without_an_attach_point_are_left_to_the_caller(bpf_object):

@@ -437,3 +437,17 @@ def test_a_failure_at_any_step_of_construction_leaves_nothing_open(perf_producer
     # the map's dup, the epoll, the eventfd, then two per CPU (its event fd, mmap's dup of it)
     assert len(failures) >= 3 + 2 * (len(cpus) - 1)
     assert all(exc.errno == errno.EMFILE for exc in failures)
+
+
+# -- a ring someone else writes into ---------------------------------------------------------------
+
+
+def test_a_tail_past_the_head_reads_as_caught_up_not_forever(perf_producer):
+    """data_tail is the one word of a perf mapping user space can write (its data pages fault on
+    a write): a bogus one written by a process sharing the mapping must not hang the walk."""
+    from bpfring.perfbuf import _TAIL
+
+    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0]) as pb:
+        buf = pb._buffers[0]
+        buf._words[_TAIL] = 1 << 40  # another process sharing the mapping wrote a bogus data_tail
+        assert pb.consume() == 0

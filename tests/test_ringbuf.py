@@ -322,6 +322,37 @@ def test_fileno_is_pollable_by_selectors(producer):
         assert rb.consume() == 1
 
 
+def test_close_from_many_threads_at_once_closes_once(producer):
+    rb = RingBuffer(producer.ring, lambda d: None)
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def close() -> None:
+        start.wait()
+        try:
+            rb.close()
+        except BaseException as exc:  # noqa: BLE001 - any exception is the failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=close) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and rb.closed
+
+
+def test_a_ring_kept_past_close_says_it_is_closed(producer):
+    rb = RingBuffer(producer.ring, lambda d: None)
+    ring = rb.rings[0]
+    rb.close()
+    for what in ("consumer_pos", "producer_pos", "avail_data_size"):
+        with pytest.raises(ValueError, match="ring of map 'rb' is closed"):
+            getattr(ring, what)
+    with pytest.raises(ValueError, match="is closed"):
+        ring.consume()
+
+
 def test_close_releases_every_fd_and_mapping(producer):
     before = open_fds()
     rb = RingBuffer(producer.ring, lambda d: None)

@@ -340,7 +340,7 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 	for (;;) {
 		/* Pairs with the kernel's smp_wmb() before it publishes data_head (perf_output_put_handle). */
 		head = __atomic_load_n(head_ptr, __ATOMIC_ACQUIRE);
-		if (tail == head)
+		if (tail >= head) /* a tail past the head (written by someone else) reads as caught up */
 			break;
 		while (tail < head) {
 			uint64_t off = tail & mask, header, next;
@@ -351,7 +351,9 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 			header = *(const uint64_t *)(base + off);
 			type = (uint32_t)header;
 			next = tail + (header >> 48);
-			if ((header >> 48) < PERF_HEADER_SIZE || next > head) {
+			/* Sizes are multiples of 8 within the ring: anything else is a corrupt header, and
+			 * reading it would run off the end of the mapping. */
+			if ((header >> 48) < PERF_HEADER_SIZE || (header >> 48) & 7 || (header >> 48) > size || next > head) {
 				set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: record at %llu of %llu bytes, head %llu",
 									     cpu, (unsigned long long)tail,
 									     (unsigned long long)(header >> 48),

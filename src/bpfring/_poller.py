@@ -21,9 +21,10 @@ class Poller:
     def __init__(self, owner: str) -> None:
         self._owner = owner
         self._lock = threading.Lock()
+        self._close_lock = threading.Lock()
         self._consuming_thread: int | None = None
         self._closing = False
-        self._async_waiters: set[asyncio.Future[None]] = set()
+        self._async_waiters: dict[asyncio.Future[None], int] = {}  # waiter -> the fd it watches
         self._epoll: select.epoll | None = select.epoll()
         try:
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -73,14 +74,14 @@ class Poller:
 
         A poll() blocked in another thread is woken first, and asyncio waiters end.
         """
-        if self._epoll is None or self._closing:
-            return
-        if self._consuming_thread == threading.get_ident():
-            raise RuntimeError(f"{self._owner}.close() called from its own callback: return a negative value to stop")
-        self._closing = True
+        with self._close_lock:  # two close() calls at once: one closes, the other returns
+            if self._epoll is None or self._closing:
+                return
+            if self._consuming_thread == threading.get_ident():
+                raise RuntimeError(f"{self._owner}.close() called from its own callback: return a negative value to stop")
+            self._closing = True
         os.eventfd_write(self._wake_fd, 1)
-        for waiter in list(self._async_waiters):
-            waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+        self._end_async_waits()
         with self._lock:
             try:
                 release()  # type: ignore[operator]
@@ -89,12 +90,27 @@ class Poller:
                 epoll.close()
                 os.close(self._wake_fd)
 
+    def _end_async_waits(self) -> None:
+        """Resolve every asyncio wait; on its loop's thread, unregister the fd before it is closed."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for waiter, fd in list(self._async_waiters.items()):
+            loop = waiter.get_loop()
+            if loop is running:
+                del self._async_waiters[waiter]
+                loop.remove_reader(fd)
+                _resolve(waiter)
+            else:  # another thread's loop: it unregisters when the waiter wakes
+                loop.call_soon_threadsafe(_resolve, waiter)
+
     async def wait_readable(self, interval: float | None) -> None:
         """Wait on the event loop until the epoll fd is readable, ``interval`` seconds pass, or close()."""
         loop = asyncio.get_running_loop()
         fd = self.fileno()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._async_waiters.add(waiter)
+        self._async_waiters[waiter] = fd
         loop.add_reader(fd, _resolve, waiter)
         try:
             if interval is None:
@@ -104,8 +120,8 @@ class Poller:
         except asyncio.TimeoutError:
             pass
         finally:
-            self._async_waiters.discard(waiter)
-            loop.remove_reader(fd)
+            if self._async_waiters.pop(waiter, None) is not None:
+                loop.remove_reader(fd)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

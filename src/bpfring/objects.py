@@ -111,6 +111,7 @@ class Program:
 
     @property
     def autoload(self) -> bool:
+        self._obj._check_open()
         return bool(lib.bpf_program__autoload(self._ptr))
 
     @autoload.setter

@@ -20,7 +20,7 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
-from .ringbuf import DTypeLike, _native, _numpy
+from .ringbuf import DTypeLike, _native, _numpy, _record_dtype, require_tso
 
 # include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
 # as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
@@ -54,6 +54,7 @@ class _CpuBuffer:
     """One CPU's BPF output event: its fd, its mapping, and the reader's walk over its records."""
 
     def __init__(self, cpu: int, page_cnt: int, wakeup_events: int) -> None:
+        require_tso()
         self.cpu = cpu
         self.size = page_cnt * PAGE_SIZE
         self.fd = sys_perf.open_bpf_output(cpu, wakeup_events)
@@ -71,14 +72,6 @@ class _CpuBuffer:
         # read data_head, then the records (smp_rmb), then store data_tail (smp_mb before it).
         self._words = memoryview(self._mm).cast("Q")
         self._u32 = memoryview(self._mm).cast("I")
-
-    @property
-    def data_head(self) -> int:
-        return self._words[_HEAD]
-
-    @property
-    def data_tail(self) -> int:
-        return self._words[_TAIL]
 
     def consume(
         self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None = None, into: Any = None
@@ -111,7 +104,7 @@ class _CpuBuffer:
         count = 0
         while True:
             head = words[_HEAD]
-            if tail == head:
+            if tail >= head:  # a tail past the head (written by someone else) reads as caught up
                 return count
             while tail < head:
                 off = tail & mask
@@ -119,7 +112,7 @@ class _CpuBuffer:
                 # straddles the end of the data area, and neither does an aligned field.
                 header = words[base_w + (off >> 3)]
                 rec_size = header >> 48
-                if rec_size < PERF_HEADER_SIZE or tail + rec_size > head:
+                if rec_size < PERF_HEADER_SIZE or rec_size & 7 or rec_size > size or tail + rec_size > head:
                     raise BPFError(
                         errno.EBADMSG, f"perf buffer of cpu {cpu}: record at {tail} of {rec_size} bytes, head {head}"
                     )
@@ -381,7 +374,7 @@ class PerfBuffer:
         ``lost_cb``.
         """
         np = _numpy() if dtype is not None else None
-        dt = np.dtype(dtype) if np is not None else None
+        dt = _record_dtype(np, dtype) if np is not None else None  # refused before anything is taken
         expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
         # Samples land in a list kept on self as they are taken: if Ctrl-C interrupts the call,
         # they wait there and the next call returns them first.
@@ -402,9 +395,15 @@ class PerfBuffer:
         if dt is None:
             result: Any = (cpus, samples) if with_cpus else samples
         else:
+            if any(len(sample) < dt.itemsize for sample in samples):  # kept from an interrupted call
+                short = min(len(sample) for sample in samples)
+                raise RecordSizeError(
+                    f"a sample an interrupted batch took is {short} bytes, dtype {dt} expects {dt.itemsize}: "
+                    "read it with consume_batch() without a dtype"
+                )
             if any(len(sample) != dt.itemsize for sample in samples):
                 samples = [sample[: dt.itemsize] for sample in samples]  # drop the kernel's padding
-            records = np.frombuffer(b"".join(samples), dtype=dt) if samples else np.empty(0, dtype=dt)
+            records = np.frombuffer(b"".join(samples), dtype=dt).copy() if samples else np.empty(0, dtype=dt)
             result = (np.array(cpus, dtype=np.int32), records) if with_cpus else records
         # No call between handing the samples over and the return: nothing can raise in between.
         self._taken = []

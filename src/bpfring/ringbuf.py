@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import mmap
+import platform
 import sys
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
@@ -26,6 +27,11 @@ BPF_RINGBUF_BUSY_BIT = 1 << 31
 BPF_RINGBUF_DISCARD_BIT = 1 << 30
 BPF_RINGBUF_HDR_SZ = 8
 _LEN_MASK = BPF_RINGBUF_DISCARD_BIT - 1
+
+
+def roundup_len(length: int) -> int:
+    """Bytes a record of ``length`` occupies in the ring: the header, then the data, 8-aligned."""
+    return (length + BPF_RINGBUF_HDR_SZ + 7) & ~7
 
 # Flags a BPF program passes to bpf_ringbuf_output/submit/discard (notification control).
 BPF_RB_NO_WAKEUP = 1
@@ -58,7 +64,7 @@ def _record_dtype(np: Any, dtype: DTypeLike) -> Any:
 @functools.lru_cache(maxsize=64)
 def _slot_dtype(np: Any, dt: Any) -> Any:
     """One ring slot holding a record of ``dt``: the 8-byte header, the record, padding to 8."""
-    stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+    stride = roundup_len(dt.itemsize)
     return np.dtype({"names": ["record"], "formats": [dt], "offsets": [BPF_RINGBUF_HDR_SZ], "itemsize": stride})
 
 _NO_LIMIT = sys.maxsize
@@ -66,6 +72,19 @@ _NO_LIMIT = sys.maxsize
 # Records an async iteration takes from a ring at a time: under sustained load its queue (and
 # the delay of the records in it) stays bounded; the rest waits in the ring.
 ASYNC_REFILL = 4096
+
+
+def require_tso() -> None:
+    """Refuse to map a ring where plain loads and stores are not acquire/release (not x86-64).
+
+    The Python walks and UserRingBuffer publish positions and headers with plain aligned stores,
+    which order as the protocol needs only under x86-64's total store order.
+    """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise BPFError(
+            errno.ENOTSUP,
+            f"bpfring's ring protocol relies on x86-64 memory ordering; {platform.machine()} is not supported yet",
+        )
 
 
 class _Taken:
@@ -93,7 +112,7 @@ class _Taken:
                     f"a record an interrupted batch took is {size} bytes, dtype {dt} expects {dt.itemsize}: "
                     "read it with consume_batch() without a dtype"
                 )
-            array = np.frombuffer(b"".join(records), dtype=dt)
+            array = np.frombuffer(b"".join(records), dtype=dt).copy()  # writable, like every batch
             if out is not None:
                 out[: len(array)] = array
                 array = out[: len(array)]
@@ -124,6 +143,7 @@ class _MappedRing:
 
     def _map_ring(self, user: bool) -> None:
         """Map ``self._map``; on failure nothing stays mapped (the caller closes the map)."""
+        require_tso()
         self.size: int = self._map.max_entries
         check_ring_size(self.size)
         self._mask = self.size - 1
@@ -188,16 +208,22 @@ class Ring(_MappedRing):
 
     @property
     def consumer_pos(self) -> int:
-        return self._consumer_pos[0]
+        return self._positions()[0]
 
     @property
     def producer_pos(self) -> int:
-        return self._producer_pos[0]
+        return self._positions()[1]
 
     @property
     def avail_data_size(self) -> int:
         """Bytes committed or reserved but not yet consumed (producer_pos - consumer_pos)."""
-        return self._producer_pos[0] - self._consumer_pos[0]
+        cons, prod = self._positions()
+        return prod - cons
+
+    def _positions(self) -> tuple[int, int]:
+        if self._consumer_pos is None or self._producer_pos is None:
+            raise ValueError(f"ring of map {self._map.name!r} is closed")
+        return self._consumer_pos[0], self._producer_pos[0]
 
     # -- consuming ------------------------------------------------------------------------------
 
@@ -309,7 +335,7 @@ class Ring(_MappedRing):
                     return count  # not committed yet: its commit wakes us
                 discarded = length & BPF_RINGBUF_DISCARD_BIT
                 length &= _LEN_MASK
-                next_pos = cons_pos + ((length + BPF_RINGBUF_HDR_SZ + 7) & ~7)
+                next_pos = cons_pos + roundup_len(length)
                 # A record never extends past producer_pos nor exceeds the ring; anything else is a
                 # corrupt header or consumer_pos (user space can write it), not memory to read.
                 if next_pos > prod_pos or next_pos - cons_pos > self.size:
@@ -350,7 +376,7 @@ class Ring(_MappedRing):
         if self._consumer_mm is None:
             raise ValueError(f"ring of map {self._map.name!r} is closed")
         itemsize = dt.itemsize
-        stride = (itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        stride = roundup_len(itemsize)
         headers = self._headers
         cons_pos = self._consumer_pos[0]
         prod_pos = self._producer_pos[0]
@@ -360,7 +386,7 @@ class Ring(_MappedRing):
             if length & BPF_RINGBUF_BUSY_BIT:
                 return 0, None
             if length & BPF_RINGBUF_DISCARD_BIT:
-                next_pos = cons_pos + (((length & _LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7)
+                next_pos = cons_pos + roundup_len(length & _LEN_MASK)
                 if next_pos > prod_pos or next_pos - cons_pos > self.size:
                     raise self._corrupt(cons_pos, length & _LEN_MASK, prod_pos)
                 cons_pos = self._consumer_pos[0] = next_pos
@@ -399,9 +425,10 @@ class Ring(_MappedRing):
     def _headers_view(self, np: Any, cons_pos: int, n: int, stride: int) -> Any:
         """The n headers from cons_pos, copied in one pass: x86-64 keeps loads in order, so the
         records read after this are at least as new as the committed headers seen here."""
-        return np.ndarray(
-            (n,), dtype=np.uint32, buffer=self._producer_mm, offset=PAGE_SIZE + (cons_pos & self._mask), strides=(stride,)
-        ).copy()
+        raw = np.frombuffer(  # a memoryview export: the mapping cannot go away during the copy
+            memoryview(self._producer_mm), dtype=np.uint8, count=(n - 1) * stride + 4, offset=PAGE_SIZE + (cons_pos & self._mask)
+        )
+        return np.lib.stride_tricks.as_strided(raw[:4].view(np.uint32), shape=(n,), strides=(stride,)).copy()
 
     def _records_view(self, np: Any, dt: Any, n: int) -> Any:
         """A view of n records of ``dt`` from consumer_pos, one per stride, straight into the mapping.
@@ -415,7 +442,7 @@ class Ring(_MappedRing):
         return slots["record"]
 
     def _advance(self, n: int, dt: Any) -> None:
-        stride = (dt.itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        stride = roundup_len(dt.itemsize)
         if self._consumer_mm is not None:
             self._consumer_pos[0] += n * stride
 
@@ -508,7 +535,11 @@ class RingBuffer:
         total = 0
         with self._poller.consuming():
             for fd in self._poller.wait(timeout_ms):
-                n = self._by_fd[fd]._consume(_NO_LIMIT)
+                # At most a ring's worth per poll: a producer as fast as the callback cannot keep
+                # poll() (and a close() waiting for it) going; the level-triggered epoll reports
+                # what is left at once.
+                ring = self._by_fd[fd]
+                n = ring._consume(ring.size // BPF_RINGBUF_HDR_SZ)
                 if n < 0:
                     return n
                 total += n
@@ -562,11 +593,13 @@ class RingBuffer:
                     break
                 parts.append(ring.consume_batch(dt, limit - have))
                 have += len(parts[-1])
-            records = np.concatenate([np.frombuffer(p.tobytes(), dtype=dt) for p in parts]) if parts else np.empty(0, dt)
+            records = np.concatenate(parts).astype(dt, copy=False) if parts else np.empty(0, dt)
+            rest = [records[limit:]] if len(records) > limit else []
+            records = records[:limit]
             if out is not None:
                 out[: len(records)] = records
                 records = out[: len(records)]
-            self._taken_parts = []
+            self._taken_parts = rest
             return records
 
     @contextlib.contextmanager

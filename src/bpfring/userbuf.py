@@ -18,7 +18,7 @@ from types import TracebackType
 from ._sys.bpf import MapType
 from .errors import RingFullError
 from .maps import Map, MapLike, open_map
-from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ, _MappedRing
+from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ, _MappedRing, roundup_len
 
 # The drain hands each record to the BPF callback as a dynptr, and bpf_dynptr_check_size()
 # (kernel/bpf/helpers.c, DYNPTR_MAX_SIZE) refuses more than 2^24 - 1 bytes: a bigger record makes
@@ -112,8 +112,9 @@ class UserRingBuffer(_MappedRing):
 
     ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path; the buffer works on its own
     duplicate of the fd. Records may be submitted in any order: the kernel delivers them in ring
-    order and stops at the first one still reserved. Reserving is thread-safe; one process
-    should be the only producer of a map (as with libbpf).
+    order and stops at the first one still reserved. Reserving is thread-safe, but only one
+    thread at a time should block in :meth:`reserve_blocking` (a drain's EPOLLOUT edge wakes one
+    waiter); one process should be the only producer of a map (as with libbpf).
 
     Example::
 
@@ -299,7 +300,7 @@ class UserRingBuffer(_MappedRing):
                 f"sample size must be 1 to {self.max_sample_size} bytes in this {self.size}-byte ring, got {size}"
                 + ("" if size < 1 else _size_limit_reason(self.size))
             )
-        return (size + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        return roundup_len(size)
 
     def _check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:

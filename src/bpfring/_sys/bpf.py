@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import os
 import platform
 
@@ -270,7 +271,7 @@ def map_get_next_id(start_id: int) -> int | None:
     ret = _libc.syscall(NR_BPF, int(Cmd.MAP_GET_NEXT_ID), ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
-        if err == 2:  # ENOENT: no more maps
+        if err == errno.ENOENT:  # no more maps
             return None
         raise bpf_error(err, f"BPF_MAP_GET_NEXT_ID after {start_id}")
     return attr.next_id

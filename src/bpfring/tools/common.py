@@ -136,7 +136,7 @@ def require_admin(command: str, why: str) -> None:
 
 
 class Reader(Protocol):
-    """The consumer surface the commands drive: RingBuffer has it, and so will PerfBuffer."""
+    """The consumer surface the commands drive: RingBuffer and PerfBuffer both have it."""
 
     def poll(self, timeout_ms: int = -1) -> int: ...
 

@@ -55,7 +55,7 @@ def check_ring(m: Map) -> None:
         return
     if m.type == MapType.USER_RINGBUF:
         raise ValueError(f"{what} is a user ring buffer: user space writes it and BPF reads it, there is nothing to tail")
-    raise ValueError(f"{what} is {m.type_name}, not a ring: tail reads BPF_MAP_TYPE_RINGBUF maps")
+    raise ValueError(f"{what} is {m.type_name}, not a ring: tail reads ring buffers and perf event arrays")
 
 
 PERF_PAGES = 8  # per CPU, the seed's perf_buffer__new(..., 8, ...)
