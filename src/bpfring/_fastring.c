@@ -44,6 +44,23 @@ static void set_bpf_error(int err, PyObject *message)
 	Py_DECREF(message);
 }
 
+/* A callback's return value: negative stops the walk and is returned (libbpf's convention).
+ * Takes the reference to ret. */
+static long stop_value(PyObject *ret)
+{
+	long value = 0;
+
+	if (ret != Py_None && PyLong_Check(ret)) {
+		value = PyLong_AsLong(ret);
+		if (value == -1 && PyErr_Occurred()) {
+			PyErr_Clear(); /* beyond a C long: not a stop value */
+			value = 0;
+		}
+	}
+	Py_DECREF(ret);
+	return value < 0 ? value : 0;
+}
+
 /* Ctrl-C is noticed at least this often even when the callback is not Python code. */
 #define SIGNAL_CHECK_INTERVAL 4096
 
@@ -129,19 +146,8 @@ static PyObject *consume(PyObject *module, PyObject *const *args, Py_ssize_t nar
 			count++;
 			if (!ret)
 				goto out;
-			if (ret != Py_None && PyLong_Check(ret)) {
-				long value = PyLong_AsLong(ret);
-
-				Py_DECREF(ret);
-				if (value == -1 && PyErr_Occurred())
-					PyErr_Clear(); /* a huge int is not negative enough to matter */
-				else if (value < 0) {
-					stop = value;
-					goto done;
-				}
-			} else {
-				Py_DECREF(ret);
-			}
+			if ((stop = stop_value(ret)) < 0)
+				goto done;
 			if (count >= limit)
 				goto done;
 			if (count % SIGNAL_CHECK_INTERVAL == 0 && PyErr_CheckSignals() < 0)
@@ -420,19 +426,8 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 			}
 			if (!ret)
 				goto out;
-			if (ret != Py_None && PyLong_Check(ret)) {
-				long value = PyLong_AsLong(ret);
-
-				Py_DECREF(ret);
-				if (value == -1 && PyErr_Occurred())
-					PyErr_Clear();
-				else if (value < 0) {
-					stop = value;
-					goto done;
-				}
-			} else {
-				Py_DECREF(ret);
-			}
+			if ((stop = stop_value(ret)) < 0)
+				goto done;
 			if (count % SIGNAL_CHECK_INTERVAL == 0 && PyErr_CheckSignals() < 0)
 				goto out;
 		}

@@ -20,7 +20,7 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
-from .ringbuf import DTypeLike, _native, _numpy, _record_dtype, require_tso
+from .ringbuf import DTypeLike, _native, _numpy, _record_dtype, check_positive_int, require_tso
 
 # include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
 # as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
@@ -205,10 +205,10 @@ class PerfBuffer:
         wakeup_events: int = 1,
         cpus: Iterable[int] | None = None,
     ) -> None:
-        _check_positive_int("page_cnt", page_cnt)
+        check_positive_int("page_cnt", page_cnt)
         if page_cnt & (page_cnt - 1):
             raise ValueError(f"page_cnt must be a power of two, got {page_cnt}")
-        _check_positive_int("wakeup_events", wakeup_events)
+        check_positive_int("wakeup_events", wakeup_events)
         for name, cb in (("sample_cb", sample_cb), ("lost_cb", lost_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
@@ -499,13 +499,6 @@ class PerfBuffer:
         if self.closed:
             return "<PerfBuffer closed>"
         return f"<PerfBuffer map={self._map.name!r} cpus={list(self.cpus)} page_cnt={self.page_cnt}>"
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def _cpu_list(cpus: list[int]) -> str:

@@ -676,7 +676,14 @@ class RingBuffer:
         return f"<RingBuffer rings={len(self._rings)}{' closed' if self.closed else ''}>"
 
 
+def check_positive_int(name: str, value: int) -> int:
+    """``value`` if it is an int of at least 1; else a TypeError or ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def _check_limit(max_records: int) -> int:
-    if max_records < 1:
-        raise ValueError(f"max_records must be at least 1, got {max_records}")
-    return max_records
+    return check_positive_int("max_records", max_records)
