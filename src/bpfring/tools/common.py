@@ -166,3 +166,22 @@ def poll_until(reader: Reader, deadline: float | None) -> int:
                 n = reader.consume()
         if n < 0:
             return n
+
+
+def follow(reader: Reader, deadline: float | None, start: Callable[[], None] = lambda: None) -> int:
+    """Run ``start()`` then :func:`poll_until`, as a command's exit status.
+
+    0 at the deadline, 128 + signal on SIGINT/SIGTERM, 141 when the reader of our output went
+    away; then further signals are held so the command's summary is always printed.
+    """
+    status = EXIT_OK
+    try:
+        start()
+        poll_until(reader, deadline)
+    except KeyboardInterrupt as exc:
+        status = exit_code_of(exc)
+    except BrokenPipeError:
+        silence_stdout()
+        status = EXIT_BROKEN_PIPE
+    hold_signals()
+    return status

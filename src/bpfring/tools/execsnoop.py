@@ -17,16 +17,11 @@ from ..objects import Object, bundled_object
 from ..perfbuf import PerfBuffer
 from ..ringbuf import RingBuffer
 from .common import (
-    EXIT_BROKEN_PIPE,
-    EXIT_OK,
     Reader,
-    exit_code_of,
-    hold_signals,
+    follow,
     paragraphs,
-    poll_until,
     positive_int,
     require_tracing_privileges,
-    silence_stdout,
 )
 
 PERFBUF_DEFAULT_BYTES = 8 * PAGE_SIZE  # the seed's 8 pages (32 KB) per CPU
@@ -124,23 +119,18 @@ def run(args: argparse.Namespace) -> int:
         form.prepare(obj, args)
         _configure(obj, args)
         obj.load()
-        status = EXIT_OK
         # The reader first: a perf event array drops what arrives before its CPU slots are set.
         with form.open_reader(obj, on_event, args) as reader:
             obj.attach()
             print(f"bpfring: tracing exec() via {args.via}; Ctrl-C to stop", file=sys.stderr, flush=True)
             deadline = time.monotonic() + args.duration if args.duration else None
-            try:
+
+            def header() -> None:
                 if not args.json:
                     out.write(f"{'TIME':<8} {'EVENT':<5} {'PID':<7} {'COMM':<16} {'FILENAME'}\n")
                     out.flush()
-                poll_until(reader, deadline)
-            except KeyboardInterrupt as exc:
-                status = exit_code_of(exc)
-            except BrokenPipeError:
-                silence_stdout()
-                status = EXIT_BROKEN_PIPE
-            hold_signals()
+
+            status = follow(reader, deadline, header)
         dropped = struct.unpack_from("<Q", obj.map(".bss").lookup(b"\0\0\0\0"))[0]
         lost = f", {sum(args.perf_lost)} reported lost by the kernel" if args.via == "perfbuf" else ""
         print(f"{seen} events seen, {dropped} dropped{lost}", file=sys.stderr)

@@ -19,16 +19,12 @@ from ..objects import Object
 from ..perfbuf import PerfBuffer
 from ..ringbuf import RingBuffer
 from .common import (
-    EXIT_BROKEN_PIPE,
-    EXIT_OK,
-    exit_code_of,
-    hold_signals,
+    follow,
     paragraphs,
-    poll_until,
     positive_int,
     require_admin,
-    silence_stdout,
 )
+
 
 def open_map(target: str) -> Map:
     """The map named by a bpffs path or by a map id (all digits), in words when it is not there."""
@@ -139,16 +135,7 @@ def run(args: argparse.Namespace) -> int:
             about = f"ring {m.name!r} (id {m.id}, {ring.size} bytes, {ring.avail_data_size} pending)"
     with reader:
         print(f"bpfring: tailing {about}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        status = EXIT_OK
-        deadline = time.monotonic() + args.duration if args.duration else None
-        try:
-            poll_until(reader, deadline)
-        except KeyboardInterrupt as exc:
-            status = exit_code_of(exc)
-        except BrokenPipeError:
-            silence_stdout()
-            status = EXIT_BROKEN_PIPE
-        hold_signals()
+        status = follow(reader, time.monotonic() + args.duration if args.duration else None)
     note = f" ({short} shorter than --format's {fmt.size} bytes, shown as hex)" if short else ""
     print(f"{printed} records printed{note}", file=sys.stderr)
     return status
