@@ -451,3 +451,13 @@ def test_a_tail_past_the_head_reads_as_caught_up_not_forever(perf_producer):
         buf = pb._buffers[0]
         buf._words[_TAIL] = 1 << 40  # another process sharing the mapping wrote a bogus data_tail
         assert pb.consume() == 0
+
+
+def test_a_read_stopped_at_its_limit_leaves_the_rest_for_the_next(perf_producer):
+    got: list[int] = []
+    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: got.append(parse(data)[0]), cpus=[0]) as pb:
+        perf_producer.output(10, 16, cpu=0)
+        assert pb._consume(pb._buffers[0], limit=3) == 3
+        assert pb._buffers[0] in pb._unfinished  # poll() reads it next without waiting for a wakeup
+        assert pb.poll(0) == 7
+    assert got == list(range(10))

@@ -289,18 +289,19 @@ static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t narg
 	Py_RETURN_NONE;
 }
 
-/* perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi) -> int
+/* perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int
  *
  * One CPU's perf ring, the walk of perfbuf._CpuBuffer.consume in C: samples to sample_cb(cpu, data)
  * (or appended to ``into`` as (cpu, data) when it is not None), lost counts to lost_cb(cpu, lost).
  * data_tail is stored before each callback, so a record counts as consumed once its callback is
  * entered. With expect_hi > 0, a sample whose raw size is outside [expect_lo, expect_hi] raises
- * RecordSizeError and stays in the ring. Returns samples delivered or a negative callback return.
+ * RecordSizeError and stays in the ring. Stops after ``limit`` samples. Returns samples delivered
+ * or a negative callback return.
  */
 static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
 	Py_buffer buf;
-	Py_ssize_t data_offset, count = 0;
+	Py_ssize_t data_offset, limit, count = 0;
 	unsigned long long size, mask;
 	unsigned long expect_lo, expect_hi;
 	PyObject *cpu, *sample_cb, *lost_cb, *into, *append = NULL, *result = NULL;
@@ -309,8 +310,8 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 	const uint8_t *base;
 	long stop = 0;
 
-	if (nargs != 9) {
-		PyErr_SetString(PyExc_TypeError, "perf_consume() takes 9 arguments");
+	if (nargs != 10) {
+		PyErr_SetString(PyExc_TypeError, "perf_consume() takes 10 arguments");
 		return NULL;
 	}
 	data_offset = PyLong_AsSsize_t(args[1]);
@@ -321,6 +322,7 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 	into = args[6];
 	expect_lo = PyLong_AsUnsignedLong(args[7]);
 	expect_hi = PyLong_AsUnsignedLong(args[8]);
+	limit = PyLong_AsSsize_t(args[9]);
 	if (PyErr_Occurred())
 		return NULL;
 	if (size == 0 || (size & (size - 1))) {
@@ -428,6 +430,8 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 				goto out;
 			if ((stop = stop_value(ret)) < 0)
 				goto done;
+			if (type == PERF_RECORD_SAMPLE && count >= limit)
+				goto done;
 			if (count % SIGNAL_CHECK_INTERVAL == 0 && PyErr_CheckSignals() < 0)
 				goto out;
 		}
@@ -448,7 +452,7 @@ static PyMethodDef methods[] = {
 	{ "gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
 	  "gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None" },
 	{ "perf_consume", (PyCFunction)(void (*)(void))perf_consume, METH_FASTCALL,
-	  "perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi) -> int" },
+	  "perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int" },
 	{ "scan_fixed", (PyCFunction)(void (*)(void))scan_fixed, METH_FASTCALL,
 	  "scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit, allow_discards) -> (n, discarded)" },
 	{ NULL, NULL, 0, NULL },

@@ -20,7 +20,7 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
-from .ringbuf import DTypeLike, _native, _numpy, _record_dtype, check_positive_int, require_tso
+from .ringbuf import _NO_LIMIT, ASYNC_REFILL, DTypeLike, _native, _numpy, _record_dtype, check_positive_int, require_tso
 
 # include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
 # as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
@@ -74,22 +74,30 @@ class _CpuBuffer:
         self._u32 = memoryview(self._mm).cast("I")
 
     def consume(
-        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None = None, into: Any = None
+        self,
+        sample_cb: SampleCallback,
+        lost_cb: LostCallback,
+        expect: range | None = None,
+        into: Any = None,
+        limit: int = _NO_LIMIT,
     ) -> int:
         """Deliver every record available now; samples delivered, or a negative callback return.
 
         ``expect``: the sample sizes a batch accepts; another size raises RecordSizeError and
         that sample stays in the ring. ``into``: a list (or deque) that takes ``(cpu, data)``
         instead of ``sample_cb``: its append is a built-in, so a Ctrl-C cannot land between
-        taking a sample and keeping it, as it can at the entry of a Python callback.
+        taking a sample and keeping it, as it can at the entry of a Python callback. ``limit``:
+        stop after that many samples.
         """
         if _native is not None:
             lo, hi = (expect.start, expect.stop - 1) if expect is not None else (0, 0)
-            return _native.perf_consume(self._mm, PAGE_SIZE, self.size, self.cpu, sample_cb, lost_cb, into, lo, hi)
-        return self._consume_python(sample_cb, lost_cb, expect, into)
+            return _native.perf_consume(
+                self._mm, PAGE_SIZE, self.size, self.cpu, sample_cb, lost_cb, into, lo, hi, limit
+            )
+        return self._consume_python(sample_cb, lost_cb, expect, into, limit)
 
     def _consume_python(
-        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None, into: Any
+        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None, into: Any, limit: int
     ) -> int:
         """The walk record by record (the fallback for _fastring.c's perf_consume)."""
         words = self._words
@@ -145,6 +153,8 @@ class _CpuBuffer:
                     count += 1
                     if into is not None:
                         into.append((cpu, data))
+                        if count >= limit:
+                            return count
                         continue
                     ret = sample_cb(cpu, data)
                 elif header & 0xFFFFFFFF == PERF_RECORD_LOST:
@@ -156,6 +166,8 @@ class _CpuBuffer:
                     continue
                 if ret and ret < 0:
                     return ret
+                if count >= limit:
+                    return count
             # Caught up with the head read above: read it again, so records written meanwhile
             # are delivered by this call rather than waiting for a wakeup.
 
@@ -335,7 +347,9 @@ class PerfBuffer:
                 raise
             total = 0
             for buf in list(unfinished):
-                n = self._consume(buf)
+                # At most a ring's worth of samples (16 bytes at least each) per poll: a producer
+                # as fast as the callback cannot keep poll(), and a close() waiting for it, going.
+                n = self._consume(buf, limit=buf.size // 16)
                 if n < 0:
                     return n
                 total += n
@@ -409,12 +423,13 @@ class PerfBuffer:
         self._taken = []
         return result
 
-    def _consume(self, buf: _CpuBuffer, into: Any = None) -> int:
-        # Marked unfinished until it is read to the end: after an exception or a negative return
-        # the rest of the ring will not be reported by epoll again, so the next poll() reads it.
+    def _consume(self, buf: _CpuBuffer, into: Any = None, limit: int = _NO_LIMIT) -> int:
+        # Marked unfinished until it is read to the end: after an exception, a negative return or
+        # a read stopped at ``limit``, the rest of the ring will not be reported by epoll again
+        # (perf reports a wakeup once), so the next poll() reads it without waiting.
         self._unfinished.add(buf)
-        n = buf.consume(self._sample_cb, self._lost_cb, into=into)
-        if n >= 0:
+        n = buf.consume(self._sample_cb, self._lost_cb, into=into, limit=limit)
+        if 0 <= n < limit:
             self._unfinished.discard(buf)
         return n
 
@@ -439,7 +454,7 @@ class PerfBuffer:
                 return
             with self._poller.consuming():
                 for buf in self._buffers:
-                    self._consume(buf, into=pending)
+                    self._consume(buf, into=pending, limit=ASYNC_REFILL)
             if not pending:
                 await self._poller.wait_readable(interval)
 
