@@ -12,7 +12,7 @@ import contextlib
 import os
 import select
 import threading
-from typing import Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 
 class Poller:
@@ -89,6 +89,34 @@ class Poller:
                 epoll, self._epoll = self._epoll, None
                 epoll.close()
                 os.close(self._wake_fd)
+
+    async def drain(
+        self, pending: Any, refill: Callable[[], None], interval: float | None
+    ) -> AsyncIterator[Any]:
+        """Yield from ``pending``, refilling it under the consumer lock, waiting when it stays empty.
+
+        What was taken but not yet yielded stays in ``pending`` (kept by the caller across
+        iterations), so a cancelled iteration loses nothing. Ends when the buffer is closed.
+        """
+        while True:
+            while pending:
+                yield pending.popleft()
+            if self.closed or self._closing:
+                return
+            with self.consuming():
+                refill()
+            if not pending:
+                await self.wait_readable(interval)
+
+    async def batches(self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None) -> AsyncIterator[Any]:
+        """Yield each batch ``take()`` returns that is not ``empty``, waiting between them; nothing
+        is taken while waiting, so cancelling loses nothing."""
+        while not (self.closed or self._closing):
+            batch = take()
+            if not empty(batch):
+                yield batch
+            else:
+                await self.wait_readable(interval)
 
     def _end_async_waits(self) -> None:
         """Resolve every asyncio wait; on its loop's thread, unregister the fd before it is closed."""

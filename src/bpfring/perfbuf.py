@@ -447,16 +447,13 @@ class PerfBuffer:
         The iteration ends when the PerfBuffer is closed.
         """
         pending = self._pending
-        while True:
-            while pending:
-                yield pending.popleft()
-            if self._poller.closed or self._poller.closing:
-                return
-            with self._poller.consuming():
-                for buf in self._buffers:
-                    self._consume(buf, into=pending, limit=ASYNC_REFILL)
-            if not pending:
-                await self._poller.wait_readable(interval)
+
+        def refill() -> None:
+            for buf in self._buffers:
+                self._consume(buf, into=pending, limit=ASYNC_REFILL)
+
+        async for sample in self._poller.drain(pending, refill, interval):
+            yield sample
 
     async def batches(
         self, dtype: DTypeLike | None = None, *, with_cpus: bool = False, interval: float | None = None
@@ -465,12 +462,12 @@ class PerfBuffer:
 
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
-        while not (self._poller.closed or self._poller.closing):
-            batch = self.consume_batch(dtype, with_cpus=with_cpus)
-            if len(batch[1] if with_cpus else batch):
-                yield batch
-            else:
-                await self._poller.wait_readable(interval)
+        async for batch in self._poller.batches(
+            lambda: self.consume_batch(dtype, with_cpus=with_cpus),
+            lambda batch: not len(batch[1] if with_cpus else batch),
+            interval,
+        ):
+            yield batch
 
     # -- lifetime -------------------------------------------------------------------------------
 

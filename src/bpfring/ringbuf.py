@@ -625,16 +625,13 @@ class RingBuffer:
         ``BPF_RB_NO_WAKEUP``. The iteration ends when the RingBuffer is closed.
         """
         pending = self._pending
-        while True:
-            while pending:
-                yield pending.popleft()
-            if self._poller.closed or self._poller.closing:
-                return
-            with self._poller.consuming():
-                for ring in self._rings:
-                    ring._consume(ASYNC_REFILL, pending.append)
-            if not pending:
-                await self._poller.wait_readable(interval)
+
+        def refill() -> None:
+            for ring in self._rings:
+                ring._consume(ASYNC_REFILL, pending.append)
+
+        async for record in self._poller.drain(pending, refill, interval):
+            yield record
 
     async def batches(
         self, dtype: DTypeLike | None = None, max_records: int | None = None, interval: float | None = None
@@ -643,12 +640,10 @@ class RingBuffer:
 
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
-        while not (self._poller.closed or self._poller.closing):
-            records = self.consume_batch(dtype, max_records)
-            if len(records):
-                yield records
-            else:
-                await self._poller.wait_readable(interval)
+        async for batch in self._poller.batches(
+            lambda: self.consume_batch(dtype, max_records), lambda batch: not len(batch), interval
+        ):
+            yield batch
 
     # -- lifetime -------------------------------------------------------------------------------
 
