@@ -101,14 +101,18 @@ class PyTally:
 # -- bpfring ----------------------------------------------------------------------------------
 
 
+def _open_buffer(wl: Workload, tally: PyTally, samples: bool) -> RingBuffer | PerfBuffer:
+    """The workload's ring buffer, or its perf buffer (sample_cb only where ``samples``)."""
+    s = wl.scenario
+    if s.channel == "ringbuf":
+        return RingBuffer(wl.map, tally.on_record)
+    return PerfBuffer(wl.map, s.perfbuf_pages, tally.on_sample if samples else None, wakeup_events=s.wakeup_events)
+
+
 class BpfringCallback(Session):
     def __init__(self, wl: Workload) -> None:
         self.t = PyTally()
-        s = wl.scenario
-        if s.channel == "ringbuf":
-            self.buf: Any = RingBuffer(wl.map, self.t.on_record)
-        else:
-            self.buf = PerfBuffer(wl.map, s.perfbuf_pages, self.t.on_sample, wakeup_events=s.wakeup_events)
+        self.buf: Any = _open_buffer(wl, self.t, samples=True)
 
     def run(self, stopped: threading.Event) -> None:
         _until(stopped, self.buf.poll)
@@ -126,11 +130,7 @@ class BpfringBatch(Session):
 
     def __init__(self, wl: Workload) -> None:
         self.t = PyTally()
-        s = wl.scenario
-        if s.channel == "ringbuf":
-            self.buf: Any = RingBuffer(wl.map, self.t.on_record)
-        else:
-            self.buf = PerfBuffer(wl.map, s.perfbuf_pages, wakeup_events=s.wakeup_events)
+        self.buf: Any = _open_buffer(wl, self.t, samples=False)
         self.ep = select.epoll()
         self.ep.register(self.buf.fileno(), select.EPOLLIN)
 
@@ -163,11 +163,7 @@ class BpfringAsync(Session):
     def __init__(self, wl: Workload, batches: bool) -> None:
         self.t = PyTally()
         self.batches = batches
-        s = wl.scenario
-        if s.channel == "ringbuf":
-            self.buf: Any = RingBuffer(wl.map, self.t.on_record)
-        else:
-            self.buf = PerfBuffer(wl.map, s.perfbuf_pages, self.t.on_sample, wakeup_events=s.wakeup_events)
+        self.buf: Any = _open_buffer(wl, self.t, samples=True)
 
     async def _consume(self) -> None:
         if self.batches:
