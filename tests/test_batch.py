@@ -9,8 +9,8 @@ import pytest
 from conftest import open_fds
 from producer import expected_fixed, expected_record
 
-from bpfring import RingBuffer
-from bpfring import PerfBuffer, RecordSizeError
+import bpfring
+from bpfring import PerfBuffer, RecordSizeError, RingBuffer
 
 # struct fixed_rec of tests/bpf/producer.h
 FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payload", "u1", (48,))])
@@ -23,6 +23,16 @@ def expected_array(first_seq: int, count: int, producer: int = 0, skip=lambda se
 
 def nothing(data: bytes) -> None:
     raise AssertionError("the callback is bypassed by batches")
+
+
+@pytest.fixture(autouse=True)
+def both_walks(walk):
+    """Every test here runs on the C walks and on numpy alone (conftest's walk fixture)."""
+    return walk
+
+
+def address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
 
 
 def test_consume_batch_with_a_dtype_copies_every_record(producer):
@@ -50,6 +60,62 @@ def test_discarded_records_are_skipped_by_batches(producer):
         assert rb.rings[0].avail_data_size == 0
     skip = lambda seq: seq % 4 == 0  # noqa: E731
     assert records.tobytes() == expected_array(r.first_seq, 90, skip=skip).tobytes()
+
+
+def test_discarded_records_of_other_sizes_do_not_end_a_batch(producer):
+    with RingBuffer(producer.ring, nothing) as rb:
+        first = producer.produce(3, fixed=True)
+        producer.produce(2, 16, discard_every=1, producer=9)  # two 16-byte records, both discarded
+        producer.produce(3, fixed=True)
+        producer.produce(1, 200, discard_every=1, producer=9)
+        records = rb.consume_batch(FIXED)  # every record available now, in one call
+        assert rb.rings[0].avail_data_size == 0  # the trailing discard is released too
+    assert records.tobytes() == expected_array(first.first_seq, 6).tobytes()
+
+
+def test_large_batches_reuse_memory_only_once_no_array_is_on_it(make_producer, walk):
+    """A batch of 1 MiB or more is built on memory bpfring keeps for the next large batch once
+    every array on it (views included) is gone, so batch after batch does not fault pages in."""
+    producer = make_producer(ring_size=4 << 20)
+    n = 20000  # 1.28 MB of records; three batches wrap the end of the 4 MiB ring
+    native = walk == "native"
+    bpfring.release_batch_memory()
+    with RingBuffer(producer.ring, nothing) as rb:
+        first = producer.produce(n, fixed=True).first_seq
+        a = rb.consume_batch(FIXED)
+        a_address = address(a)
+        part = a[100:200]  # a view keeps the memory too
+        del a
+        producer.produce(n, fixed=True)
+        b = rb.consume_batch(FIXED)
+        assert not np.shares_memory(part, b)
+        assert part.tobytes() == expected_array(first + 100, 100).tobytes()
+        del part  # now the first batch's memory is kept...
+        producer.produce(n, fixed=True)
+        c = rb.consume_batch(FIXED)  # ...and this one is built on it
+        assert not np.shares_memory(b, c) and c.flags.writeable
+        if native:
+            assert address(c) == a_address
+        assert bpfring.release_batch_memory() == 0  # c holds what was kept
+        del b
+        assert bpfring.release_batch_memory() >= (n * FIXED.itemsize if native else 0)
+        assert bpfring.release_batch_memory() == 0
+        producer.produce(n, fixed=True)
+        d = rb.consume_batch(FIXED)
+    assert c.tobytes() == expected_array(first + 2 * n, n).tobytes()
+    assert d.tobytes() == expected_array(first + 3 * n, n).tobytes()
+
+
+def test_a_large_batch_keeps_its_records_while_later_batches_reuse_memory(make_producer):
+    producer = make_producer(ring_size=4 << 20)
+    n = 20000
+    with RingBuffer(producer.ring, nothing) as rb:
+        first = producer.produce(n, fixed=True).first_seq
+        kept = rb.consume_batch(FIXED)
+        for _ in range(3):  # each of these is freed before the next: they reuse one block
+            producer.produce(n, fixed=True)
+            assert len(rb.consume_batch(FIXED)) == n
+    assert kept.tobytes() == expected_array(first, n).tobytes()
 
 
 def test_consume_batch_without_dtype_gives_bytes_like_the_callback(producer):

@@ -14,7 +14,7 @@ from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeEr
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
 from .perfbuf import PerfBuffer
-from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer
+from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer, release_batch_memory
 from .userbuf import Sample, UserRingBuffer
 
 __version__ = "0.1.0"
@@ -38,4 +38,5 @@ __all__ = [
     "Sample",
     "UserRingBuffer",
     "bundled_object",
+    "release_batch_memory",
 ]

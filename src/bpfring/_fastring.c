@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -164,24 +165,23 @@ out:
 	return result;
 }
 
-/* scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit, allow_discards) -> (n, discarded)
+/* scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit) -> n
  *
- * The length of the run of records from position cons that batch reads as one array: committed
- * records of exactly itemsize bytes (and, with allow_discards, discarded ones of that size),
- * at most limit of them, ending at producer_pos. Moves nothing: the caller advances consumer_pos.
+ * How many records the zero-copy batch can view as one array from position cons: committed
+ * records of exactly itemsize bytes, at most limit, ending at producer_pos or before anything
+ * else (BUSY, another size, or a discard a view cannot skip). Moves nothing.
  */
 static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
 	Py_buffer prod_buf;
-	Py_ssize_t data_offset, limit, n = 0, discarded = 0;
+	Py_ssize_t data_offset, limit, n = 0;
 	unsigned long long cons, mask;
 	unsigned long itemsize;
-	int allow_discards;
 	const uint8_t *data;
 	uint64_t prod, stride;
 
-	if (nargs != 7) {
-		PyErr_SetString(PyExc_TypeError, "scan_fixed() takes 7 arguments");
+	if (nargs != 6) {
+		PyErr_SetString(PyExc_TypeError, "scan_fixed() takes 6 arguments");
 		return NULL;
 	}
 	data_offset = PyLong_AsSsize_t(args[1]);
@@ -189,7 +189,6 @@ static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	mask = PyLong_AsUnsignedLongLong(args[3]);
 	itemsize = PyLong_AsUnsignedLong(args[4]);
 	limit = PyLong_AsSsize_t(args[5]);
-	allow_discards = PyObject_IsTrue(args[6]);
 	if (PyErr_Occurred())
 		return NULL;
 	if (PyObject_GetBuffer(args[0], &prod_buf, PyBUF_SIMPLE) < 0)
@@ -202,91 +201,217 @@ static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	data = (const uint8_t *)prod_buf.buf + data_offset;
 	stride = (itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL;
 	prod = __atomic_load_n((const uint64_t *)prod_buf.buf, __ATOMIC_ACQUIRE);
-	while (n < limit && cons + stride <= prod) {
-		uint32_t len = __atomic_load_n((const uint32_t *)(data + (cons & mask)), __ATOMIC_ACQUIRE);
-
-		if (len != itemsize) {
-			if (!allow_discards || len != (itemsize | BPF_RINGBUF_DISCARD_BIT))
-				break; /* BUSY, another size, or a discard a view cannot skip */
-			discarded++;
-		}
+	while (n < limit && cons + stride <= prod &&
+	       __atomic_load_n((const uint32_t *)(data + (cons & mask)), __ATOMIC_ACQUIRE) == itemsize) {
 		n++;
 		cons += stride;
 	}
 	PyBuffer_Release(&prod_buf);
-	return Py_BuildValue("(nn)", n, discarded);
+	return PyLong_FromSsize_t(n);
 }
 
 /* Batches bigger than this are copied with non-temporal stores where the CPU has them: the
  * output is written once and read later, so skipping the cache saves reading each destination
- * line before writing it, about a third of the memory traffic of a large copy. */
-#define STREAM_MIN_BYTES (1 << 20)
+ * line before writing it. Results this big also come from a Block (below). */
+#define LARGE_BATCH_BYTES (1 << 20)
 
-static void copy_records(uint8_t *out, const uint8_t *data, Py_ssize_t n, Py_ssize_t itemsize, uint64_t stride)
+static inline void copy_record(uint8_t *dst, const uint8_t *src, Py_ssize_t itemsize, int stream)
 {
 #ifdef __SSE2__
-	if (itemsize % 16 == 0 && ((uintptr_t)out & 15) == 0 && n * itemsize >= STREAM_MIN_BYTES) {
-		for (Py_ssize_t i = 0; i < n; i++) {
-			const uint8_t *src = data + i * stride;
-			__m128i *dst = (__m128i *)(out + i * itemsize);
-
-			for (Py_ssize_t j = 0; j < itemsize / 16; j++)
-				_mm_stream_si128(dst + j, _mm_loadu_si128((const __m128i *)src + j));
-		}
-		_mm_sfence(); /* the streamed stores are visible before the caller reads the array */
+	if (stream) {
+		for (Py_ssize_t j = 0; j < itemsize / 16; j++)
+			_mm_stream_si128((__m128i *)dst + j, _mm_loadu_si128((const __m128i *)src + j));
 		return;
 	}
 #endif
-	for (Py_ssize_t i = 0; i < n; i++)
-		memcpy(out + i * itemsize, data + i * stride, itemsize);
+	memcpy(dst, src, itemsize);
 }
 
-/* gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None
+/* take_fixed(producer_mm, data_offset, cons, mask, itemsize, out) -> (advance, n)
  *
- * Copy n records of itemsize bytes, one per ring slot from position cons, into the writable
- * contiguous buffer out (n * itemsize bytes): the copying batch, one memcpy per record.
+ * The copying batch in one pass over the ring: from position cons, copy each committed record of
+ * itemsize bytes into the next slot of the writable contiguous buffer out and skip discarded
+ * records of any size, until out is full, producer_pos, or a record it cannot take (BUSY, or
+ * committed with another size). Reading each header and its record together reads the ring once,
+ * as fast as libbpf's walk of the headers alone. Moves nothing: the caller adds advance to
+ * consumer_pos once it holds the n records.
  */
-static PyObject *gather(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
 	Py_buffer prod_buf, out_buf;
-	Py_ssize_t data_offset, itemsize, n;
-	unsigned long long cons, mask;
+	Py_ssize_t data_offset, itemsize, cap, n = 0;
+	unsigned long long start, mask;
 	const uint8_t *data;
 	uint8_t *out;
-	uint64_t stride;
+	uint64_t cons, prod;
+	int stream = 0;
 
-	if (nargs != 7) {
-		PyErr_SetString(PyExc_TypeError, "gather() takes 7 arguments");
+	if (nargs != 6) {
+		PyErr_SetString(PyExc_TypeError, "take_fixed() takes 6 arguments");
 		return NULL;
 	}
 	data_offset = PyLong_AsSsize_t(args[1]);
-	cons = PyLong_AsUnsignedLongLong(args[2]);
+	start = PyLong_AsUnsignedLongLong(args[2]);
 	mask = PyLong_AsUnsignedLongLong(args[3]);
 	itemsize = PyLong_AsSsize_t(args[4]);
-	n = PyLong_AsSsize_t(args[5]);
 	if (PyErr_Occurred())
 		return NULL;
+	if (itemsize <= 0) {
+		PyErr_SetString(PyExc_ValueError, "take_fixed(): itemsize must be positive");
+		return NULL;
+	}
 	if (PyObject_GetBuffer(args[0], &prod_buf, PyBUF_SIMPLE) < 0)
 		return NULL;
-	if (PyObject_GetBuffer(args[6], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+	if (PyObject_GetBuffer(args[5], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
 		PyBuffer_Release(&prod_buf);
 		return NULL;
 	}
-	stride = ((uint64_t)itemsize + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL;
-	if (n < 0 || itemsize <= 0 || out_buf.len < n * itemsize ||
-	    (uint64_t)n * stride > mask + 1 || prod_buf.len < data_offset + 2 * (Py_ssize_t)(mask + 1)) {
-		PyBuffer_Release(&out_buf);
-		PyBuffer_Release(&prod_buf);
-		PyErr_SetString(PyExc_ValueError, "gather(): sizes do not fit the ring or the output");
-		return NULL;
+	if (prod_buf.len < data_offset + 2 * (Py_ssize_t)(mask + 1)) {
+		PyErr_SetString(PyExc_ValueError, "ring mapping is smaller than the ring");
+		goto out;
 	}
-	/* The double mapping keeps the run contiguous from its first slot, even across the end. */
-	data = (const uint8_t *)prod_buf.buf + data_offset + (cons & mask) + BPF_RINGBUF_HDR_SZ;
+	data = (const uint8_t *)prod_buf.buf + data_offset;
 	out = out_buf.buf;
-	copy_records(out, data, n, itemsize, stride);
+	cap = out_buf.len / itemsize;
+#ifdef __SSE2__
+	stream = itemsize % 16 == 0 && ((uintptr_t)out & 15) == 0 && out_buf.len >= LARGE_BATCH_BYTES;
+#endif
+	cons = start;
+	/* Pairs with the kernel's smp_store_release of producer_pos at reserve time. */
+	prod = __atomic_load_n((const uint64_t *)prod_buf.buf, __ATOMIC_ACQUIRE);
+	while (n < cap && cons < prod) {
+		const uint8_t *hdr = data + (cons & mask);
+		/* Pairs with the kernel's xchg of the header at commit: the record is complete. */
+		uint32_t len = __atomic_load_n((const uint32_t *)hdr, __ATOMIC_ACQUIRE);
+		uint64_t next;
+
+		if (len & BPF_RINGBUF_BUSY_BIT)
+			break;
+		next = cons + (((len & LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL);
+		if (next > prod || next - cons > mask + 1) { /* see consume() */
+			set_bpf_error(EBADMSG, PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
+								     (unsigned long long)cons, len & LEN_MASK,
+								     (unsigned long long)prod));
+			goto out;
+		}
+		if (!(len & BPF_RINGBUF_DISCARD_BIT)) {
+			if (len != (uint32_t)itemsize)
+				break; /* the caller's next call reports it */
+			copy_record(out + n * itemsize, hdr + BPF_RINGBUF_HDR_SZ, itemsize, stream);
+			n++;
+		}
+		cons = next;
+	}
+#ifdef __SSE2__
+	if (stream)
+		_mm_sfence(); /* the streamed stores are visible before the caller reads the array */
+#endif
 	PyBuffer_Release(&out_buf);
 	PyBuffer_Release(&prod_buf);
-	Py_RETURN_NONE;
+	return Py_BuildValue("(Kn)", (unsigned long long)(cons - start), n);
+out:
+	PyBuffer_Release(&out_buf);
+	PyBuffer_Release(&prod_buf);
+	return NULL;
+}
+
+/* A Block is the memory of one large batch result: numpy arrays view it (np.frombuffer), and
+ * when the last of them goes, the memory is kept for the next large batch instead of being
+ * unmapped. A fresh mapping costs a page fault per page on first write (here, as much as the
+ * copy itself), so a consumer taking batch after batch would otherwise pay that every time.
+ * One block is kept, the most recently released: at most the size of one batch, which is at
+ * most one ring's data. release_batch_memory() gives it back. */
+typedef struct {
+	PyObject_HEAD
+	void *mem;
+	size_t size;
+} Block;
+
+static void *kept_mem;
+static size_t kept_size;
+
+static void unmap_kept(void)
+{
+	if (kept_mem)
+		munmap(kept_mem, kept_size);
+	kept_mem = NULL;
+	kept_size = 0;
+}
+
+static void block_dealloc(Block *self)
+{
+	if (self->mem) {
+		unmap_kept();
+		kept_mem = self->mem;
+		kept_size = self->size;
+	}
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int block_getbuffer(Block *self, Py_buffer *view, int flags)
+{
+	return PyBuffer_FillInfo(view, (PyObject *)self, self->mem, (Py_ssize_t)self->size, 0, flags);
+}
+
+static PyBufferProcs block_as_buffer = { .bf_getbuffer = (getbufferproc)block_getbuffer };
+
+static PyTypeObject BlockType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "bpfring._fastring.Block",
+	.tp_basicsize = sizeof(Block),
+	.tp_dealloc = (destructor)block_dealloc,
+	.tp_as_buffer = &block_as_buffer,
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "Memory for one large batch result, reused once every array on it is gone.",
+};
+
+/* Huge pages where the kernel has them: a 64 MB batch faults 32 times instead of 16384. */
+#define BLOCK_ALIGN (2UL << 20)
+
+/* batch_block(nbytes) -> Block of at least nbytes: the kept block when it fits without wasting
+ * more than half of it, else a new anonymous mapping. */
+static PyObject *batch_block(PyObject *module, PyObject *arg)
+{
+	Py_ssize_t nbytes = PyLong_AsSsize_t(arg);
+	size_t size;
+	Block *block;
+
+	if (nbytes == -1 && PyErr_Occurred())
+		return NULL;
+	if (nbytes <= 0) {
+		PyErr_SetString(PyExc_ValueError, "batch_block(): nbytes must be positive");
+		return NULL;
+	}
+	size = ((size_t)nbytes + BLOCK_ALIGN - 1) & ~(BLOCK_ALIGN - 1);
+	block = PyObject_New(Block, &BlockType);
+	if (!block)
+		return NULL;
+	if (kept_mem && kept_size >= size && kept_size / 2 <= size) {
+		block->mem = kept_mem;
+		block->size = kept_size;
+		kept_mem = NULL;
+		kept_size = 0;
+		return (PyObject *)block;
+	}
+	block->mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (block->mem == MAP_FAILED) {
+		block->mem = NULL;
+		Py_DECREF(block);
+		return PyErr_NoMemory();
+	}
+	block->size = size;
+#ifdef MADV_HUGEPAGE
+	madvise(block->mem, size, MADV_HUGEPAGE); /* a hint: without huge pages it still works */
+#endif
+	return (PyObject *)block;
+}
+
+/* release_batch_memory() -> bytes unmapped: the kept block, if any. */
+static PyObject *release_batch_memory(PyObject *module, PyObject *unused)
+{
+	size_t size = kept_size;
+
+	unmap_kept();
+	return PyLong_FromSize_t(size);
 }
 
 /* perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int
@@ -449,12 +574,14 @@ out:
 static PyMethodDef methods[] = {
 	{ "consume", (PyCFunction)(void (*)(void))consume, METH_FASTCALL,
 	  "consume(consumer_mm, producer_mm, data_offset, mask, callback, limit) -> int" },
-	{ "gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL,
-	  "gather(producer_mm, data_offset, cons, mask, itemsize, n, out) -> None" },
+	{ "batch_block", batch_block, METH_O, "batch_block(nbytes) -> Block of at least nbytes" },
 	{ "perf_consume", (PyCFunction)(void (*)(void))perf_consume, METH_FASTCALL,
 	  "perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int" },
+	{ "release_batch_memory", release_batch_memory, METH_NOARGS, "release_batch_memory() -> bytes unmapped" },
 	{ "scan_fixed", (PyCFunction)(void (*)(void))scan_fixed, METH_FASTCALL,
-	  "scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit, allow_discards) -> (n, discarded)" },
+	  "scan_fixed(producer_mm, data_offset, cons, mask, itemsize, limit) -> n" },
+	{ "take_fixed", (PyCFunction)(void (*)(void))take_fixed, METH_FASTCALL,
+	  "take_fixed(producer_mm, data_offset, cons, mask, itemsize, out) -> (advance, n)" },
 	{ NULL, NULL, 0, NULL },
 };
 
@@ -464,7 +591,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastring(void)
 {
-	PyObject *errors = PyImport_ImportModule("bpfring.errors");
+	PyObject *errors = PyImport_ImportModule("bpfring.errors"), *mod;
 
 	if (!errors)
 		return NULL;
@@ -473,5 +600,10 @@ PyMODINIT_FUNC PyInit__fastring(void)
 	Py_DECREF(errors);
 	if (!bpf_error || !record_size_error)
 		return NULL;
-	return PyModule_Create(&module);
+	if (PyType_Ready(&BlockType) < 0)
+		return NULL;
+	mod = PyModule_Create(&module);
+	if (mod && PyModule_AddIntConstant(mod, "LARGE_BATCH_BYTES", LARGE_BATCH_BYTES) < 0)
+		Py_CLEAR(mod);
+	return mod;
 }

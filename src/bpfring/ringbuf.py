@@ -69,6 +69,21 @@ def _slot_dtype(np: Any, dt: Any) -> Any:
 
 _NO_LIMIT = sys.maxsize
 
+
+def _new_records(np: Any, dt: Any, n: int) -> Any:
+    """An uninitialized array for ``n`` records of ``dt``; a large one on memory that is reused
+    once its arrays are gone (fresh pages fault on first write, which costs as much as the copy)."""
+    nbytes = n * dt.itemsize
+    if _native is not None and nbytes >= _native.LARGE_BATCH_BYTES:
+        return np.frombuffer(_native.batch_block(nbytes), dtype=dt, count=n)
+    return np.empty(n, dtype=dt)
+
+
+def release_batch_memory() -> int:
+    """Unmap the memory kept from the last large batch freed (see :meth:`Ring.consume_batch`);
+    returns the bytes unmapped."""
+    return _native.release_batch_memory() if _native is not None else 0
+
 # Records an async iteration takes from a ring at a time: under sustained load its queue (and
 # the delay of the records in it) stays bounded; the rest waits in the ring.
 ASYNC_REFILL = 4096
@@ -245,7 +260,9 @@ class Ring(_MappedRing):
 
         ``out``: a contiguous array of ``dtype`` to copy into instead of a new array (no
         allocation, no page faults on fresh memory); at most ``len(out)`` records are taken and
-        ``out[:n]`` is returned.
+        ``out[:n]`` is returned. Without ``out``, a batch of 1 MiB or more is built on memory that
+        bpfring keeps when the batch's last array is freed, for the next large batch (one such
+        block, at most the size of a ring; :func:`release_batch_memory` unmaps it).
         """
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         if dtype is None:
@@ -265,25 +282,54 @@ class Ring(_MappedRing):
             limit = min(limit, len(out))
         if self._taken:
             return self._taken.hand_over(dt, limit, out)  # an interrupted call's records first
-        n, keep = self._fixed_run(dt, limit, allow_discards=True)
-        if n == 0:
+        if _native is None:
+            return self._consume_batch_python(np, dt, limit, out)
+        pos, fits = self._fixed_head(dt, self._consumer_pos[0])
+        if not fits:
+            self._consumer_pos[0] = pos  # past the discarded records, if any
             return np.empty(0, dtype=dt) if out is None else out[:0]
-        if keep is None and _native is not None:
-            records = np.empty(n, dtype=dt) if out is None else out[:n]
-            _native.gather(self._producer_mm, PAGE_SIZE, self._consumer_pos[0], self._mask, dt.itemsize, n, records)
-        else:
-            # Copied as opaque fixed-size items: numpy copies a void item with one memcpy, where
-            # a structured dtype would be copied field by field.
-            raw = self._records_view(np, np.dtype((np.void, dt.itemsize)), n)
-            if keep is not None:
-                raw = raw[keep]
-            records = np.empty(len(raw), dtype=dt) if out is None else out[: len(raw)]
-            np.copyto(records.view(raw.dtype), raw)
-            del raw
-        # From here to the return nothing checks for signals (no call, no loop), so a Ctrl-C is
-        # raised either before consumer_pos moves (the records stay in the ring) or after the
-        # caller has the array.
-        self._advance(n, dt)
+        # Room for every record up to producer_pos (no more can be taken: each fills a slot of
+        # stride bytes); take_fixed reads producer_pos again and may find fewer.
+        room = min(limit, (self._producer_pos[0] - pos) // roundup_len(dt.itemsize))
+        records = out[:room] if out is not None else _new_records(np, dt, room)
+        advance, n = _native.take_fixed(self._producer_mm, PAGE_SIZE, pos, self._mask, dt.itemsize, records)
+        # A Ctrl-C is raised where Python checks for signals: after take_fixed returns, before
+        # consumer_pos moves (the records stay in the ring), or after this returns. Nothing in
+        # between checks (no call, no loop).
+        records = records[:n]
+        self._consumer_pos[0] = pos + advance
+        return records
+
+    def _consume_batch_python(self, np: Any, dt: Any, limit: int, out: Any) -> Any:
+        """consume_batch with numpy alone (without _fastring): each run of fitting records between
+        discarded ones of other sizes is checked and copied as one array."""
+        stride = roundup_len(dt.itemsize)
+        # Copied as opaque fixed-size items: numpy copies a void item with one memcpy, where
+        # a structured dtype would be copied field by field.
+        raw_dt = np.dtype((np.void, dt.itemsize))
+        pos = self._consumer_pos[0]
+        runs = []  # views into the ring: valid until consumer_pos moves, at the end
+        taken = 0
+        while taken < limit:
+            try:
+                pos, fits = self._fixed_head(dt, pos)
+            except RecordSizeError:
+                if runs:
+                    break  # the next call raises it
+                raise
+            if not fits:
+                break
+            n, keep = self._fixed_run(dt, pos, limit - taken, allow_discards=True)
+            run = self._records_view(np, raw_dt, pos, n)
+            runs.append(run if keep is None else run[keep])
+            taken += len(runs[-1])
+            pos += n * stride
+        records = np.empty(taken, dtype=dt) if out is None else out[:taken]
+        at = 0
+        for run in runs:
+            np.copyto(records[at : at + len(run)].view(raw_dt), run)
+            at += len(run)
+        self._consumer_pos[0] = pos  # as in consume_batch: no signal check from here to the return
         return records
 
     @contextlib.contextmanager
@@ -300,11 +346,12 @@ class Ring(_MappedRing):
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         np = _numpy()
         dt = _record_dtype(np, dtype)
-        n, _ = self._fixed_run(dt, limit, allow_discards=False)
-        view = self._records_view(np, dt, n) if n else np.empty(0, dtype=dt)
-        yield view
+        pos, fits = self._fixed_head(dt, self._consumer_pos[0])
+        self._consumer_pos[0] = pos  # past the discarded records, if any
+        n = self._fixed_run(dt, pos, limit, allow_discards=False)[0] if fits else 0
+        yield self._records_view(np, dt, pos, n)
         if n:
-            self._advance(n, dt)
+            self._consumer_pos[0] = pos + n * roundup_len(dt.itemsize)
 
     def _consume(self, limit: int, callback: Callback | None = None) -> int:
         if self._consumer_mm is None:
@@ -367,84 +414,75 @@ class Ring(_MappedRing):
 
     # -- fixed-size records, vectorized ----------------------------------------------------------
 
-    def _fixed_run(self, dt: Any, limit: int, allow_discards: bool) -> tuple[int, Any]:
-        """How many records of ``dt.itemsize`` bytes from consumer_pos can be taken as one run.
-
-        Returns (n, keep): keep is None when all n are committed records, else a boolean mask
-        of the non-discarded ones. Leading discarded records are skipped (consumer_pos moves).
-        """
+    def _fixed_head(self, dt: Any, pos: int) -> tuple[int, bool]:
+        """From ``pos``, past any discarded records (of any size): (position, fits), where fits
+        says a committed record of ``dt.itemsize`` bytes is there. A committed record of another
+        size raises RecordSizeError (it stays in the ring). Moves nothing."""
         if self._consumer_mm is None:
             raise ValueError(f"ring of map {self._map.name!r} is closed")
-        itemsize = dt.itemsize
-        stride = roundup_len(itemsize)
         headers = self._headers
-        cons_pos = self._consumer_pos[0]
         prod_pos = self._producer_pos[0]
-        # A discarded record of any size at the head is skipped; a live one of the wrong size is an error.
-        while cons_pos < prod_pos:
-            length = headers[(cons_pos & self._mask) >> 2]
+        while pos < prod_pos:
+            length = headers[(pos & self._mask) >> 2]
             if length & BPF_RINGBUF_BUSY_BIT:
-                return 0, None
-            if length & BPF_RINGBUF_DISCARD_BIT:
-                next_pos = cons_pos + roundup_len(length & _LEN_MASK)
-                if next_pos > prod_pos or next_pos - cons_pos > self.size:
-                    raise self._corrupt(cons_pos, length & _LEN_MASK, prod_pos)
-                cons_pos = self._consumer_pos[0] = next_pos
-                continue
-            if length != itemsize:
-                raise RecordSizeError(
-                    f"record at consumer_pos {cons_pos} of map {self._map.name!r} is {length} bytes, "
-                    f"dtype {dt} expects {itemsize}; it stays in the ring (read it with consume())"
-                )
-            break
-        if cons_pos >= prod_pos:
-            return 0, None
+                break
+            if not length & BPF_RINGBUF_DISCARD_BIT:
+                if length != dt.itemsize:
+                    raise RecordSizeError(
+                        f"record at consumer_pos {pos} of map {self._map.name!r} is {length} bytes, "
+                        f"dtype {dt} expects {dt.itemsize}; it stays in the ring (read it with consume())"
+                    )
+                return pos, True
+            next_pos = pos + roundup_len(length & _LEN_MASK)
+            if next_pos > prod_pos or next_pos - pos > self.size:
+                raise self._corrupt(pos, length & _LEN_MASK, prod_pos)
+            pos = next_pos
+        return pos, False
+
+    def _fixed_run(self, dt: Any, pos: int, limit: int, allow_discards: bool) -> tuple[int, Any]:
+        """How many slots of ``dt.itemsize``-byte records from ``pos`` (where one is committed) form
+        one run, at most ``limit``: committed records and, with ``allow_discards``, discarded ones
+        of that size. Returns (n, keep): keep is None when all n are committed, else a boolean
+        mask of the committed ones."""
+        if _native is not None and not allow_discards:
+            return _native.scan_fixed(self._producer_mm, PAGE_SIZE, pos, self._mask, dt.itemsize, limit), None
         np = _numpy()
-        if _native is not None:
-            n, discarded = _native.scan_fixed(
-                self._producer_mm, PAGE_SIZE, cons_pos, self._mask, itemsize, limit, allow_discards
-            )
-            if not discarded:
-                return n, None
-            hdr = self._headers_view(np, cons_pos, n, stride)
-        else:
-            n = min((prod_pos - cons_pos) // stride, limit)
-            hdr = self._headers_view(np, cons_pos, n, stride)
-            if (hdr == itemsize).all():
-                return n, None
-            live = (hdr & ~np.uint32(BPF_RINGBUF_DISCARD_BIT)) == itemsize  # committed or discarded, right size
-            if not allow_discards:
-                live &= hdr == itemsize
-            stops = np.flatnonzero(~live)
-            if stops.size:
-                n = int(stops[0])  # BUSY, another size, or (zero-copy) a discard: the run ends before it
-                hdr = hdr[:n]
+        itemsize = dt.itemsize
+        n = min((self._producer_pos[0] - pos) // roundup_len(itemsize), limit)
+        hdr = self._headers_view(np, pos, n, roundup_len(itemsize))
+        if (hdr == itemsize).all():
+            return n, None
+        live = (hdr & ~np.uint32(BPF_RINGBUF_DISCARD_BIT)) == itemsize  # committed or discarded, right size
+        if not allow_discards:
+            live &= hdr == itemsize
+        stops = np.flatnonzero(~live)
+        if stops.size:
+            n = int(stops[0])  # BUSY, another size, or (zero-copy) a discard: the run ends before it
+            hdr = hdr[:n]
         keep = (hdr & np.uint32(BPF_RINGBUF_DISCARD_BIT)) == 0
         return n, (None if keep.all() else keep)
 
-    def _headers_view(self, np: Any, cons_pos: int, n: int, stride: int) -> Any:
-        """The n headers from cons_pos, copied in one pass: x86-64 keeps loads in order, so the
+    def _headers_view(self, np: Any, pos: int, n: int, stride: int) -> Any:
+        """The n headers from pos, copied in one pass: x86-64 keeps loads in order, so the
         records read after this are at least as new as the committed headers seen here."""
         raw = np.frombuffer(  # a memoryview export: the mapping cannot go away during the copy
-            memoryview(self._producer_mm), dtype=np.uint8, count=(n - 1) * stride + 4, offset=PAGE_SIZE + (cons_pos & self._mask)
+            memoryview(self._producer_mm), dtype=np.uint8, count=(n - 1) * stride + 4, offset=PAGE_SIZE + (pos & self._mask)
         )
         return np.lib.stride_tricks.as_strided(raw[:4].view(np.uint32), shape=(n,), strides=(stride,)).copy()
 
-    def _records_view(self, np: Any, dt: Any, n: int) -> Any:
-        """A view of n records of ``dt`` from consumer_pos, one per stride, straight into the mapping.
+    def _records_view(self, np: Any, dt: Any, pos: int, n: int) -> Any:
+        """A view of n records of ``dt`` from ``pos``, one per stride, straight into the mapping.
 
         np.frombuffer keeps the memoryview as the view's base, and while that memoryview lives the
         mapping cannot be unmapped (mmap.close() refuses): a view kept past close() stays valid
         memory. The double mapping makes the run contiguous even where it wraps the end of the ring.
         """
-        off = self._consumer_pos[0] & self._mask
-        slots = np.frombuffer(memoryview(self._producer_mm), dtype=_slot_dtype(np, dt), count=n, offset=PAGE_SIZE + off)
+        if not n:
+            return np.empty(0, dtype=dt)
+        slots = np.frombuffer(
+            memoryview(self._producer_mm), dtype=_slot_dtype(np, dt), count=n, offset=PAGE_SIZE + (pos & self._mask)
+        )
         return slots["record"]
-
-    def _advance(self, n: int, dt: Any) -> None:
-        stride = roundup_len(dt.itemsize)
-        if self._consumer_mm is not None:
-            self._consumer_pos[0] += n * stride
 
     # -- lifetime -------------------------------------------------------------------------------
 
