@@ -215,15 +215,28 @@ static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
  * line before writing it. Results this big also come from a Block (below). */
 #define LARGE_BATCH_BYTES (1 << 20)
 
-static inline void copy_record(uint8_t *dst, const uint8_t *src, Py_ssize_t itemsize, int stream)
+/* How take_fixed copies one record, chosen once per batch. */
+enum copy_mode {
+	COPY_ANY,    /* memcpy */
+	COPY_SMALL,  /* records of up to 16 bytes, a multiple of 8: inline 8-byte moves, no call */
+	COPY_STREAM, /* a large batch of records a multiple of 16 bytes: non-temporal stores */
+};
+
+static inline void copy_record(uint8_t *dst, const uint8_t *src, Py_ssize_t itemsize, enum copy_mode mode)
 {
 #ifdef __SSE2__
-	if (stream) {
+	if (mode == COPY_STREAM) {
 		for (Py_ssize_t j = 0; j < itemsize / 16; j++)
 			_mm_stream_si128((__m128i *)dst + j, _mm_loadu_si128((const __m128i *)src + j));
 		return;
 	}
 #endif
+	if (mode == COPY_SMALL) {
+		memcpy(dst, src, 8);
+		if (itemsize == 16)
+			memcpy(dst + 8, src + 8, 8);
+		return;
+	}
 	memcpy(dst, src, itemsize);
 }
 
@@ -244,7 +257,7 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	const uint8_t *data;
 	uint8_t *out;
 	uint64_t cons, prod;
-	int stream = 0;
+	enum copy_mode mode = COPY_ANY;
 
 	if (nargs != 6) {
 		PyErr_SetString(PyExc_TypeError, "take_fixed() takes 6 arguments");
@@ -273,8 +286,11 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	data = (const uint8_t *)prod_buf.buf + data_offset;
 	out = out_buf.buf;
 	cap = out_buf.len / itemsize;
+	if (itemsize == 8 || itemsize == 16)
+		mode = COPY_SMALL;
 #ifdef __SSE2__
-	stream = itemsize % 16 == 0 && ((uintptr_t)out & 15) == 0 && out_buf.len >= LARGE_BATCH_BYTES;
+	if (itemsize % 16 == 0 && ((uintptr_t)out & 15) == 0 && out_buf.len >= LARGE_BATCH_BYTES)
+		mode = COPY_STREAM;
 #endif
 	cons = start;
 	/* Pairs with the kernel's smp_store_release of producer_pos at reserve time. */
@@ -297,13 +313,13 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 		if (!(len & BPF_RINGBUF_DISCARD_BIT)) {
 			if (len != (uint32_t)itemsize)
 				break; /* the caller's next call reports it */
-			copy_record(out + n * itemsize, hdr + BPF_RINGBUF_HDR_SZ, itemsize, stream);
+			copy_record(out + n * itemsize, hdr + BPF_RINGBUF_HDR_SZ, itemsize, mode);
 			n++;
 		}
 		cons = next;
 	}
 #ifdef __SSE2__
-	if (stream)
+	if (mode == COPY_STREAM)
 		_mm_sfence(); /* the streamed stores are visible before the caller reads the array */
 #endif
 	PyBuffer_Release(&out_buf);
