@@ -46,6 +46,17 @@ def test_consume_batch_with_a_dtype_copies_every_record(producer):
     assert records.flags.writeable and records.base is None or records.base.base is None  # a copy, not a view
 
 
+@pytest.mark.parametrize("size, count", [(8, 500), (16, 500), (24, 500), (40, 500), (16, 70000)])
+def test_consume_batch_copies_records_of_every_size(make_producer, size, count):
+    """Each way records are copied (small, any size, and a large batch of 16-byte multiples)."""
+    producer = make_producer(ring_size=4 << 20)
+    with RingBuffer(producer.ring, nothing) as rb:
+        r = producer.produce(count, size)
+        records = rb.consume_batch(f"V{size}")
+    want = b"".join(expected_record(s, 0, size) for s in range(r.first_seq, r.first_seq + count))
+    assert len(records) == count and records.tobytes() == want
+
+
 def test_consume_batch_accepts_anything_numpy_accepts_as_a_dtype(producer):
     with RingBuffer(producer.ring, nothing) as rb:
         r = producer.produce(4, fixed=True)
