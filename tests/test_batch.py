@@ -275,3 +275,39 @@ def test_perf_consume_batch_pads_and_mismatches(perf_producer):
         with pytest.raises(RecordSizeError, match="is 44 bytes, the dtype expects 16"):
             pb.consume_batch(np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4")]))
         assert [len(b) for b in pb.consume_batch()] == [44, 44, 44]  # still there; padded too
+
+
+# struct rec_hdr of a 64-byte perf sample (the kernel reports 68 bytes: 4 of padding, dropped)
+PERF64 = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("tail", "u1", (48,))])
+
+
+def test_perf_consume_batch_with_a_dtype_reports_lost_samples_and_wraps_the_ring(perf_producer):
+    lost: list[tuple[int, int]] = []
+    with PerfBuffer(perf_producer.array, 1, nothing, lambda cpu, n: lost.append((cpu, n)), cpus=[0]) as pb:
+        got = []
+        for _ in range(3):  # one page: each round overfills it, and the samples wrap its end
+            out = perf_producer.output(100, 64, cpu=0)
+            assert out.failed > 0
+            got.append(pb.consume_batch(PERF64))
+            assert len(got[-1]) == out.produced
+        records = np.concatenate(got)
+    # each loss is reported with the next sample that fits: the first two here, once each
+    assert [n for cpu, n in lost] == [100 - len(got[0]), 100 - len(got[1])] and {cpu for cpu, _ in lost} == {0}
+    seqs = [seq for r in range(3) for seq in range(100 * r, 100 * r + len(got[r]))]
+    assert records["seq"].tolist() == seqs
+    assert records.tobytes() == b"".join(expected_record(seq, 0, 64) for seq in seqs)
+
+
+def test_a_lost_cb_that_raises_during_a_perf_batch_loses_no_sample(perf_producer):
+    def lose(cpu: int, n: int) -> None:
+        raise RuntimeError("lost!")
+
+    with PerfBuffer(perf_producer.array, 1, nothing, lose, cpus=[0]) as pb:
+        full = perf_producer.output(100, 64, cpu=0)
+        assert len(pb.consume_batch(PERF64)) == full.produced
+        perf_producer.output(3, 64, cpu=0)  # the loss is reported before these
+        with pytest.raises(RuntimeError, match="lost!"):
+            pb.consume_batch(PERF64)
+        records = pb.consume_batch(PERF64)  # the samples that call took come now, once
+        assert pb.consume_batch(PERF64).size == 0
+    assert records["seq"].tolist() == [100, 101, 102]

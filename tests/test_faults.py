@@ -236,24 +236,26 @@ def test_repeated_ctrl_c_during_perf_poll_loses_and_repeats_nothing(perf_produce
     report("fault: ctrl-c during perf poll", records=checker.delivered, interrupts=ctrl_c.caught)
 
 
-def test_repeated_ctrl_c_during_perf_batch_calls_loses_and_repeats_nothing(perf_producer):
-    producers = PerfProducers(perf_producer)
+@pytest.mark.parametrize("fixed", [False, True], ids=["bytes", "dtype"])
+def test_repeated_ctrl_c_during_perf_batch_calls_loses_and_repeats_nothing(perf_producer, walk, fixed):
+    size = 40  # with a dtype: every sample 40 bytes (44 with the kernel's padding, which it drops)
+    producers = PerfProducers(perf_producer, sizes=(size, size)) if fixed else PerfProducers(perf_producer)
     checker = PerfChecker(producers)
     losses: list[tuple[int, int]] = []
 
     def lost(cpu: int, n: int) -> None:
         losses.append((cpu, n))  # a built-in only: the interrupts never land in the test's own code
 
-    batches: list[tuple[list[int], list[bytes]]] = []
+    batches: list[tuple[Any, Any]] = []
 
     def take() -> None:  # the test's own code: the interrupts land inside bpfring only
-        batches.append(pb.consume_batch(with_cpus=True))
+        batches.append(pb.consume_batch(f"V{size}" if fixed else None, with_cpus=True))
 
     def step() -> None:
         ctrl_c.call(take)
         for cpus, samples in batches:  # checked outside the armed call
-            for cpu, data in zip(cpus, samples):
-                checker.sample(cpu, data)
+            for cpu, data in zip(list(cpus), samples):
+                checker.sample(int(cpu), data.tobytes() + bytes(4) if fixed else data)
         batches.clear()
         for cpu, n in losses:
             checker.lose(cpu, n)

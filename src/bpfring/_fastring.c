@@ -430,6 +430,51 @@ static PyObject *release_batch_memory(PyObject *module, PyObject *unused)
 	return PyLong_FromSize_t(size);
 }
 
+/* Check the perf record at tail (header already read): sizes are multiples of 8 within the ring,
+ * and a sample's raw_size fits its record. Anything else is a corrupt header, and reading it would
+ * run off the end of the mapping. Returns -1 with BPFError set, or 0. */
+static int perf_check_record(PyObject *cpu, const uint8_t *base, uint64_t mask, uint64_t tail, uint64_t head, uint64_t header)
+{
+	uint64_t rec_size = header >> 48;
+	uint32_t raw_size;
+
+	if (rec_size < PERF_HEADER_SIZE || rec_size & 7 || rec_size > mask + 1 || tail + rec_size > head) {
+		set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: record at %llu of %llu bytes, head %llu", cpu,
+							     (unsigned long long)tail, (unsigned long long)rec_size,
+							     (unsigned long long)head));
+		return -1;
+	}
+	if ((uint32_t)header != PERF_RECORD_SAMPLE)
+		return 0;
+	raw_size = *(const uint32_t *)(base + ((tail + 8) & mask));
+	if ((uint64_t)raw_size + 12 > rec_size) {
+		set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: sample of %llu bytes claims %u", cpu,
+							     (unsigned long long)rec_size, raw_size));
+		return -1;
+	}
+	return 0;
+}
+
+static void perf_size_error(PyObject *cpu, uint64_t tail, uint32_t raw_size, unsigned long lo, unsigned long hi)
+{
+	PyErr_Format(record_size_error,
+		     "sample at %llu of the perf buffer of cpu %S is %u bytes, the dtype expects %lu "
+		     "(up to %lu with the kernel's padding); it stays in the ring (read it with consume())",
+		     (unsigned long long)tail, cpu, raw_size, lo, hi);
+}
+
+/* Copy len bytes from ring offset start of a perf data area of size bytes: it is mapped once, so
+ * a piece that wraps the end comes in two. */
+static void perf_copy(uint8_t *dst, const uint8_t *base, uint64_t size, uint64_t start, uint64_t len)
+{
+	if (start + len <= size) {
+		memcpy(dst, base + start, len);
+	} else {
+		memcpy(dst, base + start, size - start);
+		memcpy(dst + (size - start), base, len - (size - start));
+	}
+}
+
 /* perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int
  *
  * One CPU's perf ring, the walk of perfbuf._CpuBuffer.consume in C: samples to sample_cb(cpu, data)
@@ -500,43 +545,20 @@ static PyObject *perf_consume(PyObject *module, PyObject *const *args, Py_ssize_
 			header = *(const uint64_t *)(base + off);
 			type = (uint32_t)header;
 			next = tail + (header >> 48);
-			/* Sizes are multiples of 8 within the ring: anything else is a corrupt header, and
-			 * reading it would run off the end of the mapping. */
-			if ((header >> 48) < PERF_HEADER_SIZE || (header >> 48) & 7 || (header >> 48) > size || next > head) {
-				set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: record at %llu of %llu bytes, head %llu",
-									     cpu, (unsigned long long)tail,
-									     (unsigned long long)(header >> 48),
-									     (unsigned long long)head));
+			if (perf_check_record(cpu, base, mask, tail, head, header) < 0)
 				goto out;
-			}
 			if (type == PERF_RECORD_SAMPLE) {
 				uint32_t raw_size = *(const uint32_t *)(base + ((off + 8) & mask));
-				uint64_t start = (off + 12) & mask;
 				PyObject *data;
 
-				if ((uint64_t)raw_size + 12 > (header >> 48)) {
-					set_bpf_error(EBADMSG, PyUnicode_FromFormat("perf buffer of cpu %S: sample of %llu bytes claims %u",
-										     cpu, (unsigned long long)(header >> 48), raw_size));
-					goto out;
-				}
 				if (expect_hi && (raw_size < expect_lo || raw_size > expect_hi)) {
-					PyErr_Format(record_size_error,
-						     "sample at %llu of the perf buffer of cpu %S is %u bytes, the dtype expects %lu "
-						     "(up to %lu with the kernel's padding); it stays in the ring (read it with consume())",
-						     (unsigned long long)tail, cpu, raw_size, expect_lo, expect_hi);
+					perf_size_error(cpu, tail, raw_size, expect_lo, expect_hi);
 					goto out;
 				}
-				if (start + raw_size <= size) {
-					data = PyBytes_FromStringAndSize((const char *)base + start, raw_size);
-				} else { /* wraps the end: the perf data area is mapped once, copy both pieces */
-					data = PyBytes_FromStringAndSize(NULL, raw_size);
-					if (data) {
-						memcpy(PyBytes_AS_STRING(data), base + start, size - start);
-						memcpy(PyBytes_AS_STRING(data) + (size - start), base, raw_size - (size - start));
-					}
-				}
+				data = PyBytes_FromStringAndSize(NULL, raw_size);
 				if (!data)
 					goto out;
+				perf_copy((uint8_t *)PyBytes_AS_STRING(data), base, size, (off + 12) & mask, raw_size);
 				/* The record is copied out: give its space back (perf wants the reads done first). */
 				tail = next;
 				__atomic_store_n(tail_ptr, tail, __ATOMIC_RELEASE);
@@ -587,10 +609,105 @@ out:
 	return result;
 }
 
+/* perf_take(mm, data_offset, size, cpu, itemsize, out, taken, may_raise) -> n
+ *
+ * The copying perf batch, one CPU's ring: from data_tail up to the data_head read at the start,
+ * copy the first itemsize bytes of each sample (raw_size itemsize to itemsize + 7: the kernel's
+ * padding is dropped) into the next slot of the writable contiguous buffer out, add up the counts
+ * of lost records and skip other records; stop when out is full or at a sample of another size,
+ * which stays in the ring (RecordSizeError if may_raise and it is the first sample). Then
+ * (cpu, n, lost) is appended to the list taken and data_tail stored, with no signal check in
+ * between: a caller that keeps out and taken loses nothing to a Ctrl-C.
+ */
+static PyObject *perf_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+	Py_buffer buf, out_buf;
+	Py_ssize_t data_offset, itemsize, cap, n = 0;
+	unsigned long long size, mask, lost = 0;
+	PyObject *cpu, *taken, *entry;
+	uint64_t *tail_ptr, tail, head;
+	const uint8_t *base;
+	uint8_t *out;
+	int may_raise;
+
+	if (nargs != 8) {
+		PyErr_SetString(PyExc_TypeError, "perf_take() takes 8 arguments");
+		return NULL;
+	}
+	data_offset = PyLong_AsSsize_t(args[1]);
+	size = PyLong_AsUnsignedLongLong(args[2]);
+	cpu = args[3];
+	itemsize = PyLong_AsSsize_t(args[4]);
+	taken = args[6];
+	may_raise = PyObject_IsTrue(args[7]);
+	if (PyErr_Occurred())
+		return NULL;
+	if (size == 0 || (size & (size - 1)) || itemsize <= 0 || !PyList_Check(taken)) {
+		PyErr_SetString(PyExc_ValueError, "perf_take(): size must be a power of two, itemsize positive, taken a list");
+		return NULL;
+	}
+	if (PyObject_GetBuffer(args[0], &buf, PyBUF_WRITABLE) < 0)
+		return NULL;
+	if (PyObject_GetBuffer(args[5], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+		PyBuffer_Release(&buf);
+		return NULL;
+	}
+	if (data_offset < PERF_DATA_TAIL_OFFSET + 8 || buf.len < data_offset + (Py_ssize_t)size) {
+		PyErr_SetString(PyExc_ValueError, "perf_take(): the mapping is smaller than the ring");
+		goto fail;
+	}
+	mask = size - 1;
+	head = __atomic_load_n((const uint64_t *)((const uint8_t *)buf.buf + PERF_DATA_HEAD_OFFSET), __ATOMIC_ACQUIRE);
+	tail_ptr = (uint64_t *)((uint8_t *)buf.buf + PERF_DATA_TAIL_OFFSET);
+	tail = __atomic_load_n(tail_ptr, __ATOMIC_RELAXED);
+	base = (const uint8_t *)buf.buf + data_offset;
+	out = out_buf.buf;
+	cap = out_buf.len / itemsize;
+	while (tail < head && n < cap) {
+		uint64_t off = tail & mask, header = *(const uint64_t *)(base + off);
+
+		if (perf_check_record(cpu, base, mask, tail, head, header) < 0)
+			goto fail;
+		if ((uint32_t)header == PERF_RECORD_SAMPLE) {
+			uint32_t raw_size = *(const uint32_t *)(base + ((off + 8) & mask));
+
+			if (raw_size < (uint64_t)itemsize || raw_size > (uint64_t)itemsize + 7) {
+				if (n == 0 && may_raise) {
+					perf_size_error(cpu, tail, raw_size, itemsize, itemsize + 7);
+					goto fail;
+				}
+				break;
+			}
+			perf_copy(out + n * itemsize, base, size, (off + 12) & mask, itemsize);
+			n++;
+		} else if ((uint32_t)header == PERF_RECORD_LOST) {
+			lost += *(const uint64_t *)(base + ((off + 16) & mask));
+		}
+		tail += header >> 48;
+	}
+	entry = Py_BuildValue("(OnK)", cpu, n, lost);
+	if (!entry || PyList_Append(taken, entry) < 0) {
+		Py_XDECREF(entry);
+		goto fail;
+	}
+	Py_DECREF(entry);
+	/* The reads are done: give the space back (perf's smp_mb before the tail store). */
+	__atomic_store_n(tail_ptr, tail, __ATOMIC_RELEASE);
+	PyBuffer_Release(&out_buf);
+	PyBuffer_Release(&buf);
+	return PyLong_FromSsize_t(n);
+fail:
+	PyBuffer_Release(&out_buf);
+	PyBuffer_Release(&buf);
+	return NULL;
+}
+
 static PyMethodDef methods[] = {
 	{ "consume", (PyCFunction)(void (*)(void))consume, METH_FASTCALL,
 	  "consume(consumer_mm, producer_mm, data_offset, mask, callback, limit) -> int" },
 	{ "batch_block", batch_block, METH_O, "batch_block(nbytes) -> Block of at least nbytes" },
+	{ "perf_take", (PyCFunction)(void (*)(void))perf_take, METH_FASTCALL,
+	  "perf_take(mm, data_offset, size, cpu, itemsize, out, taken, may_raise) -> n" },
 	{ "perf_consume", (PyCFunction)(void (*)(void))perf_consume, METH_FASTCALL,
 	  "perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int" },
 	{ "release_batch_memory", release_batch_memory, METH_NOARGS, "release_batch_memory() -> bytes unmapped" },

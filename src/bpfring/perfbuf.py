@@ -20,7 +20,17 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
-from .ringbuf import _NO_LIMIT, ASYNC_REFILL, DTypeLike, _native, _numpy, _record_dtype, check_positive_int, require_tso
+from .ringbuf import (
+    _NO_LIMIT,
+    ASYNC_REFILL,
+    DTypeLike,
+    _native,
+    _new_records,
+    _numpy,
+    _record_dtype,
+    check_positive_int,
+    require_tso,
+)
 
 # include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
 # as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
@@ -72,6 +82,16 @@ class _CpuBuffer:
         # read data_head, then the records (smp_rmb), then store data_tail (smp_mb before it).
         self._words = memoryview(self._mm).cast("Q")
         self._u32 = memoryview(self._mm).cast("I")
+
+    @property
+    def head(self) -> int:
+        """data_head: where the kernel will write next."""
+        return self._words[_HEAD]
+
+    @property
+    def tail(self) -> int:
+        """data_tail: where the reader will read next."""
+        return self._words[_TAIL]
 
     def consume(
         self,
@@ -232,8 +252,10 @@ class PerfBuffer:
         self._by_fd: dict[int, _CpuBuffer] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
-        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data).
+        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data),
+        # or the array and (cpu, samples, lost) counts of one with a dtype (see _take_native).
         self._taken: list[tuple[int, bytes]] = []
+        self._partial: tuple[Any, list[tuple[int, int, int]]] | None = None
         # Samples an async iteration took but has not yielded yet (see records()).
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
@@ -381,38 +403,49 @@ class PerfBuffer:
         """Every sample available now, from every CPU, in one call, bypassing ``sample_cb``.
 
         Without ``dtype``: a list of ``bytes``. With ``dtype``: a numpy array, one element per
-        sample, decoded in one step; each sample must be ``dtype.itemsize`` bytes (plus the
-        kernel's padding, under 8 bytes), else :class:`RecordSizeError` is raised when it is
-        reached and it stays in the ring. ``with_cpus=True`` returns ``(cpus, records)``, the CPU
-        of each sample in a parallel list (numpy array with a dtype). Lost counts still go to
-        ``lost_cb``.
+        sample, copied in one pass over each ring (in C; numpy decodes the samples in one step
+        where the C helper is missing); each sample must be ``dtype.itemsize`` bytes (plus the
+        kernel's padding, under 8 bytes, which is dropped), else :class:`RecordSizeError` is raised
+        when it is reached and it stays in the ring. ``with_cpus=True`` returns ``(cpus, records)``,
+        the CPU of each sample in a parallel list (numpy array with a dtype). Lost counts still go
+        to ``lost_cb``; with a dtype, once per CPU and batch, added up.
         """
         np = _numpy() if dtype is not None else None
         dt = _record_dtype(np, dtype) if np is not None else None  # refused before anything is taken
+        self._poller.check_open()
+        with self._poller.consuming():
+            if self._partial is not None:
+                self._settle_partial()
+            if dt is not None and _native is not None and not self._taken:
+                return self._take_native(np, dt, with_cpus)
+            return self._take_samples(np, dt, with_cpus)
+
+    def _take_samples(self, np: Any, dt: Any, with_cpus: bool) -> Any:
+        """consume_batch sample by sample, each taken as ``bytes`` (without a dtype, without the C
+        helper, or after an interrupted call)."""
         expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
         # Samples land in a list kept on self as they are taken: if Ctrl-C interrupts the call,
         # they wait there and the next call returns them first.
         taken = self._taken
-        self._poller.check_open()
-        with self._poller.consuming():
-            for buf in self._buffers:
-                self._unfinished.add(buf)
-                try:
-                    buf.consume(_ignore, self._lost_cb, expect, into=taken)
-                except RecordSizeError:
-                    if not taken:
-                        raise
-                    break  # deliver what came before it; the next call raises
-                self._unfinished.discard(buf)
+        for buf in self._buffers:
+            self._unfinished.add(buf)
+            try:
+                buf.consume(_ignore, self._lost_cb, expect, into=taken)
+            except RecordSizeError:
+                if not taken:
+                    raise
+                break  # deliver what came before it; the next call raises
+            self._unfinished.discard(buf)
         cpus = [cpu for cpu, _ in taken]
         samples = [data for _, data in taken]
         if dt is None:
             result: Any = (cpus, samples) if with_cpus else samples
         else:
-            if any(len(sample) < dt.itemsize for sample in samples):  # kept from an interrupted call
-                short = min(len(sample) for sample in samples)
+            fits = range(dt.itemsize, dt.itemsize + 8)
+            misfit = next((len(sample) for sample in samples if len(sample) not in fits), None)
+            if misfit is not None:  # kept from an interrupted call with another dtype
                 raise RecordSizeError(
-                    f"a sample an interrupted batch took is {short} bytes, dtype {dt} expects {dt.itemsize}: "
+                    f"a sample an interrupted batch took is {misfit} bytes, dtype {dt} expects {dt.itemsize}: "
                     "read it with consume_batch() without a dtype"
                 )
             if any(len(sample) != dt.itemsize for sample in samples):
@@ -422,6 +455,51 @@ class PerfBuffer:
         # No call between handing the samples over and the return: nothing can raise in between.
         self._taken = []
         return result
+
+    def _take_native(self, np: Any, dt: Any, with_cpus: bool) -> Any:
+        """consume_batch with a dtype in C: each ring's samples copied straight into one array."""
+        slot = (12 + dt.itemsize + 7) & ~7  # the smallest record a fitting sample makes
+        room = sum(max(0, buf.head - buf.tail) // slot for buf in self._buffers)
+        records = _new_records(np, dt, max(room, 1))
+        taken: list[tuple[int, int, int]] = []  # (cpu, samples, lost) per ring, as each is read
+        # If Ctrl-C interrupts the call, what it took waits here for the next call (perf_take
+        # appends to taken and moves data_tail with no signal check in between).
+        self._partial = (records, taken)
+        at = 0
+        for buf in self._buffers:
+            self._unfinished.add(buf)
+            cap = len(records) - at
+            n = _native.perf_take(buf._mm, PAGE_SIZE, buf.size, buf.cpu, dt.itemsize, records[at:], taken, at == 0)
+            at += n
+            if n < cap:
+                self._unfinished.discard(buf)  # read to its head
+        cpus = np.repeat(np.array([cpu for cpu, _, _ in taken], dtype=np.int32), [n for _, n, _ in taken])
+        for i, (cpu, n, lost) in enumerate(taken):
+            if lost:
+                taken[i] = (cpu, n, 0)  # reported (a Ctrl-C in lost_cb counts it as delivered)
+                self._lost_cb(cpu, lost)
+        records = records[:at]
+        self._partial = None  # no signal check from here to the return
+        return (cpus, records) if with_cpus else records
+
+    def _settle_partial(self) -> None:
+        """What an interrupted _take_native took: its samples to self._taken, as ``bytes``, for
+        the next batch; its lost counts (those not reported yet) to lost_cb."""
+        records, taken = self._partial
+        np = _numpy()
+        raw = records.view(np.dtype((np.void, records.dtype.itemsize)))
+        samples = []
+        at = 0
+        for cpu, n, _ in taken:
+            samples += [(cpu, row.tobytes()) for row in raw[at : at + n]]
+            at += n
+        unreported = [(cpu, 0, lost) for cpu, _, lost in taken if lost]
+        # The samples change hands in one step (no signal check between the two stores).
+        self._taken, self._partial = self._taken + samples, (records[:0], unreported)
+        for i, (cpu, _, lost) in enumerate(unreported):
+            unreported[i] = (cpu, 0, 0)
+            self._lost_cb(cpu, lost)
+        self._partial = None
 
     def _consume(self, buf: _CpuBuffer, into: Any = None, limit: int = _NO_LIMIT) -> int:
         # Marked unfinished until it is read to the end: after an exception, a negative return or

@@ -9,7 +9,7 @@ import select
 import time
 from typing import Callable
 
-from perf_producer import record_bytes
+from perf_producer import padded_size, record_bytes
 from producer import parse
 
 from bpfring import PerfBuffer
@@ -97,6 +97,26 @@ def test_consume_batch_gets_every_sample_once_and_lost_counts_add_up(perf_produc
 
     with PerfBuffer(perf_producer.array, PAGE_CNT, None, checker.lose) as pb:
         run_perf("perfbuf consume_batch()", pb, producers, checker, laps, step, stress_seconds)
+
+
+def test_consume_batch_with_a_dtype_gets_every_sample_once_and_lost_counts_add_up(perf_producer, stress_seconds):
+    size = 40  # the kernel pads it to 44 bytes; a dtype batch drops the padding
+    producers = PerfProducers(perf_producer, sizes=(size, size))
+    checker = PerfChecker(producers)
+    laps = Laps(PAGE_CNT * 4096)
+    padding = bytes(padded_size(size) - size)
+
+    def step() -> None:
+        select.select([pb.fileno()], [], [], 0.1)
+        cpus, records = pb.consume_batch(f"V{size}", with_cpus=True)
+        assert len(cpus) == len(records) and records.dtype.itemsize == size
+        for cpu, record in zip(cpus.tolist(), records):
+            data = record.tobytes() + padding
+            checker.sample(cpu, data)
+            laps.add(cpu, data)
+
+    with PerfBuffer(perf_producer.array, PAGE_CNT, None, checker.lose) as pb:
+        run_perf("perfbuf consume_batch(dtype)", pb, producers, checker, laps, step, stress_seconds)
 
 
 def test_async_for_gets_every_sample_once_and_lost_counts_add_up(perf_producer, stress_seconds):
