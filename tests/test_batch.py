@@ -242,7 +242,16 @@ def test_batch_needs_one_ring_and_merges_many_for_consume_batch(make_producer):
             with rb.batch(FIXED):
                 pass
         records = rb.consume_batch(FIXED)
-    assert records["producer"].tolist() == [0, 0, 0, 1, 1]
+        assert records["producer"].tolist() == [0, 0, 0, 1, 1]
+        a.produce(3, fixed=True, discard_every=3)  # seq 3 discarded
+        b.produce(4, fixed=True, producer=1)
+        out = np.zeros(10, dtype=FIXED)
+        first = rb.consume_batch(FIXED, max_records=3, out=out)
+        rest = rb.consume_batch(FIXED, out=out[3:])
+        assert rb.consume_batch(FIXED).size == 0
+    assert np.shares_memory(first, out) and np.shares_memory(rest, out)
+    assert list(zip(out["producer"][:6].tolist(), out["seq"][:6].tolist())) == [(0, 4), (0, 5), (1, 2), (1, 3), (1, 4), (1, 5)]
+    assert out[6:].tobytes() == bytes(4 * FIXED.itemsize)
 
 
 # -- PerfBuffer.consume_batch ------------------------------------------------------------------

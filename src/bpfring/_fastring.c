@@ -311,7 +311,7 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 			goto out;
 		}
 		if (!(len & BPF_RINGBUF_DISCARD_BIT)) {
-			if (len != (uint32_t)itemsize)
+			if ((uint64_t)len != (uint64_t)itemsize)
 				break; /* the caller's next call reports it */
 			copy_record(out + n * itemsize, hdr + BPF_RINGBUF_HDR_SZ, itemsize, mode);
 			n++;
@@ -376,11 +376,12 @@ static PyTypeObject BlockType = {
 	.tp_basicsize = sizeof(Block),
 	.tp_dealloc = (destructor)block_dealloc,
 	.tp_as_buffer = &block_as_buffer,
-	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
 	.tp_doc = "Memory for one large batch result, reused once every array on it is gone.",
 };
 
-/* Huge pages where the kernel has them: a 64 MB batch faults 32 times instead of 16384. */
+/* Block sizes are multiples of this, and blocks are madvised for transparent huge pages: where
+ * the kernel backs them so, a 64 MB batch faults 32 times instead of 16384. */
 #define BLOCK_ALIGN (2UL << 20)
 
 /* batch_block(nbytes) -> Block of at least nbytes: the kept block when it fits without wasting
@@ -609,7 +610,7 @@ out:
 	return result;
 }
 
-/* perf_take(mm, data_offset, size, cpu, itemsize, out, taken, may_raise) -> n
+/* perf_take(mm, data_offset, size, cpu, itemsize, out, taken, may_raise) -> (n, stop)
  *
  * The copying perf batch, one CPU's ring: from data_tail up to the data_head read at the start,
  * copy the first itemsize bytes of each sample (raw_size itemsize to itemsize + 7: the kernel's
@@ -617,8 +618,11 @@ out:
  * of lost records and skip other records; stop when out is full or at a sample of another size,
  * which stays in the ring (RecordSizeError if may_raise and it is the first sample). Then
  * (cpu, n, lost) is appended to the list taken and data_tail stored, with no signal check in
- * between: a caller that keeps out and taken loses nothing to a Ctrl-C.
+ * between: a caller that keeps out and taken loses nothing to a Ctrl-C. stop says where the walk
+ * ended: PERF_TAKE_HEAD, PERF_TAKE_FULL or PERF_TAKE_MISFIT.
  */
+enum { PERF_TAKE_HEAD, PERF_TAKE_FULL, PERF_TAKE_MISFIT };
+
 static PyObject *perf_take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
 	Py_buffer buf, out_buf;
@@ -628,7 +632,7 @@ static PyObject *perf_take(PyObject *module, PyObject *const *args, Py_ssize_t n
 	uint64_t *tail_ptr, tail, head;
 	const uint8_t *base;
 	uint8_t *out;
-	int may_raise;
+	int may_raise, stop = PERF_TAKE_HEAD;
 
 	if (nargs != 8) {
 		PyErr_SetString(PyExc_TypeError, "perf_take() takes 8 arguments");
@@ -663,8 +667,13 @@ static PyObject *perf_take(PyObject *module, PyObject *const *args, Py_ssize_t n
 	base = (const uint8_t *)buf.buf + data_offset;
 	out = out_buf.buf;
 	cap = out_buf.len / itemsize;
-	while (tail < head && n < cap) {
+	while (tail < head) {
 		uint64_t off = tail & mask, header = *(const uint64_t *)(base + off);
+
+		if (n == cap) {
+			stop = PERF_TAKE_FULL;
+			break;
+		}
 
 		if (perf_check_record(cpu, base, mask, tail, head, header) < 0)
 			goto fail;
@@ -676,6 +685,7 @@ static PyObject *perf_take(PyObject *module, PyObject *const *args, Py_ssize_t n
 					perf_size_error(cpu, tail, raw_size, itemsize, itemsize + 7);
 					goto fail;
 				}
+				stop = PERF_TAKE_MISFIT;
 				break;
 			}
 			perf_copy(out + n * itemsize, base, size, (off + 12) & mask, itemsize);
@@ -695,7 +705,7 @@ static PyObject *perf_take(PyObject *module, PyObject *const *args, Py_ssize_t n
 	__atomic_store_n(tail_ptr, tail, __ATOMIC_RELEASE);
 	PyBuffer_Release(&out_buf);
 	PyBuffer_Release(&buf);
-	return PyLong_FromSsize_t(n);
+	return Py_BuildValue("(ni)", n, stop);
 fail:
 	PyBuffer_Release(&out_buf);
 	PyBuffer_Release(&buf);
@@ -707,7 +717,7 @@ static PyMethodDef methods[] = {
 	  "consume(consumer_mm, producer_mm, data_offset, mask, callback, limit) -> int" },
 	{ "batch_block", batch_block, METH_O, "batch_block(nbytes) -> Block of at least nbytes" },
 	{ "perf_take", (PyCFunction)(void (*)(void))perf_take, METH_FASTCALL,
-	  "perf_take(mm, data_offset, size, cpu, itemsize, out, taken, may_raise) -> n" },
+	  "perf_take(mm, data_offset, size, cpu, itemsize, out, taken, may_raise) -> (n, stop)" },
 	{ "perf_consume", (PyCFunction)(void (*)(void))perf_consume, METH_FASTCALL,
 	  "perf_consume(mm, data_offset, size, cpu, sample_cb, lost_cb, into, expect_lo, expect_hi, limit) -> int" },
 	{ "release_batch_memory", release_batch_memory, METH_NOARGS, "release_batch_memory() -> bytes unmapped" },
@@ -736,7 +746,9 @@ PyMODINIT_FUNC PyInit__fastring(void)
 	if (PyType_Ready(&BlockType) < 0)
 		return NULL;
 	mod = PyModule_Create(&module);
-	if (mod && PyModule_AddIntConstant(mod, "LARGE_BATCH_BYTES", LARGE_BATCH_BYTES) < 0)
+	if (mod && (PyModule_AddIntConstant(mod, "LARGE_BATCH_BYTES", LARGE_BATCH_BYTES) < 0 ||
+		    PyModule_AddIntConstant(mod, "PERF_TAKE_HEAD", PERF_TAKE_HEAD) < 0 ||
+		    PyModule_AddIntConstant(mod, "PERF_TAKE_MISFIT", PERF_TAKE_MISFIT) < 0))
 		Py_CLEAR(mod);
 	return mod;
 }

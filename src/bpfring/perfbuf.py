@@ -252,9 +252,9 @@ class PerfBuffer:
         self._by_fd: dict[int, _CpuBuffer] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
-        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data),
-        # or the array and (cpu, samples, lost) counts of one with a dtype (see _take_native).
+        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data).
         self._taken: list[tuple[int, bytes]] = []
+        # The same for one with a dtype in C: its array and (cpu, samples, lost) per ring read.
         self._partial: tuple[Any, list[tuple[int, int, int]]] | None = None
         # Samples an async iteration took but has not yielded yet (see records()).
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -408,7 +408,8 @@ class PerfBuffer:
         kernel's padding, under 8 bytes, which is dropped), else :class:`RecordSizeError` is raised
         when it is reached and it stays in the ring. ``with_cpus=True`` returns ``(cpus, records)``,
         the CPU of each sample in a parallel list (numpy array with a dtype). Lost counts still go
-        to ``lost_cb``; with a dtype, once per CPU and batch, added up.
+        to ``lost_cb``: with a dtype and the C helper, once per CPU and batch, added up, after the
+        samples are copied (its return value is not a stop); otherwise as each is read.
         """
         np = _numpy() if dtype is not None else None
         dt = _record_dtype(np, dtype) if np is not None else None  # refused before anything is taken
@@ -468,23 +469,32 @@ class PerfBuffer:
         at = 0
         for buf in self._buffers:
             self._unfinished.add(buf)
-            cap = len(records) - at
-            n = _native.perf_take(buf._mm, PAGE_SIZE, buf.size, buf.cpu, dt.itemsize, records[at:], taken, at == 0)
+            n, stop = _native.perf_take(buf._mm, PAGE_SIZE, buf.size, buf.cpu, dt.itemsize, records[at:], taken, at == 0)
             at += n
-            if n < cap:
-                self._unfinished.discard(buf)  # read to its head
-        cpus = np.repeat(np.array([cpu for cpu, _, _ in taken], dtype=np.int32), [n for _, n, _ in taken])
+            if stop == _native.PERF_TAKE_HEAD:
+                self._unfinished.discard(buf)
+            elif stop == _native.PERF_TAKE_MISFIT:
+                break  # deliver what came before it; the next call raises
+        self._report_lost(taken)
+        records = records[:at]
+        if with_cpus:
+            cpus = np.repeat(np.array([cpu for cpu, _, _ in taken], dtype=np.int32), [n for _, n, _ in taken])
+            records = (cpus, records)
+        self._partial = None  # no signal check from here to the return
+        return records
+
+    def _report_lost(self, taken: list[tuple[int, int, int]]) -> None:
+        """lost_cb for each (cpu, samples, lost) with a count, marked reported as it is called
+        (a Ctrl-C in lost_cb counts it as delivered, as for sample_cb)."""
         for i, (cpu, n, lost) in enumerate(taken):
             if lost:
-                taken[i] = (cpu, n, 0)  # reported (a Ctrl-C in lost_cb counts it as delivered)
+                taken[i] = (cpu, n, 0)
                 self._lost_cb(cpu, lost)
-        records = records[:at]
-        self._partial = None  # no signal check from here to the return
-        return (cpus, records) if with_cpus else records
 
     def _settle_partial(self) -> None:
-        """What an interrupted _take_native took: its samples to self._taken, as ``bytes``, for
-        the next batch; its lost counts (those not reported yet) to lost_cb."""
+        """What an interrupted _take_native took: its samples to self._taken, as ``bytes`` of the
+        dtype's size (without the kernel's padding), for the next batch; its lost counts (those
+        not reported yet) to lost_cb."""
         records, taken = self._partial
         np = _numpy()
         raw = records.view(np.dtype((np.void, records.dtype.itemsize)))
@@ -496,9 +506,7 @@ class PerfBuffer:
         unreported = [(cpu, 0, lost) for cpu, _, lost in taken if lost]
         # The samples change hands in one step (no signal check between the two stores).
         self._taken, self._partial = self._taken + samples, (records[:0], unreported)
-        for i, (cpu, _, lost) in enumerate(unreported):
-            unreported[i] = (cpu, 0, 0)
-            self._lost_cb(cpu, lost)
+        self._report_lost(unreported)
         self._partial = None
 
     def _consume(self, buf: _CpuBuffer, into: Any = None, limit: int = _NO_LIMIT) -> int:

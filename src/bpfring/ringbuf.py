@@ -79,6 +79,11 @@ def _new_records(np: Any, dt: Any, n: int) -> Any:
     return np.empty(n, dtype=dt)
 
 
+def _check_out(out: Any, dt: Any) -> None:
+    if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+
+
 def release_batch_memory() -> int:
     """Unmap the memory kept from the last large batch freed (see :meth:`Ring.consume_batch`);
     returns the bytes unmapped."""
@@ -236,9 +241,12 @@ class Ring(_MappedRing):
         return prod - cons
 
     def _positions(self) -> tuple[int, int]:
-        if self._consumer_pos is None or self._producer_pos is None:
-            raise ValueError(f"ring of map {self._map.name!r} is closed")
+        self._check_open()
         return self._consumer_pos[0], self._producer_pos[0]
+
+    def _check_open(self) -> None:
+        if self._consumer_pos is None:
+            raise ValueError(f"ring of map {self._map.name!r} is closed")
 
     # -- consuming ------------------------------------------------------------------------------
 
@@ -261,8 +269,9 @@ class Ring(_MappedRing):
         ``out``: a contiguous array of ``dtype`` to copy into instead of a new array (no
         allocation, no page faults on fresh memory); at most ``len(out)`` records are taken and
         ``out[:n]`` is returned. Without ``out``, a batch of 1 MiB or more is built on memory that
-        bpfring keeps when the batch's last array is freed, for the next large batch (one such
-        block, at most the size of a ring; :func:`release_batch_memory` unmaps it).
+        bpfring keeps when the batch's last array is freed, for the next large batch (one block
+        per process, the size of the last large batch rounded up to 2 MiB;
+        :func:`release_batch_memory` unmaps it).
         """
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         if dtype is None:
@@ -277,19 +286,20 @@ class Ring(_MappedRing):
         np = _numpy()
         dt = _record_dtype(np, dtype)
         if out is not None:
-            if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
-                raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+            _check_out(out, dt)
             limit = min(limit, len(out))
         if self._taken:
             return self._taken.hand_over(dt, limit, out)  # an interrupted call's records first
+        self._check_open()
         if _native is None:
             return self._consume_batch_python(np, dt, limit, out)
         pos, fits = self._fixed_head(dt, self._consumer_pos[0])
         if not fits:
             self._consumer_pos[0] = pos  # past the discarded records, if any
             return np.empty(0, dtype=dt) if out is None else out[:0]
-        # Room for every record up to producer_pos (no more can be taken: each fills a slot of
-        # stride bytes); take_fixed reads producer_pos again and may find fewer.
+        # Room for every record up to producer_pos as read here (each fills a slot of stride
+        # bytes). take_fixed reads producer_pos again but takes at most that many, fewer where
+        # it meets a BUSY record or a committed one of another size.
         room = min(limit, (self._producer_pos[0] - pos) // roundup_len(dt.itemsize))
         records = out[:room] if out is not None else _new_records(np, dt, room)
         advance, n = _native.take_fixed(self._producer_mm, PAGE_SIZE, pos, self._mask, dt.itemsize, records)
@@ -346,6 +356,7 @@ class Ring(_MappedRing):
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         np = _numpy()
         dt = _record_dtype(np, dtype)
+        self._check_open()
         pos, fits = self._fixed_head(dt, self._consumer_pos[0])
         self._consumer_pos[0] = pos  # past the discarded records, if any
         n = self._fixed_run(dt, pos, limit, allow_discards=False)[0] if fits else 0
@@ -354,8 +365,7 @@ class Ring(_MappedRing):
             self._consumer_pos[0] = pos + n * roundup_len(dt.itemsize)
 
     def _consume(self, limit: int, callback: Callback | None = None) -> int:
-        if self._consumer_mm is None:
-            raise ValueError(f"ring of map {self._map.name!r} is closed")
+        self._check_open()
         cb = callback or self._callback
         if _native is not None:
             return _native.consume(self._consumer_mm, self._producer_mm, PAGE_SIZE, self._mask, cb, limit)
@@ -418,8 +428,6 @@ class Ring(_MappedRing):
         """From ``pos``, past any discarded records (of any size): (position, fits), where fits
         says a committed record of ``dt.itemsize`` bytes is there. A committed record of another
         size raises RecordSizeError (it stays in the ring). Moves nothing."""
-        if self._consumer_mm is None:
-            raise ValueError(f"ring of map {self._map.name!r} is closed")
         headers = self._headers
         prod_pos = self._producer_pos[0]
         while pos < prod_pos:
@@ -621,10 +629,24 @@ class RingBuffer:
             np = _numpy()
             dt = _record_dtype(np, dtype)
             if out is not None:
+                _check_out(out, dt)
                 limit = min(limit, len(out))
             # Each ring's part goes into self._taken_parts before anything can raise: a Ctrl-C
             # leaves them there for the next call.
             parts = self._taken_parts
+            if not parts:
+                # Every ring copies straight into one array, sized for all they hold now.
+                room = min(limit, sum(ring.avail_data_size for ring in self._rings) // roundup_len(dt.itemsize))
+                records = out[:room] if out is not None else _new_records(np, dt, room)
+                have = 0
+                for ring in self._rings:
+                    if have >= room:
+                        break
+                    parts.append(ring.consume_batch(dt, room - have, out=records[have:room]))
+                    have += len(parts[-1])
+                records = records[:have]
+                self._taken_parts = []
+                return records
             have = sum(len(part) for part in parts)
             for ring in self._rings:
                 if have >= limit:
