@@ -269,6 +269,38 @@ def test_reserve_blocking_returns_once_the_bpf_side_drains(make_user_drain):
         assert d.drain().records == [data]
 
 
+def test_one_drain_wakes_every_thread_blocked_in_reserve_blocking(make_user_drain):
+    """A drain wakes the map fd once (one EPOLLOUT edge); every waiter that now fits gets its room."""
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        n = fill(urb)
+        got: list[Sample] = []
+        errors: list[BaseException] = []
+
+        def wait(i: int) -> None:
+            try:
+                got.append(urb.reserve_blocking(1000))  # forever; 3 x 1008 bytes fit once drained
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=wait, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # most likely all waiting by now
+        assert d.drain().ret == n
+        for t in threads:
+            t.join(timeout=20)
+        stuck = sum(t.is_alive() for t in threads)
+        if stuck:
+            urb.close()  # ends their wait, so the test can fail instead of hanging
+        assert stuck == 0, f"{stuck} of 3 waiters still blocked after the drain freed room for all"
+        assert not errors and len(got) == 3
+        for i, sample in enumerate(got):
+            sample.buf[:] = payload(i, 1000)
+            sample.submit()
+        assert sorted(d.drain().records) == sorted(payload(i, 1000) for i in range(3))
+
+
 def test_reserve_blocking_takes_free_space_at_once(user_drain):
     with UserRingBuffer(user_drain.urb) as urb:
         with urb.reserve_blocking(100, timeout_ms=0) as buf:
@@ -278,7 +310,8 @@ def test_reserve_blocking_takes_free_space_at_once(user_drain):
         assert user_drain.drain().records == [b"x" * 100, b"y" * 100]
 
 
-def test_a_waiting_reserve_blocking_ends_when_another_thread_closes(make_user_drain):
+@pytest.mark.parametrize("waiters", [1, 3])
+def test_a_waiting_reserve_blocking_ends_when_another_thread_closes(make_user_drain, waiters):
     d = make_user_drain(urb_size=4096)
     urb = UserRingBuffer(d.urb)
     fill(urb)
@@ -290,13 +323,16 @@ def test_a_waiting_reserve_blocking_ends_when_another_thread_closes(make_user_dr
         except BaseException as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=wait)
-    t.start()
+    threads = [threading.Thread(target=wait) for _ in range(waiters)]
+    for t in threads:
+        t.start()
     time.sleep(0.2)
     urb.close()
-    t.join(timeout=10)
-    assert not t.is_alive(), "reserve_blocking() did not return after close()"
-    assert len(errors) == 1 and isinstance(errors[0], ValueError) and "closed" in str(errors[0])
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "reserve_blocking() did not return after close()"
+    assert len(errors) == waiters
+    assert all(isinstance(e, ValueError) and "closed" in str(e) for e in errors)
 
 
 def test_fileno_polls_writable_only_while_there_is_room(make_user_drain):

@@ -112,9 +112,9 @@ class UserRingBuffer(_MappedRing):
 
     ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path; the buffer works on its own
     duplicate of the fd. Records may be submitted in any order: the kernel delivers them in ring
-    order and stops at the first one still reserved. Reserving is thread-safe, but only one
-    thread at a time should block in :meth:`reserve_blocking` (a drain's EPOLLOUT edge wakes one
-    waiter); one process should be the only producer of a map (as with libbpf).
+    order and stops at the first one still reserved. Reserving is thread-safe, blocking too (each
+    drain wakes every thread waiting in :meth:`reserve_blocking`); one process should be the only
+    producer of a map (as with libbpf).
 
     Example::
 
@@ -134,6 +134,9 @@ class UserRingBuffer(_MappedRing):
         # closes the fds they wait on.
         self._waiters = 0
         self._no_waiters = threading.Condition(self._lock)
+        # One reserve_blocking() waits in epoll, the others on _drained (see _wait_for_drain).
+        self._epoll_waiter = False
+        self._drained = threading.Condition(self._lock)
         self._closing = False
         try:
             self._map_ring(user=True)
@@ -236,9 +239,7 @@ class UserRingBuffer(_MappedRing):
                     wait = deadline - time.monotonic()
                     if wait <= 0:
                         break
-                # A drain between the failed reserve and this wait is not lost: the edge is
-                # recorded on the epoll as soon as it happens, and the wait returns at once.
-                epoll.poll(wait)
+                self._wait_for_drain(epoll, wait)
             try:
                 return self.reserve(size)  # one last try at the deadline, as libbpf does
             except RingFullError:
@@ -252,6 +253,28 @@ class UserRingBuffer(_MappedRing):
             f"timed out after {timeout_ms} ms waiting for room for a sample of {size} bytes in the user "
             f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
         )
+
+    def _wait_for_drain(self, epoll: select.epoll, wait: float) -> None:
+        """Sleep until a drain (or close()) or ``wait`` seconds (-1: no limit).
+
+        A drain makes one EPOLLOUT edge, and an edge wakes one epoll_wait: so one waiter sleeps
+        in epoll and wakes the others (on a condition) when it returns, and every waiter tries
+        again. A drain between a failed reserve and the wait is not lost: the edge stays on the
+        epoll until the next poll takes it.
+        """
+        with self._lock:
+            if self._closing:
+                return  # the caller's next reserve() says so
+            if self._epoll_waiter:
+                self._drained.wait(None if wait < 0 else wait)
+                return
+            self._epoll_waiter = True
+        try:
+            epoll.poll(wait)
+        finally:
+            with self._lock:
+                self._epoll_waiter = False
+                self._drained.notify_all()
 
     def submit(self, sample: Sample) -> None:
         """Publish ``sample`` to the BPF side; its buffer is released and can't be used any more."""
@@ -336,7 +359,8 @@ class UserRingBuffer(_MappedRing):
                 return
             self._closing = True
             if self._waiters:
-                os.eventfd_write(self._wake_fd, 1)  # stays readable: every waiter wakes and leaves
+                os.eventfd_write(self._wake_fd, 1)  # stays readable: the epoll waiter wakes and leaves
+                self._drained.notify_all()  # and the others
                 self._no_waiters.wait_for(lambda: self._waiters == 0)
             self._release()
 
