@@ -232,6 +232,17 @@ def test_closing_while_a_view_is_alive_does_not_crash(producer):
     assert open_fds() == before  # the mapping (and the fd Python's mmap keeps) went with the view
 
 
+def test_a_ring_closed_inside_its_zero_copy_block_is_left_alone(producer):
+    rb = RingBuffer(producer.ring, nothing)
+    producer.produce(3, fixed=True)
+    ring = rb.rings[0]
+    with ring.batch(FIXED) as view:
+        assert len(view) == 3
+        ring.close()
+    assert ring.closed
+    rb.close()
+
+
 def test_batch_needs_one_ring_and_merges_many_for_consume_batch(make_producer):
     a, b = make_producer(), make_producer()
     with RingBuffer(a.ring, nothing) as rb:

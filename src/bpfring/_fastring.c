@@ -281,7 +281,7 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	}
 	if (prod_buf.len < data_offset + 2 * (Py_ssize_t)(mask + 1)) {
 		PyErr_SetString(PyExc_ValueError, "ring mapping is smaller than the ring");
-		goto out;
+		goto fail;
 	}
 	data = (const uint8_t *)prod_buf.buf + data_offset;
 	out = out_buf.buf;
@@ -308,7 +308,7 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 			set_bpf_error(EBADMSG, PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
 								     (unsigned long long)cons, len & LEN_MASK,
 								     (unsigned long long)prod));
-			goto out;
+			goto fail;
 		}
 		if (!(len & BPF_RINGBUF_DISCARD_BIT)) {
 			if ((uint64_t)len != (uint64_t)itemsize)
@@ -325,7 +325,7 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 	PyBuffer_Release(&out_buf);
 	PyBuffer_Release(&prod_buf);
 	return Py_BuildValue("(Kn)", (unsigned long long)(cons - start), n);
-out:
+fail:
 	PyBuffer_Release(&out_buf);
 	PyBuffer_Release(&prod_buf);
 	return NULL;

@@ -361,7 +361,7 @@ class Ring(_MappedRing):
         self._consumer_pos[0] = pos  # past the discarded records, if any
         n = self._fixed_run(dt, pos, limit, allow_discards=False)[0] if fits else 0
         yield self._records_view(np, dt, pos, n)
-        if n:
+        if n and self._consumer_pos is not None:  # (the block may have closed the ring)
             self._consumer_pos[0] = pos + n * roundup_len(dt.itemsize)
 
     def _consume(self, limit: int, callback: Callback | None = None) -> int:
