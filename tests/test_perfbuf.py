@@ -349,6 +349,23 @@ def test_close_from_a_callback_is_refused(perf_producer):
             pb.poll(5000)
 
 
+@pytest.mark.parametrize("call", ["poll", "consume", "consume_batch"])
+def test_consuming_from_a_callback_is_refused_not_a_deadlock(perf_producer, call):
+    got: list[bytes] = []
+
+    def sample(cpu: int, data: bytes) -> None:
+        got.append(data)
+        if len(got) == 1:  # the first sample's callback calls back into the buffer
+            getattr(pb, call)(*([0] if call == "poll" else []))
+
+    with PerfBuffer(perf_producer.array, 1, sample, cpus=[0]) as pb:
+        perf_producer.output(2, 16, cpu=0)
+        with pytest.raises(RuntimeError, match="PerfBuffer: consuming from its own callback"):
+            pb.poll(5000)
+        assert pb.consume() == 1  # the second sample waited in the ring
+    assert [parse(d)[0] for d in got] == [0, 1]
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 

@@ -295,6 +295,23 @@ def test_ctrl_c_during_poll_loses_and_repeats_nothing(producer):
     check_records(got, r.first_seq, 32)
 
 
+@pytest.mark.parametrize("call", ["poll", "consume", "consume_batch"])
+def test_consuming_from_a_callback_is_refused_not_a_deadlock(producer, call):
+    got: list[bytes] = []
+
+    def record(data: bytes) -> None:
+        got.append(data)
+        if len(got) == 1:  # the first record's callback calls back into the buffer
+            getattr(rb, call)(*([0] if call == "poll" else []))
+
+    with RingBuffer(producer.ring, record) as rb:
+        producer.produce(2, 16)
+        with pytest.raises(RuntimeError, match="RingBuffer: consuming from its own callback"):
+            rb.poll(5000)
+        assert rb.consume() == 1  # the second record waited in the ring
+    assert [parse(d)[0] for d in got] == [0, 1]
+
+
 def test_close_from_another_thread_wakes_a_blocked_poll(producer):
     rb = RingBuffer(producer.ring, lambda d: None)
     result: list[object] = []

@@ -12,7 +12,7 @@ import contextlib
 import os
 import select
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 
 class Poller:
@@ -20,9 +20,9 @@ class Poller:
 
     def __init__(self, owner: str) -> None:
         self._owner = owner
-        self._lock = threading.Lock()
+        # The consumer lock: an RLock, as it knows its owner thread (see consuming() and close()).
+        self._lock = threading.RLock()
         self._close_lock = threading.Lock()
-        self._consuming_thread: int | None = None
         self._closing = False
         self._async_waiters: dict[asyncio.Future[None], int] = {}  # waiter -> the fd it watches
         self._epoll: select.epoll | None = select.epoll()
@@ -53,15 +53,16 @@ class Poller:
     def fileno(self) -> int:
         return self.check_open().fileno()
 
-    @contextlib.contextmanager
-    def consuming(self) -> Iterator[None]:
-        """One consumer at a time; remembers which thread, so close() can refuse to run inside it."""
-        with self._lock:
-            self._consuming_thread = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._consuming_thread = None
+    def consuming(self) -> contextlib.AbstractContextManager[Any]:
+        """The consumer lock, for ``with``: one consumer call at a time.
+
+        A consumer call from the thread already inside one (a callback calling poll() or a batch)
+        would walk records its caller is walking: refused. The lock's own ``with`` costs a
+        fraction of a generator-based context manager, and takes the lock signal-safely.
+        """
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError(f"{self._owner}: consuming from its own callback (poll, consume or a batch) is not allowed")
+        return self._lock
 
     def wait(self, timeout_ms: int) -> list[int]:
         """The fds epoll reports ready within ``timeout_ms`` (-1: forever); call inside consuming()."""
@@ -77,7 +78,7 @@ class Poller:
         with self._close_lock:  # two close() calls at once: one closes, the other returns
             if self._epoll is None or self._closing:
                 return
-            if self._consuming_thread == threading.get_ident():
+            if self._lock._is_owned():  # type: ignore[attr-defined]
                 raise RuntimeError(f"{self._owner}.close() called from its own callback: return a negative value to stop")
             self._closing = True
         os.eventfd_write(self._wake_fd, 1)
