@@ -79,9 +79,16 @@ def _new_records(np: Any, dt: Any, n: int) -> Any:
     return np.empty(n, dtype=dt)
 
 
-def _check_out(out: Any, dt: Any) -> None:
-    if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+def _batch_dtype(dtype: DTypeLike, limit: int, out: Any) -> tuple[Any, Any, int]:
+    """numpy, ``dtype`` as a numpy dtype and the record limit of a batch with a dtype: ``out``
+    (when given) checked and bounding the limit."""
+    np = _numpy()
+    dt = _record_dtype(np, dtype)
+    if out is not None:
+        if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+        limit = min(limit, len(out))
+    return np, dt, limit
 
 
 def release_batch_memory() -> int:
@@ -283,11 +290,7 @@ class Ring(_MappedRing):
             if len(taken) < limit:
                 self._consume(limit - len(taken), taken.append)
             return self._taken.hand_over(None, limit, None)
-        np = _numpy()
-        dt = _record_dtype(np, dtype)
-        if out is not None:
-            _check_out(out, dt)
-            limit = min(limit, len(out))
+        np, dt, limit = _batch_dtype(dtype, limit, out)
         if self._taken:
             return self._taken.hand_over(dt, limit, out)  # an interrupted call's records first
         self._check_open()
@@ -626,11 +629,7 @@ class RingBuffer:
                     if len(taken) < limit:
                         taken.extend(ring.consume_batch(None, limit - len(taken)))
                 return self._taken.hand_over(None, limit, None)
-            np = _numpy()
-            dt = _record_dtype(np, dtype)
-            if out is not None:
-                _check_out(out, dt)
-                limit = min(limit, len(out))
+            np, dt, limit = _batch_dtype(dtype, limit, out)
             # Each ring's part goes into self._taken_parts before anything can raise: a Ctrl-C
             # leaves them there for the next call.
             parts = self._taken_parts
