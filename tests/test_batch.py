@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from conftest import open_fds
-from producer import expected_fixed, expected_record
+from producer import expected_fixed, expected_record, parse
 
 import bpfring
 from bpfring import PerfBuffer, RecordSizeError, RingBuffer
@@ -331,3 +331,28 @@ def test_a_lost_cb_that_raises_during_a_perf_batch_loses_no_sample(perf_producer
         records = pb.consume_batch(PERF64)  # the samples that call took come now, once
         assert pb.consume_batch(PERF64).size == 0
     assert records["seq"].tolist() == [100, 101, 102]
+
+
+def test_perf_consume_batch_max_records_and_out(perf_producer):
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    with PerfBuffer(perf_producer.array, 8, nothing, cpus=cpus) as pb:
+        for cpu in cpus:
+            perf_producer.output(5, 64, cpu=cpu)
+        first = pb.consume_batch(PERF64, 3)  # CPU by CPU: the first three of the first CPU
+        out = np.zeros(20, dtype=PERF64)
+        got_cpus, rest = pb.consume_batch(PERF64, out=out, with_cpus=True)
+        assert pb.consume_batch(PERF64).size == 0
+        for cpu in cpus:
+            perf_producer.output(3, 64, cpu=cpu)
+        two = pb.consume_batch(max_records=2)
+        others = pb.consume_batch()
+        with pytest.raises(TypeError, match="out= needs a dtype"):
+            pb.consume_batch(out=out)
+        with pytest.raises(ValueError, match="max_records must be at least 1"):
+            pb.consume_batch(PERF64, 0)
+    assert first["producer"].tolist() == [cpus[0]] * 3 and first["seq"].tolist() == [0, 1, 2]
+    assert np.shares_memory(rest, out) and len(rest) == 5 * len(cpus) - 3
+    assert rest["seq"].tolist() == [3, 4] + [0, 1, 2, 3, 4] * (len(cpus) - 1)
+    assert got_cpus.tolist() == [cpus[0]] * 2 + [c for c in cpus[1:] for _ in range(5)]
+    assert [parse(d)[:2] for d in two] == [(5, cpus[0]), (6, cpus[0])]
+    assert [parse(d)[:2] for d in others] == [(7, cpus[0])] + [(s, c) for c in cpus[1:] for s in (5, 6, 7)]

@@ -24,10 +24,10 @@ from .ringbuf import (
     _NO_LIMIT,
     ASYNC_REFILL,
     DTypeLike,
+    _batch_dtype,
     _native,
     _new_records,
     _numpy,
-    _record_dtype,
     check_positive_int,
     require_tso,
 )
@@ -399,29 +399,39 @@ class PerfBuffer:
         with self._poller.consuming():
             return self._consume(buf)
 
-    def consume_batch(self, dtype: DTypeLike | None = None, *, with_cpus: bool = False) -> Any:
-        """Every sample available now, from every CPU, in one call, bypassing ``sample_cb``.
+    def consume_batch(
+        self, dtype: DTypeLike | None = None, max_records: int | None = None, *, out: Any = None, with_cpus: bool = False
+    ) -> Any:
+        """Every sample available now (up to ``max_records``, CPU by CPU), in one call, bypassing
+        ``sample_cb``.
 
         Without ``dtype``: a list of ``bytes``. With ``dtype``: a numpy array, one element per
         sample, copied in one pass over each ring (in C; numpy decodes the samples in one step
         where the C helper is missing); each sample must be ``dtype.itemsize`` bytes (plus the
         kernel's padding, under 8 bytes, which is dropped), else :class:`RecordSizeError` is raised
-        when it is reached and it stays in the ring. ``with_cpus=True`` returns ``(cpus, records)``,
-        the CPU of each sample in a parallel list (numpy array with a dtype). Lost counts still go
-        to ``lost_cb``: with a dtype and the C helper, once per CPU and batch, added up, after the
-        samples are copied (its return value is not a stop); otherwise as each is read.
+        when it is reached and it stays in the ring. ``out``: a contiguous array of ``dtype`` to
+        copy into, as for :meth:`RingBuffer.consume_batch`. ``with_cpus=True`` returns
+        ``(cpus, records)``, the CPU of each sample in a parallel list (numpy array with a dtype).
+        Lost counts still go to ``lost_cb``: with a dtype and the C helper, once per CPU and
+        batch, added up, after the samples are copied (its return value is not a stop);
+        otherwise as each is read.
         """
-        np = _numpy() if dtype is not None else None
-        dt = _record_dtype(np, dtype) if np is not None else None  # refused before anything is taken
+        limit = _NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
+        if dtype is None:
+            if out is not None:
+                raise TypeError("out= needs a dtype")
+            np = dt = None
+        else:
+            np, dt, limit = _batch_dtype(dtype, limit, out)  # refused before anything is taken
         self._poller.check_open()
         with self._poller.consuming():
             if self._partial is not None:
                 self._settle_partial()
             if dt is not None and _native is not None and not self._taken:
-                return self._take_native(np, dt, with_cpus)
-            return self._take_samples(np, dt, with_cpus)
+                return self._take_native(np, dt, limit, out, with_cpus)
+            return self._take_samples(np, dt, limit, out, with_cpus)
 
-    def _take_samples(self, np: Any, dt: Any, with_cpus: bool) -> Any:
+    def _take_samples(self, np: Any, dt: Any, limit: int, out: Any, with_cpus: bool) -> Any:
         """consume_batch sample by sample, each taken as ``bytes`` (without a dtype, without the C
         helper, or after an interrupted call)."""
         expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
@@ -429,16 +439,20 @@ class PerfBuffer:
         # they wait there and the next call returns them first.
         taken = self._taken
         for buf in self._buffers:
+            want = limit - len(taken)
+            if want <= 0:
+                break
             self._unfinished.add(buf)
             try:
-                buf.consume(_ignore, self._lost_cb, expect, into=taken)
+                n = buf.consume(_ignore, self._lost_cb, expect, into=taken, limit=want)
             except RecordSizeError:
                 if not taken:
                     raise
                 break  # deliver what came before it; the next call raises
-            self._unfinished.discard(buf)
-        cpus = [cpu for cpu, _ in taken]
-        samples = [data for _, data in taken]
+            if 0 <= n < want:
+                self._unfinished.discard(buf)  # read to its head
+        cpus = [cpu for cpu, _ in taken[:limit]]
+        samples = [data for _, data in taken[:limit]]
         if dt is None:
             result: Any = (cpus, samples) if with_cpus else samples
         else:
@@ -452,19 +466,24 @@ class PerfBuffer:
             if any(len(sample) != dt.itemsize for sample in samples):
                 samples = [sample[: dt.itemsize] for sample in samples]  # drop the kernel's padding
             records = np.frombuffer(b"".join(samples), dtype=dt).copy() if samples else np.empty(0, dtype=dt)
+            if out is not None:
+                out[: len(records)] = records
+                records = out[: len(records)]
             result = (np.array(cpus, dtype=np.int32), records) if with_cpus else records
+        rest = taken[limit:]
         # No call between handing the samples over and the return: nothing can raise in between.
-        self._taken = []
+        self._taken = rest
         return result
 
-    def _take_native(self, np: Any, dt: Any, with_cpus: bool) -> Any:
+    def _take_native(self, np: Any, dt: Any, limit: int, out: Any, with_cpus: bool) -> Any:
         """consume_batch with a dtype in C: each ring's samples copied straight into one array."""
         slot = (12 + dt.itemsize + 7) & ~7  # the smallest record a fitting sample makes
-        room = sum(max(0, buf.head - buf.tail) // slot for buf in self._buffers)
-        records = _new_records(np, dt, max(room, 1))
+        room = min(limit, sum(max(0, buf.head - buf.tail) // slot for buf in self._buffers))
+        records = out[:room] if out is not None else _new_records(np, dt, max(room, 1))
         taken: list[tuple[int, int, int]] = []  # (cpu, samples, lost) per ring, as each is read
         # If Ctrl-C interrupts the call, what it took waits here for the next call (perf_take
-        # appends to taken and moves data_tail with no signal check in between).
+        # appends to taken and moves data_tail with no signal check in between). With out=,
+        # those samples are in out until then.
         self._partial = (records, taken)
         at = 0
         for buf in self._buffers:
