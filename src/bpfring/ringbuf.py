@@ -277,8 +277,8 @@ class Ring(_MappedRing):
         allocation, no page faults on fresh memory); at most ``len(out)`` records are taken and
         ``out[:n]`` is returned. Without ``out``, a batch of 1 MiB or more is built on memory that
         bpfring keeps when the batch's last array is freed, for the next large batch (one block
-        per process, the size of the last large batch rounded up to 2 MiB;
-        :func:`release_batch_memory` unmaps it).
+        per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
+        it).
         """
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         if dtype is None:
