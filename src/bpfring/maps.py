@@ -6,6 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 from typing import Union
 
 from ._sys import bpf as sys_bpf
@@ -14,6 +15,15 @@ from ._sys.mounts import is_mounted_bpffs
 from .errors import BPFError
 
 PAGE_SIZE = mmap.PAGESIZE
+
+# Python's mmap keeps a dup of the fd it maps, unless told not to (Python 3.13+): one fd per
+# mapping that nothing here needs (the mapping outlives its fd by itself).
+_MMAP_OPTIONS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def map_shared(fd: int, length: int, prot: int, offset: int = 0) -> mmap.mmap:
+    """mmap(MAP_SHARED) of ``fd``; OSError as mmap raises it."""
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset, **_MMAP_OPTIONS)
 
 # Ring maps whose max_entries is a byte size: a power of two and a multiple of the page size
 # (kernel/bpf/ringbuf.c, ringbuf_map_alloc).
@@ -148,7 +158,7 @@ class Map:
     def mmap(self, length: int, prot: int, offset: int, what: str) -> mmap.mmap:
         """Map ``length`` bytes of the map at ``offset`` (shared); ``what`` names the region in errors."""
         try:
-            return mmap.mmap(self.fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+            return map_shared(self.fd, length, prot, offset)
         except OSError as exc:
             raise BPFError(exc.errno, f"can't mmap the {what} of map {self.name!r} (id {self.id})") from None
 

@@ -19,7 +19,7 @@ from ._poller import Poller
 from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError
-from .maps import PAGE_SIZE, Map, MapLike, open_map
+from .maps import PAGE_SIZE, Map, MapLike, map_shared, open_map
 from .ringbuf import (
     _NO_LIMIT,
     ASYNC_REFILL,
@@ -71,9 +71,7 @@ class _CpuBuffer:
         try:
             # Read-write: a read-only mapping would put the kernel in overwrite mode, where it
             # ignores data_tail (kernel/events/core.c perf_mmap, ring_buffer.c rb_alloc).
-            self._mm = mmap.mmap(
-                self.fd, PAGE_SIZE + self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            self._mm = map_shared(self.fd, PAGE_SIZE + self.size, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             os.close(self.fd)
             raise BPFError(exc.errno, f"can't mmap the perf buffer of cpu {cpu} ({page_cnt} pages)") from None
