@@ -229,7 +229,7 @@ def test_closing_while_a_view_is_alive_does_not_crash(producer):
     assert rb.closed
     assert len(kept) == 3 and kept["size"].tolist() == [64] * 3  # still mapped while referenced
     del kept, view
-    assert open_fds() == before  # the mapping (and the fd Python's mmap keeps) went with the view
+    assert open_fds() == before  # the mapping (and, before Python 3.13, mmap's dup of the fd) went with the view
 
 
 def test_a_ring_closed_inside_its_zero_copy_block_is_left_alone(producer):

@@ -301,6 +301,46 @@ def test_one_drain_wakes_every_thread_blocked_in_reserve_blocking(make_user_drai
         assert sorted(d.drain().records) == sorted(payload(i, 1000) for i in range(3))
 
 
+def test_a_drain_taken_by_one_waiter_between_anothers_reserve_and_wait_wakes_both(make_user_drain):
+    """Waiter B sleeps in epoll; waiter A's reserve fails and A is preempted before it waits; a
+    drain frees room for both and B takes its wakeup. A must still see it (not sleep forever)."""
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        n = fill(urb)
+        reserve = urb.reserve
+
+        def slow_to_wait(size: int) -> Sample:  # A's reserve: fails, then A is "preempted"
+            try:
+                return reserve(size)
+            except RingFullError:
+                if threading.current_thread().name == "A":
+                    time.sleep(0.6)  # the drain and B's wakeup happen meanwhile
+                raise
+
+        urb.reserve = slow_to_wait  # type: ignore[method-assign]
+        got: dict[str, Sample] = {}
+
+        def wait(name: str) -> None:
+            got[name] = urb.reserve_blocking(1000)  # forever: a missed wakeup hangs it
+
+        b = threading.Thread(target=wait, args=("B",), name="B")
+        b.start()
+        time.sleep(0.2)  # B is in epoll
+        a = threading.Thread(target=wait, args=("A",), name="A")
+        a.start()
+        time.sleep(0.2)  # A's reserve has failed; A sleeps before its wait
+        assert d.drain().ret == n  # room for both
+        b.join(timeout=10)
+        a.join(timeout=10)
+        stuck = [t.name for t in (a, b) if t.is_alive()]
+        if stuck:
+            urb.close()  # ends their wait, so the test fails instead of hanging
+            a.join(timeout=10)
+            b.join(timeout=10)
+    assert not stuck, f"waiter(s) {stuck} still blocked after the drain made room for both"
+    assert sorted(got) == ["A", "B"]
+
+
 def test_reserve_blocking_takes_free_space_at_once(user_drain):
     with UserRingBuffer(user_drain.urb) as urb:
         with urb.reserve_blocking(100, timeout_ms=0) as buf:

@@ -381,8 +381,8 @@ static PyTypeObject BlockType = {
 };
 
 /* Blocks are madvised for transparent huge pages, and one of at least HUGE_BLOCK_BYTES is sized in
- * whole huge pages (at most 1/8 more than asked), which also lets the kernel place it on a huge
- * page boundary: where the kernel backs it so, a 64 MB batch faults 32 times instead of 16384.
+ * whole huge pages (at most 1/8 more than asked), which also lets recent kernels place it on a
+ * huge page boundary: where the kernel backs it so, a 64 MB batch faults 32 times, not 16384.
  * Smaller blocks are sized in pages, as a 2 MiB huge page could double the memory of a 1 MiB batch. */
 #define HUGE_PAGE_BYTES (2UL << 20)
 #define HUGE_BLOCK_BYTES (8 * HUGE_PAGE_BYTES)
@@ -752,8 +752,7 @@ PyMODINIT_FUNC PyInit__fastring(void)
 		return NULL;
 	mod = PyModule_Create(&module);
 	if (mod && (PyModule_AddIntConstant(mod, "LARGE_BATCH_BYTES", LARGE_BATCH_BYTES) < 0 ||
-		    PyModule_AddIntConstant(mod, "PERF_TAKE_HEAD", PERF_TAKE_HEAD) < 0 ||
-		    PyModule_AddIntConstant(mod, "PERF_TAKE_MISFIT", PERF_TAKE_MISFIT) < 0))
+		    PyModule_AddIntConstant(mod, "PERF_TAKE_HEAD", PERF_TAKE_HEAD) < 0))
 		Py_CLEAR(mod);
 	return mod;
 }

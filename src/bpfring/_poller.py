@@ -56,12 +56,16 @@ class Poller:
     def consuming(self) -> contextlib.AbstractContextManager[Any]:
         """The consumer lock, for ``with``: one consumer call at a time.
 
-        A consumer call from the thread already inside one (a callback calling poll() or a batch)
-        would walk records its caller is walking: refused. The lock's own ``with`` costs a
+        A consumer call from the thread already inside one (from a callback, or inside a batch()
+        block) would walk records its caller is walking: refused. Only the thread that took the
+        lock can release it: leave a batch() block in the thread that entered it. The lock's own ``with`` costs a
         fraction of a generator-based context manager, and takes the lock signal-safely.
         """
         if self._lock._is_owned():  # type: ignore[attr-defined]
-            raise RuntimeError(f"{self._owner}: consuming from its own callback (poll, consume or a batch) is not allowed")
+            raise RuntimeError(
+                f"{self._owner}: this thread is already consuming (in a callback or a batch() block); "
+                "poll, consume and batches do not nest"
+            )
         return self._lock
 
     def wait(self, timeout_ms: int) -> list[int]:

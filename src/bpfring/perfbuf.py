@@ -408,7 +408,9 @@ class PerfBuffer:
         where the C helper is missing); each sample must be ``dtype.itemsize`` bytes (plus the
         kernel's padding, under 8 bytes, which is dropped), else :class:`RecordSizeError` is raised
         when it is reached and it stays in the ring. ``out``: a contiguous array of ``dtype`` to
-        copy into, as for :meth:`RingBuffer.consume_batch`. ``with_cpus=True`` returns
+        copy into, as for :meth:`RingBuffer.consume_batch` (if a Ctrl-C interrupts the call, the
+        samples it took are in ``out`` until the next call returns them: leave ``out`` alone
+        until then). ``with_cpus=True`` returns
         ``(cpus, records)``, the CPU of each sample in a parallel list (numpy array with a dtype).
         Lost counts still go to ``lost_cb``: with a dtype and the C helper, once per CPU and
         batch, added up, after the samples are copied (its return value is not a stop);
@@ -476,8 +478,9 @@ class PerfBuffer:
     def _take_native(self, np: Any, dt: Any, limit: int, out: Any, with_cpus: bool) -> Any:
         """consume_batch with a dtype in C: each ring's samples copied straight into one array."""
         slot = (12 + dt.itemsize + 7) & ~7  # the smallest record a fitting sample makes
-        room = min(limit, sum(max(0, buf.head - buf.tail) // slot for buf in self._buffers))
-        records = out[:room] if out is not None else _new_records(np, dt, max(room, 1))
+        # At least one slot, so a ring holding only lost records is still read (and reported).
+        room = min(limit, max(1, sum(max(0, buf.head - buf.tail) // slot for buf in self._buffers)))
+        records = out[:room] if out is not None else _new_records(np, dt, room)
         taken: list[tuple[int, int, int]] = []  # (cpu, samples, lost) per ring, as each is read
         # If Ctrl-C interrupts the call, what it took waits here for the next call (perf_take
         # appends to taken and moves data_tail with no signal check in between). With out=,
@@ -490,8 +493,8 @@ class PerfBuffer:
             at += n
             if stop == _native.PERF_TAKE_HEAD:
                 self._unfinished.discard(buf)
-            elif stop == _native.PERF_TAKE_MISFIT:
-                break  # deliver what came before it; the next call raises
+            else:
+                break  # full (the rest waits), or a misfit: what came before it now, the next call raises
         self._report_lost(taken)
         records = records[:at]
         if with_cpus:
@@ -559,14 +562,19 @@ class PerfBuffer:
             yield sample
 
     async def batches(
-        self, dtype: DTypeLike | None = None, *, with_cpus: bool = False, interval: float | None = None
+        self,
+        dtype: DTypeLike | None = None,
+        max_records: int | None = None,
+        *,
+        with_cpus: bool = False,
+        interval: float | None = None,
     ) -> AsyncIterator[Any]:
         """:meth:`consume_batch` on the event loop: yields each non-empty batch as it arrives.
 
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, with_cpus=with_cpus),
+            lambda: self.consume_batch(dtype, max_records, with_cpus=with_cpus),
             lambda batch: not len(batch[1] if with_cpus else batch),
             interval,
         ):

@@ -28,6 +28,9 @@ DYNPTR_MAX_SIZE = (1 << 24) - 1
 
 _RESERVED, _SUBMITTED, _DISCARDED = "reserved", "submitted", "discarded"
 
+# reserve_blocking() callers not in epoll wait on a condition, re-checked at least this often.
+FOLLOWER_RECHECK_S = 1.0
+
 
 class Sample:
     """A record reserved in a :class:`UserRingBuffer`: fill :attr:`buf`, then submit or discard.
@@ -134,9 +137,11 @@ class UserRingBuffer(_MappedRing):
         # closes the fds they wait on.
         self._waiters = 0
         self._no_waiters = threading.Condition(self._lock)
-        # One reserve_blocking() waits in epoll, the others on _drained (see _wait_for_drain).
+        # One reserve_blocking() waits in epoll, the others on _woken (see _wait_for_drain);
+        # _wakeups counts the epoll waits that returned.
         self._epoll_waiter = False
-        self._drained = threading.Condition(self._lock)
+        self._wakeups = 0
+        self._woken = threading.Condition(self._lock)
         self._closing = False
         try:
             self._map_ring(user=True)
@@ -229,6 +234,7 @@ class UserRingBuffer(_MappedRing):
             self._waiters += 1
         try:
             while True:
+                seen = self._wakeups  # before the attempt: a wakeup after it means try again
                 try:
                     return self.reserve(size)  # raises "closed" once close() has begun
                 except RingFullError:
@@ -239,7 +245,7 @@ class UserRingBuffer(_MappedRing):
                     wait = deadline - time.monotonic()
                     if wait <= 0:
                         break
-                self._wait_for_drain(epoll, wait)
+                self._wait_for_drain(epoll, wait, seen)
             try:
                 return self.reserve(size)  # one last try at the deadline, as libbpf does
             except RingFullError:
@@ -254,27 +260,35 @@ class UserRingBuffer(_MappedRing):
             f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
         )
 
-    def _wait_for_drain(self, epoll: select.epoll, wait: float) -> None:
-        """Sleep until a drain (or close()) or ``wait`` seconds (-1: no limit).
+    def _wait_for_drain(self, epoll: select.epoll, wait: float, seen: int) -> None:
+        """Sleep until a wakeup newer than ``seen`` (a drain, or close()) or ``wait`` seconds
+        (-1: no limit).
 
-        A drain makes one EPOLLOUT edge, and an edge wakes one epoll_wait: so one waiter sleeps
-        in epoll and wakes the others (on a condition) when it returns, and every waiter tries
-        again. A drain between a failed reserve and the wait is not lost: the edge stays on the
-        epoll until the next poll takes it.
+        A drain makes one EPOLLOUT edge, and an edge wakes one epoll_wait: so one waiter sleeps in
+        epoll and, when it returns, counts a wakeup and wakes the others (on a condition); every
+        waiter then tries again. A waiter whose failed reserve() came before a wakeup it did not
+        see (another waiter took the edge) returns at once; a drain with nobody in epoll leaves
+        its edge there for the next poll.
         """
-        with self._lock:
-            if self._closing:
-                return  # the caller's next reserve() says so
-            if self._epoll_waiter:
-                self._drained.wait(None if wait < 0 else wait)
-                return
-            self._epoll_waiter = True
+        leader = False
         try:
+            with self._lock:
+                if self._closing or self._wakeups != seen:
+                    return
+                if self._epoll_waiter:
+                    # Re-checked at least every second, should the epoll waiter be interrupted
+                    # between its last two steps (see the finally below).
+                    timeout = FOLLOWER_RECHECK_S if wait < 0 else min(wait, FOLLOWER_RECHECK_S)
+                    self._woken.wait_for(lambda: self._wakeups != seen or not self._epoll_waiter, timeout)
+                    return
+                self._epoll_waiter = leader = True
             epoll.poll(wait)
         finally:
-            with self._lock:
-                self._epoll_waiter = False
-                self._drained.notify_all()
+            if leader:
+                with self._lock:
+                    self._epoll_waiter = False
+                    self._wakeups += 1
+                    self._woken.notify_all()
 
     def submit(self, sample: Sample) -> None:
         """Publish ``sample`` to the BPF side; its buffer is released and can't be used any more."""
@@ -360,7 +374,7 @@ class UserRingBuffer(_MappedRing):
             self._closing = True
             if self._waiters:
                 os.eventfd_write(self._wake_fd, 1)  # stays readable: the epoll waiter wakes and leaves
-                self._drained.notify_all()  # and the others
+                self._woken.notify_all()  # and the others
                 self._no_waiters.wait_for(lambda: self._waiters == 0)
             self._release()
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from .._sys.bpf import MapType, map_get_next_id
 from ..errors import BPFNotFoundError
-from ..maps import PAGE_SIZE, Map
+from ..maps import PAGE_SIZE, Map, map_shared
 from .common import EXIT_OK, paragraphs, require_admin
 
 RING_TYPES = {
@@ -43,7 +43,7 @@ def pending_bytes(m: Map) -> int | None:
     to look without disturbing anyone. consumer_pos is read first: it never passes producer_pos.
     """
     try:
-        mm = mmap.mmap(m.fd, 2 * PAGE_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=0)
+        mm = map_shared(m.fd, 2 * PAGE_SIZE, mmap.PROT_READ)
     except OSError:
         return None
     with mm:
