@@ -209,7 +209,11 @@ class Ring(_MappedRing):
 
     Obtain rings from :meth:`RingBuffer.add` or :attr:`RingBuffer.rings`. The ring owns a
     duplicate of the map fd, so closing the caller's :class:`~bpfring.Map` does not affect it.
+    Its consumer calls hold its RingBuffer's consumer lock, as the RingBuffer's own do.
     """
+
+    # The owning RingBuffer's Poller (set by RingBuffer.add): its lock serializes every consumer.
+    _poller: Poller | None = None
 
     def __init__(self, source: MapLike, callback: Callback) -> None:
         if not callable(callback):
@@ -257,12 +261,18 @@ class Ring(_MappedRing):
 
     # -- consuming ------------------------------------------------------------------------------
 
+    def _consuming(self) -> contextlib.AbstractContextManager[Any]:
+        """The owning RingBuffer's consumer lock, for ``with`` (nothing for a Ring on its own)."""
+        return self._poller.consuming() if self._poller is not None else contextlib.nullcontext()
+
     def consume(self, max_records: int | None = None) -> int:
         """Deliver every record available now (up to ``max_records``); never waits.
 
         Returns the number of records delivered, or the callback's negative return value.
         """
-        return self._consume(_NO_LIMIT if max_records is None else _check_limit(max_records))
+        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        with self._consuming():
+            return self._consume(limit)
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Take every record available now in one call, bypassing the callback.
@@ -280,6 +290,10 @@ class Ring(_MappedRing):
         per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
         it).
         """
+        with self._consuming():
+            return self._consume_batch(dtype, max_records, out)
+
+    def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> Any:
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         if dtype is None:
             if out is not None:
@@ -356,6 +370,11 @@ class Ring(_MappedRing):
         not ``dtype.itemsize`` raise :class:`RecordSizeError` and stay in the ring. An exception
         inside the block leaves the records unconsumed.
         """
+        with self._consuming(), self._batch(dtype, max_records) as records:
+            yield records
+
+    @contextlib.contextmanager
+    def _batch(self, dtype: DTypeLike, max_records: int | None) -> Iterator[Any]:
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         np = _numpy()
         dt = _record_dtype(np, dtype)
@@ -559,6 +578,7 @@ class RingBuffer:
         """Add another ringbuf map with its own callback; returns its :class:`Ring`."""
         self._poller.check_open()
         ring = Ring(map, callback)
+        ring._poller = self._poller
         try:
             self._poller.register(ring.map_fd)
         except BaseException:
@@ -620,14 +640,14 @@ class RingBuffer:
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
         with self._poller.consuming():
             if len(self._rings) == 1 and not self._taken_parts:
-                return self._rings[0].consume_batch(dtype, limit, out)
+                return self._rings[0]._consume_batch(dtype, limit, out)
             if dtype is None:
                 if out is not None:
                     raise TypeError("out= needs a dtype")
                 taken = self._taken.records
                 for ring in self._rings:
                     if len(taken) < limit:
-                        taken.extend(ring.consume_batch(None, limit - len(taken)))
+                        taken.extend(ring._consume_batch(None, limit - len(taken), None))
                 return self._taken.hand_over(None, limit, None)
             np, dt, limit = _batch_dtype(dtype, limit, out)
             # Each ring's part goes into self._taken_parts before anything can raise: a Ctrl-C
@@ -641,7 +661,7 @@ class RingBuffer:
                 for ring in self._rings:
                     if have >= room:
                         break
-                    parts.append(ring.consume_batch(dt, room - have, out=records[have:room]))
+                    parts.append(ring._consume_batch(dt, room - have, records[have:room]))
                     have += len(parts[-1])
                 records = records[:have]
                 self._taken_parts = []
@@ -650,7 +670,7 @@ class RingBuffer:
             for ring in self._rings:
                 if have >= limit:
                     break
-                parts.append(ring.consume_batch(dt, limit - have))
+                parts.append(ring._consume_batch(dt, limit - have, None))
                 have += len(parts[-1])
             records = np.concatenate(parts).astype(dt, copy=False) if parts else np.empty(0, dt)
             rest = [records[limit:]] if len(records) > limit else []
@@ -667,7 +687,7 @@ class RingBuffer:
         self._poller.check_open()
         if len(self._rings) != 1:
             raise ValueError(f"batch() needs exactly one ring, this RingBuffer has {len(self._rings)}: use rings[i].batch()")
-        with self._poller.consuming(), self._rings[0].batch(dtype, max_records) as records:
+        with self._poller.consuming(), self._rings[0]._batch(dtype, max_records) as records:
             yield records
 
     # -- asyncio --------------------------------------------------------------------------------
