@@ -218,7 +218,7 @@ static PyObject *scan_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 /* How take_fixed copies one record, chosen once per batch. */
 enum copy_mode {
 	COPY_ANY,    /* memcpy */
-	COPY_SMALL,  /* records of up to 16 bytes, a multiple of 8: inline 8-byte moves, no call */
+	COPY_SMALL,  /* records of 8 or 16 bytes: inline 8-byte moves, no call */
 	COPY_STREAM, /* a large batch of records a multiple of 16 bytes: non-temporal stores */
 };
 
@@ -246,8 +246,8 @@ static inline void copy_record(uint8_t *dst, const uint8_t *src, Py_ssize_t item
  * itemsize bytes into the next slot of the writable contiguous buffer out and skip discarded
  * records of any size, until out is full, producer_pos, or a record it cannot take (BUSY, or
  * committed with another size). Reading each header and its record together reads the ring once,
- * as fast as libbpf's walk of the headers alone. Moves nothing: the caller adds advance to
- * consumer_pos once it holds the n records.
+ * at close to the speed of libbpf's walk of the headers alone. Moves nothing: the caller adds
+ * advance to consumer_pos once it holds the n records.
  */
 static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {

@@ -407,13 +407,14 @@ class PerfBuffer:
         sample, copied in one pass over each ring (in C; numpy decodes the samples in one step
         where the C helper is missing); each sample must be ``dtype.itemsize`` bytes (plus the
         kernel's padding, under 8 bytes, which is dropped), else :class:`RecordSizeError` is raised
-        when it is reached and it stays in the ring. ``out``: a contiguous array of ``dtype`` to
-        copy into, as for :meth:`RingBuffer.consume_batch` (if a Ctrl-C interrupts the call, the
-        samples it took are in ``out`` until the next call returns them: leave ``out`` alone
-        until then). ``with_cpus=True`` returns
-        ``(cpus, records)``, the CPU of each sample in a parallel list (numpy array with a dtype).
-        Lost counts still go to ``lost_cb``: with a dtype and the C helper, once per CPU and
-        batch, added up, after the samples are copied (its return value is not a stop);
+        when it is reached and it stays in the ring.
+
+        ``out``: a contiguous array of ``dtype`` to copy into, as for
+        :meth:`RingBuffer.consume_batch`; if a Ctrl-C interrupts the call, the samples it took
+        wait in ``out`` for the next call, so leave ``out`` alone until then. ``with_cpus=True``
+        returns ``(cpus, records)``, the CPU of each sample in a parallel list (numpy array with a
+        dtype). Lost counts still go to ``lost_cb``: with a dtype and the C helper, once per CPU
+        and batch, added up, after the samples are copied (its return value is not a stop);
         otherwise as each is read.
         """
         limit = _NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
