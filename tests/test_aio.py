@@ -82,6 +82,36 @@ def test_async_batches_with_a_dtype(producer):
     assert records.tobytes() == b"".join(expected_fixed(i, 0) for i in range(50))
 
 
+def test_two_tasks_waiting_on_one_buffer_are_both_woken(producer):
+    """Each waiting iteration must be woken by new data, not only the one that waited last."""
+
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        firsts: list[bytes] = []
+        seconds: list[bytes] = []
+        with RingBuffer(producer.ring, never) as rb:
+
+            async def take(into: list[bytes]) -> None:
+                async for batch in rb.batches():
+                    into.extend(batch)
+                    return  # one batch each
+
+            a = asyncio.create_task(take(firsts))
+            b = asyncio.create_task(take(seconds))
+            await asyncio.sleep(0.1)  # both waiting on the event loop
+            producer.produce(5, 24)  # one of them takes these...
+            done, pending = await asyncio.wait({a, b}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            assert done, "neither waiting iteration was woken by new data"
+            producer.produce(5, 24)  # ...and the other, still waiting, these
+            done, pending = await asyncio.wait(pending, timeout=5)
+            for task in pending:
+                task.cancel()
+            assert not pending, "the other waiting iteration was not woken by new data"
+        return firsts, seconds
+
+    firsts, seconds = run(main())
+    assert sorted(firsts + seconds) == sorted(expected_record(i, 0, 24) for i in range(10))
+
+
 def test_interval_drains_no_wakeup_records(producer):
     async def main() -> int:
         with RingBuffer(producer.ring, never) as rb:

@@ -24,7 +24,8 @@ class Poller:
         self._lock = threading.RLock()
         self._close_lock = threading.Lock()
         self._closing = False
-        self._async_waiters: dict[asyncio.Future[None], int] = {}  # waiter -> the fd it watches
+        # Per event loop: the fd its reader watches, and the waiters that reader wakes.
+        self._async_waiters: dict[asyncio.AbstractEventLoop, tuple[int, set[asyncio.Future[None]]]] = {}
         self._epoll: select.epoll | None = select.epoll()
         try:
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -124,27 +125,39 @@ class Poller:
                 await self.wait_readable(interval)
 
     def _end_async_waits(self) -> None:
-        """Resolve every asyncio wait; on its loop's thread, unregister the fd before it is closed."""
+        """Wake every asyncio wait; on its loop's thread, unregister the fd before it is closed."""
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        for waiter, fd in list(self._async_waiters.items()):
-            loop = waiter.get_loop()
+        for loop in list(self._async_waiters):
             if loop is running:
-                del self._async_waiters[waiter]
-                loop.remove_reader(fd)
+                self._readable(loop)
+            else:  # another thread's loop: it unregisters there
+                loop.call_soon_threadsafe(self._readable, loop)
+
+    def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The epoll fd is readable (or closing): wake every waiter of ``loop``; each one looks."""
+        entry = self._async_waiters.pop(loop, None)
+        if entry is not None:
+            fd, waiters = entry
+            loop.remove_reader(fd)
+            for waiter in waiters:
                 _resolve(waiter)
-            else:  # another thread's loop: it unregisters when the waiter wakes
-                loop.call_soon_threadsafe(_resolve, waiter)
 
     async def wait_readable(self, interval: float | None) -> None:
-        """Wait on the event loop until the epoll fd is readable, ``interval`` seconds pass, or close()."""
+        """Wait on the event loop until the epoll fd is readable, ``interval`` seconds pass, or close().
+
+        An event loop has one reader per fd, so the waiters of a loop share one: it wakes them all.
+        """
         loop = asyncio.get_running_loop()
         fd = self.fileno()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._async_waiters[waiter] = fd
-        loop.add_reader(fd, _resolve, waiter)
+        entry = self._async_waiters.get(loop)
+        if entry is None:
+            entry = self._async_waiters[loop] = (fd, set())
+            loop.add_reader(fd, self._readable, loop)
+        entry[1].add(waiter)
         try:
             if interval is None:
                 await waiter
@@ -153,7 +166,9 @@ class Poller:
         except asyncio.TimeoutError:
             pass
         finally:
-            if self._async_waiters.pop(waiter, None) is not None:
+            entry[1].discard(waiter)
+            if not entry[1] and self._async_waiters.get(loop) is entry:  # the last waiter leaves
+                del self._async_waiters[loop]
                 loop.remove_reader(fd)
 
 
