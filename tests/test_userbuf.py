@@ -3,6 +3,7 @@ bpf_user_ringbuf_drain) -> back through a BPF ring buffer, read with RingBuffer.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import pickle
@@ -339,6 +340,89 @@ def test_a_drain_taken_by_one_waiter_between_anothers_reserve_and_wait_wakes_bot
             b.join(timeout=10)
     assert not stuck, f"waiter(s) {stuck} still blocked after the drain made room for both"
     assert sorted(got) == ["A", "B"]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_reserve_async_waits_on_the_event_loop_for_a_drain(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        n = fill(urb)
+        attempts = 0
+        reserve = urb.reserve
+
+        def counting(size: int) -> Sample:
+            nonlocal attempts
+            attempts += 1
+            return reserve(size)
+
+        urb.reserve = counting  # type: ignore[method-assign]
+
+        async def main() -> tuple[Sample, list[int]]:
+            ticks: list[int] = []
+            drained: list[int] = []
+
+            async def tick() -> None:  # the loop keeps running while the reserve waits
+                for i in range(5):
+                    ticks.append(i)
+                    await asyncio.sleep(0.05)
+
+            ticker = asyncio.create_task(tick())
+            asyncio.get_running_loop().call_later(0.4, lambda: drained.append(d.drain().ret))
+            sample = await urb.reserve_async(2000)
+            await ticker
+            assert drained == [n]
+            return sample, ticks
+
+        sample, ticks = run(main())
+        assert ticks == [0, 1, 2, 3, 4]
+        # 64 bytes stay free while it waits (EPOLLOUT is true): an edge-triggered wait does not
+        # spin on that; it tries once, once more for the wakeup of its own registration, and
+        # once after the drain.
+        assert attempts <= 4, f"{attempts} reserve attempts while waiting: the wait spins"
+        sample.buf[:] = data = payload(7, 2000)
+        sample.submit()
+        assert d.drain().records == [data]
+
+
+def test_reserve_async_times_out_and_close_ends_it(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    before = open_fds()
+    urb = UserRingBuffer(d.urb)
+    fill(urb)
+
+    async def main() -> None:
+        with pytest.raises(RingFullError, match="timed out after 0.2 s .* 1000 bytes"):
+            await urb.reserve_async(1000, timeout=0.2)
+        waiting = [asyncio.create_task(urb.reserve_async(1000)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        urb.close()
+        for task in waiting:
+            with pytest.raises(ValueError, match="closed"):
+                await asyncio.wait_for(task, 10)
+
+    run(main())
+    assert urb.closed and open_fds() == before  # reserve_async's epoll and eventfd too
+
+
+def test_reserve_async_wakes_every_waiting_task(make_user_drain):
+    d = make_user_drain(urb_size=4096)
+    with UserRingBuffer(d.urb) as urb:
+        n = fill(urb)
+
+        async def main() -> list[Sample]:
+            tasks = [asyncio.create_task(urb.reserve_async(1000, timeout=20)) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            assert d.drain().ret == n  # room for all three
+            return list(await asyncio.gather(*tasks))
+
+        samples = run(main())
+        for i, sample in enumerate(samples):
+            sample.buf[:] = payload(i, 1000)
+            sample.submit()
+        assert sorted(d.drain().records) == sorted(payload(i, 1000) for i in range(3))
 
 
 def test_reserve_blocking_takes_free_space_at_once(user_drain):

@@ -34,9 +34,10 @@ class Poller:
             raise
         self._epoll.register(self._wake_fd, select.EPOLLIN)
 
-    def register(self, fd: int) -> None:
-        """Watch ``fd`` for EPOLLIN, level-triggered: data left after a poll is reported again."""
-        self.check_open().register(fd, select.EPOLLIN)
+    def register(self, fd: int, events: int = select.EPOLLIN) -> None:
+        """Watch ``fd`` for ``events``; by default EPOLLIN, level-triggered: data left after a poll
+        is reported again."""
+        self.check_open().register(fd, events)
 
     def check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:

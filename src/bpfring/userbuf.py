@@ -8,6 +8,7 @@ libbpf's ``user_ring_buffer__reserve/reserve_blocking/submit/discard``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import select
@@ -15,6 +16,7 @@ import threading
 import time
 from types import TracebackType
 
+from ._poller import Poller
 from ._sys.bpf import MapType
 from .errors import RingFullError
 from .maps import Map, MapLike, open_map
@@ -142,6 +144,7 @@ class UserRingBuffer(_MappedRing):
         self._epoll_waiter = False
         self._wakeups = 0
         self._woken = threading.Condition(self._lock)
+        self._aio: Poller | None = None  # reserve_async()'s epoll, made on first use
         self._closing = False
         try:
             self._map_ring(user=True)
@@ -260,6 +263,57 @@ class UserRingBuffer(_MappedRing):
             f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
         )
 
+    async def reserve_async(self, size: int, timeout: float | None = None) -> Sample:
+        """:meth:`reserve_blocking` on the event loop: wait up to ``timeout`` seconds (None: no
+        limit) for the BPF side to drain, without blocking the loop.
+
+        Raises :class:`RingFullError` if the space did not free up in time, ValueError if
+        :meth:`close` is called meanwhile. Cancelling the wait reserves nothing. Use it from one
+        event loop (any number of tasks).
+        """
+        self._check_size(size)
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None (no limit) or at least 0, got {timeout}")
+        aio = self._async_poller()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                return self.reserve(size)  # raises "closed" once close() has begun
+            except RingFullError:
+                pass
+            wait = None if deadline is None else deadline - loop.time()
+            if wait is not None and wait <= 0:
+                break
+            # No await since the failed reserve: a drain since then is still on aio's epoll.
+            await aio.wait_readable(wait)
+            if not aio.closing:
+                aio.wait(0)  # take the drain's edge, so the epoll fd goes quiet until the next one
+        try:
+            return self.reserve(size)
+        except RingFullError:
+            raise RingFullError(
+                errno.ENOSPC,
+                f"timed out after {timeout} s waiting for room for a sample of {size} bytes in the user "
+                f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
+            ) from None
+
+    def _async_poller(self) -> Poller:
+        """reserve_async()'s epoll, watching the map fd for EPOLLOUT edge-triggered (made on first
+        use). asyncio's own EPOLLOUT wait would be level-triggered, ready while any byte is free:
+        a wait for more room than that would spin."""
+        with self._lock:
+            self._check_open()
+            if self._aio is None:
+                aio = Poller("UserRingBuffer")
+                try:
+                    aio.register(self._map.fd, select.EPOLLOUT | select.EPOLLET)
+                except BaseException:
+                    aio.close(lambda: None)
+                    raise
+                self._aio = aio
+            return self._aio
+
     def _wait_for_drain(self, epoll: select.epoll, wait: float, seen: int) -> None:
         """Sleep until a wakeup newer than ``seen`` (a drain, or close()) or ``wait`` seconds
         (-1: no limit).
@@ -355,6 +409,9 @@ class UserRingBuffer(_MappedRing):
             if self._headers is not None:
                 self._publish(sample, discard=True)
         self._unmap_ring()
+        if self._aio is not None:  # wakes reserve_async() waits: their next reserve() says "closed"
+            aio, self._aio = self._aio, None
+            aio.close(lambda: None)
         if self._epoll is not None:
             epoll, self._epoll = self._epoll, None
             epoll.close()
@@ -366,7 +423,8 @@ class UserRingBuffer(_MappedRing):
     def close(self) -> None:
         """Discard samples still reserved, unmap the ring and close its fds; idempotent.
 
-        A ``reserve_blocking()`` waiting in another thread raises ValueError ("closed").
+        A ``reserve_blocking()`` waiting in another thread, or a ``reserve_async()``, raises
+        ValueError ("closed").
         """
         with self._lock:
             if self._epoll is None or self._closing:
