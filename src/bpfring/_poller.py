@@ -60,8 +60,9 @@ class Poller:
 
         A consumer call from the thread already inside one (from a callback, or inside a batch()
         block) would walk records its caller is walking: refused. Only the thread that took the
-        lock can release it: leave a batch() block in the thread that entered it. The lock's own ``with`` costs a
-        fraction of a generator-based context manager, and takes the lock signal-safely.
+        lock can release it: leave a batch() block in the thread that entered it. The lock's own
+        ``with`` costs a fraction of a generator-based context manager, and takes the lock
+        signal-safely.
         """
         if self._lock._is_owned():  # type: ignore[attr-defined]
             raise RuntimeError(
@@ -71,7 +72,8 @@ class Poller:
         return self._lock
 
     def wait(self, timeout_ms: int) -> list[int]:
-        """The fds epoll reports ready within ``timeout_ms`` (-1: forever); call inside consuming()."""
+        """The fds epoll reports ready within ``timeout_ms`` (-1: forever); a consumer calls it
+        inside consuming()."""
         epoll = self.check_open()
         ready = epoll.poll(-1 if timeout_ms < 0 else timeout_ms / 1000)
         return [] if self._closing else [fd for fd, _ in ready if fd != self._wake_fd]
