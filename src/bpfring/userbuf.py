@@ -257,11 +257,7 @@ class UserRingBuffer(_MappedRing):
             with self._lock:
                 self._waiters -= 1
                 self._no_waiters.notify_all()
-        raise RingFullError(
-            errno.ENOSPC,
-            f"timed out after {timeout_ms} ms waiting for room for a sample of {size} bytes in the user "
-            f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
-        )
+        raise self._timed_out(size, f"{timeout_ms} ms")
 
     async def reserve_async(self, size: int, timeout: float | None = None) -> Sample:
         """:meth:`reserve_blocking` on the event loop: wait up to ``timeout`` seconds (None: no
@@ -292,11 +288,14 @@ class UserRingBuffer(_MappedRing):
         try:
             return self.reserve(size)
         except RingFullError:
-            raise RingFullError(
-                errno.ENOSPC,
-                f"timed out after {timeout} s waiting for room for a sample of {size} bytes in the user "
-                f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
-            ) from None
+            raise self._timed_out(size, f"{timeout} s") from None
+
+    def _timed_out(self, size: int, waited: str) -> RingFullError:
+        return RingFullError(
+            errno.ENOSPC,
+            f"timed out after {waited} waiting for room for a sample of {size} bytes in the user "
+            f"ring buffer of map {self._map.name!r}: {self.avail_space} of {self.size} bytes free",
+        )
 
     def _async_poller(self) -> Poller:
         """reserve_async()'s epoll, watching the map fd for EPOLLOUT edge-triggered (made on first
