@@ -634,7 +634,8 @@ class RingBuffer:
         """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`.
 
         A Ctrl-C that interrupts the call loses no record: what it had taken is returned first by
-        the next call.
+        the next call (with ``out=`` over several rings, it waits in ``out`` until then: leave
+        ``out`` alone until that call).
         """
         self._poller.check_open()
         limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
