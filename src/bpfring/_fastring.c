@@ -62,6 +62,20 @@ static long stop_value(PyObject *ret)
 	return value < 0 ? value : 0;
 }
 
+/* The position after the record at cons whose header says len. Past producer_pos or bigger than
+ * the ring is a corrupt header or consumer_pos (user space can write it), and reading it would
+ * run off the end of the mapping: -1 with BPFError set. */
+static int ring_next_record(uint64_t cons, uint64_t prod, uint32_t len, uint64_t mask, uint64_t *next)
+{
+	*next = cons + (((len & LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL);
+	if (*next > prod || *next - cons > mask + 1) {
+		set_bpf_error(EBADMSG, PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
+							     (unsigned long long)cons, len & LEN_MASK, (unsigned long long)prod));
+		return -1;
+	}
+	return 0;
+}
+
 /* Ctrl-C is noticed at least this often even when the callback is not Python code. */
 #define SIGNAL_CHECK_INTERVAL 4096
 
@@ -122,15 +136,8 @@ static PyObject *consume(PyObject *module, PyObject *const *args, Py_ssize_t nar
 
 			if (len & BPF_RINGBUF_BUSY_BIT)
 				goto done;
-			next = cons + (((len & LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL);
-			/* Past producer_pos or bigger than the ring: a corrupt header or consumer_pos (user
-			 * space can write it). Reading it would run off the end of the mapping. */
-			if (next > prod || next - cons > mask + 1) {
-				set_bpf_error(EBADMSG, PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
-									     (unsigned long long)cons, len & LEN_MASK,
-									     (unsigned long long)prod));
+			if (ring_next_record(cons, prod, len, mask, &next) < 0)
 				goto out;
-			}
 			if (len & BPF_RINGBUF_DISCARD_BIT) {
 				cons = next;
 				__atomic_store_n(consumer_pos, cons, __ATOMIC_RELEASE);
@@ -303,13 +310,8 @@ static PyObject *take_fixed(PyObject *module, PyObject *const *args, Py_ssize_t 
 
 		if (len & BPF_RINGBUF_BUSY_BIT)
 			break;
-		next = cons + (((len & LEN_MASK) + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL);
-		if (next > prod || next - cons > mask + 1) { /* see consume() */
-			set_bpf_error(EBADMSG, PyUnicode_FromFormat("ring record at %llu claims %u bytes, past producer_pos %llu or the ring",
-								     (unsigned long long)cons, len & LEN_MASK,
-								     (unsigned long long)prod));
+		if (ring_next_record(cons, prod, len, mask, &next) < 0)
 			goto fail;
-		}
 		if (!(len & BPF_RINGBUF_DISCARD_BIT)) {
 			if ((uint64_t)len != (uint64_t)itemsize)
 				break; /* the caller's next call reports it */

@@ -452,8 +452,9 @@ class PerfBuffer:
                 break  # deliver what came before it; the next call raises
             if 0 <= n < want:
                 self._unfinished.discard(buf)  # read to its head
-        cpus = [cpu for cpu, _ in taken[:limit]]
-        samples = [data for _, data in taken[:limit]]
+        handed = taken[:limit]
+        cpus = [cpu for cpu, _ in handed]
+        samples = [data for _, data in handed]
         if dt is None:
             result: Any = (cpus, samples) if with_cpus else samples
         else:
