@@ -1,8 +1,9 @@
 """A hostile second process that shares a ring with the consumer under test and writes garbage.
 
-A ring buffer's consumer page and a perf ring's whole mapping are writable shared memory: anyone
-holding the map (a buggy second consumer, a debugging tool, an attacker) can store any value in
-``consumer_pos`` or ``data_tail``, and in a perf ring's records. This module is that process:
+A ring buffer's consumer page and a perf ring's control page are writable shared memory: anyone
+holding the map or event (a buggy second consumer, a debugging tool, an attacker) can store any
+value in ``consumer_pos`` or ``data_tail``. (The data pages are read-only to user space in both:
+a write faults, SIGBUS for perf. A bad record is planted through the BPF producer instead.) This module is that process:
 
 - ``python hostile_writer.py ring MAP_ID`` opens the ringbuf map by id (as an unrelated process
   would) and maps its consumer page read-write and its producer page read-only, as ringbuf.py does.
@@ -74,8 +75,6 @@ class _Target:
     def producer(self) -> int:
         raise NotImplementedError
 
-    def poke(self, offset: int, data: bytes) -> None:
-        raise ValueError("this ring's data area is read-only to user space")
 
 
 class _RingTarget(_Target):
@@ -119,11 +118,6 @@ class _PerfTarget(_Target):
 
     def producer(self) -> int:
         return self._words[PERF_DATA_HEAD // 8]
-
-    def poke(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` of the data area (wrapping), as a second reader could."""
-        for i, b in enumerate(data):
-            self._mm[PAGE + (offset + i) % self.size] = b
 
 
 def _random_value(rng: random.Random, target: _Target, kind: str) -> int:
@@ -190,9 +184,6 @@ def main(argv: list[str]) -> int:
                 old = target.get()
                 target.set(cmd["value"] % U64)
                 reply = {"old": old, "pos": target.get(), "prod": target.producer()}
-            elif op == "poke":
-                target.poke(cmd["offset"], bytes.fromhex(cmd["hex"]))
-                reply = {}
             elif op == "random":
                 reply = _run_random(target, cmd["seconds"], cmd["seed"], cmd.get("max_pause_us", 2000))
             else:
@@ -247,10 +238,6 @@ class HostileWriter:
         """(the attacked word, the producer's word) as the writer sees them."""
         reply = self._ask(op="get")
         return reply["pos"], reply["prod"]
-
-    def poke(self, offset: int, data: bytes) -> None:
-        """Write ``data`` into a perf ring's data area at ``offset`` (wrapping at the end)."""
-        self._ask(op="poke", offset=offset, hex=data.hex())
 
     def random(self, seconds: float, seed: int, max_pause_us: int = 2000) -> dict[str, Any]:
         """Garbage for ``seconds``; blocks until done and returns what was written, by kind."""

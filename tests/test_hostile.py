@@ -18,6 +18,7 @@ import asyncio
 import errno
 import random
 import re
+import struct
 import time
 from typing import Any, Callable
 
@@ -35,7 +36,7 @@ from hostile_harness import (
 )
 from hostile_writer import HostileWriter
 from perf_producer import PerfProducer, record_bytes
-from producer import Producer
+from producer import PATTERN, Producer
 
 import bpfring
 from bpfring import PerfBuffer, RingBuffer
@@ -65,7 +66,7 @@ def zero_copy(owner: Any) -> list[bytes]:
 
 def take_async(c: Consumer, make: Callable[[], Any], batches: bool = False) -> list[bytes]:
     """Iterate an async iterator of ``c.buf`` for at most half a second: records() until it idles
-    for 100 ms, batches() for one batch (or 300 ms). Records go to ``c.sink`` as they are yielded,
+    for 50 ms, batches() for one batch (or 100 ms). Records go to ``c.sink`` as they are yielded,
     so those yielded before an exception still count. The iterators run without ``interval``:
     with one, Python 3.11's asyncio.wait_for inside them can swallow this function's timeout
     (a cancellation that lands as their own timeout fires), and the iteration never ends."""
@@ -77,7 +78,7 @@ def take_async(c: Consumer, make: Callable[[], Any], batches: bool = False) -> l
         try:
             while loop.time() < end:
                 try:
-                    item = await asyncio.wait_for(agen.__anext__(), 0.3 if batches else 0.1)
+                    item = await asyncio.wait_for(agen.__anext__(), 0.1 if batches else 0.05)
                 except (asyncio.TimeoutError, StopAsyncIteration):
                     return
                 c.sink.extend(as_records(item) if batches else as_records([item]))
@@ -281,7 +282,7 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int) -> d
     with RingBuffer(producer.ring, sink.append) as rb, HostileWriter.ring(producer.ring.id) as writer:
         c = Consumer(rb, sink)
         ring = rb.rings[0]
-        writer.start_random(seconds, seed)
+        writer.start_random(seconds, seed, max_pause_us=20000)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             n = rng.randint(0, 60)
@@ -299,10 +300,11 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int) -> d
             stats[name]["records"] += len(ledger.check(got, name))
         writes = writer.finish_random()["writes"]
         bounded("resync", ring.resync)  # the writer's last garbage is still there
+        n = 30 if fixed else 10  # (10 records of up to 1000 bytes fit the ring)
         for name, api in apis.items():  # each call goes on exactly once from there
-            first = produce(30)
+            first = produce(n)
             got = [key for key in ledger.check(deliver(c, api, name), name) if key[1] >= first]
-            assert got == [(0, s) for s in range(first, first + 30)], f"{name} after resync: {got}"
+            assert got == [(0, s) for s in range(first, first + n)], f"{name} after resync: {got}"
             assert deliver(c, api, name) == []
     return {"stats": stats, "writes": writes}
 
@@ -433,28 +435,40 @@ PERF_TAIL_GARBAGE = (
 )
 
 
-def perf_record_garbage(garbage: str, head: int, tail: int) -> list[tuple[int, bytes]]:
-    """(offset from the record at data_tail, bytes) to write over it: perf_event_header is
-    {u32 type; u16 misc; u16 size}, then a sample's u32 raw_size."""
-    size_at = 6
-    return {
-        "record-size-0": [(size_at, (0).to_bytes(2, "little"))],
-        "record-size-4": [(size_at, (4).to_bytes(2, "little"))],
-        "record-size-past-the-head": [(size_at, (head - tail + 8).to_bytes(2, "little"))],
-        "raw-size-past-the-record": [(8, (PERF_REC - 8).to_bytes(4, "little"))],
-        "raw-size-huge": [(8, (0xFFFFFFFF).to_bytes(4, "little"))],
-        "lost-record-of-8-bytes": [(0, (2).to_bytes(4, "little") + (0).to_bytes(2, "little") + (8).to_bytes(2, "little"))],
-    }[garbage]
+PERF_RECORD_SAMPLE = 9  # include/uapi/linux/perf_event.h, enum perf_event_type
+PERF_RECORD_LOST = 2
+# Fake perf records a hostile data_tail points at: (type, size) of the perf_event_header and the
+# u32 after it (a sample's raw_size). The data pages of a perf ring are read-only to user space
+# (a write faults), so the fake is planted as the BPF producer would write it: a sample whose
+# payload holds it, with data_tail moved onto the payload (see plant_perf_record).
+PERF_RECORD_GARBAGE: dict[str, tuple[int, int, int]] = {
+    "record-size-0": (PERF_RECORD_SAMPLE, 0, 16),
+    "record-size-4": (PERF_RECORD_SAMPLE, 4, 16),
+    "record-size-past-the-head": (PERF_RECORD_SAMPLE, 192, 16),
+    "record-size-past-the-ring": (PERF_RECORD_SAMPLE, 0xFFF8, 16),
+    "raw-size-past-the-record": (PERF_RECORD_SAMPLE, 24, 100),
+    "raw-size-huge": (PERF_RECORD_SAMPLE, 24, 0xFFFFFFFF),
+    "lost-record-of-8-bytes": (PERF_RECORD_LOST, 8, 0),
+}
+PLANT_SIZE = 200  # the carrier sample: 216 bytes in the ring, the fake at its offset 32
 
 
-PERF_RECORD_GARBAGE = (
-    "record-size-0",
-    "record-size-4",
-    "record-size-past-the-head",
-    "raw-size-past-the-record",
-    "raw-size-huge",
-    "lost-record-of-8-bytes",
-)
+def plant_perf_record(pp: PerfProducer, writer: HostileWriter, cpu: int, garbage: str) -> int:
+    """Output a sample whose payload is a fake record (PERF_RECORD_GARBAGE[garbage]) and move
+    data_tail onto it; returns the data_tail planted. The sample's layout: perf header (8 bytes),
+    raw_size (4), then producer.py's record: seq (8), producer (4), size (4) and the pattern from
+    offset seq % 256, so the ring's offset 32 is pattern bytes 4 on."""
+    kind, size, raw = PERF_RECORD_GARBAGE[garbage]
+    pattern = bytearray(PATTERN)
+    pattern[4:16] = struct.pack("<IHHI", kind, 0, size, raw)
+    pp.obj.map("pattern").update(b"\0\0\0\0", bytes(pattern))
+    pp._next_seq[cpu] = (pp._next_seq.get(cpu, 0) + 255) // 256 * 256  # a seq that copies from offset 0
+    tail, head = writer.get()
+    assert tail == head, "the ring should be drained before planting"
+    pp.output(1, PLANT_SIZE, cpu=cpu)
+    pp.obj.map("pattern").update(b"\0\0\0\0", PATTERN)  # later samples are the usual ones
+    assert writer.get() == (tail, head + record_bytes(PLANT_SIZE))
+    return writer.set(tail + 32)
 
 
 def perf_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
@@ -462,7 +476,10 @@ def perf_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
     cpu = 0
     pp = PerfProducer(path)
     sink: list[bytes] = []
-    guarded = GuardedPerf(pp.array, cpu, PERF_PAGES, sample_cb=lambda cpu, data: sink.append(data))
+    lost: list[int] = []
+    guarded = GuardedPerf(
+        pp.array, cpu, PERF_PAGES, sample_cb=lambda cpu, data: sink.append(data), lost_cb=lambda cpu, n: lost.append(n)
+    )
     pb = guarded.pb
     size = PERF_PAGES * 4096
     try:
@@ -470,19 +487,19 @@ def perf_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
             c = Consumer(pb, sink)
             perf_lap(pp, pb, cpu)
             sink.clear()
-            pp.output(20, SAMPLE, cpu=cpu)  # pending when the garbage lands
-            tail, head = writer.get()
-            assert head - tail == 20 * PERF_REC
-            if garbage in PERF_TAIL_GARBAGE:
-                planted = writer.set(perf_tail_value(garbage, tail, head, size) % U64)
+            if garbage in PERF_RECORD_GARBAGE:
+                planted = plant_perf_record(pp, writer, cpu, garbage)
             else:
-                for offset, data in perf_record_garbage(garbage, head, tail):
-                    writer.poke(tail % size + offset, data)
-                planted = None
+                pp.output(20, SAMPLE, cpu=cpu)  # pending when the garbage lands
+                tail, head = writer.get()
+                assert head - tail == 20 * PERF_REC
+                planted = writer.set(perf_tail_value(garbage, tail, head, size) % U64)
             found = writer.get()
+            head = found[1]
             for attempt in ("first", "second"):
                 exc = expect_corrupt(c, api, f"{api_name} ({attempt} call)")
                 assert exc.delivered == [], f"{api_name} delivered {len(exc.delivered)} samples from a corrupt ring"
+                assert lost == [], f"{api_name} reported lost counts {lost} read from a corrupt ring"
                 check_error(exc, pp.array, cpu=cpu, found=planted)
                 assert writer.get() == found, "the ring was not left as found"
             ring = pb.rings[0]
@@ -500,7 +517,7 @@ def perf_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
 
 
 @pytest.mark.parametrize("api", list(PERF_APIS))
-@pytest.mark.parametrize("garbage", PERF_TAIL_GARBAGE + PERF_RECORD_GARBAGE)
+@pytest.mark.parametrize("garbage", PERF_TAIL_GARBAGE + tuple(PERF_RECORD_GARBAGE))
 def test_garbage_in_a_perf_ring_raises_delivers_nothing_and_resync_recovers(bpf_object, garbage, api):
     path = str(bpf_object("perf_producer"))
     isolated(lambda: perf_garbage_scenario(path, garbage, api))
@@ -519,7 +536,7 @@ def perf_random_scenario(path: str, seconds: float, seed: int) -> dict[str, Any]
     try:
         with HostileWriter.perf(pb.buffer_fd(0), PERF_PAGES * 4096) as writer:
             c = Consumer(pb, sink)
-            writer.start_random(seconds, seed)
+            writer.start_random(seconds, seed, max_pause_us=20000)
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 n = rng.randint(0, 60)
