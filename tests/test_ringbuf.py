@@ -15,12 +15,6 @@ import bpfring
 from bpfring import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RingBuffer
 
 
-@pytest.fixture(autouse=True)
-def both_walks(walk):
-    """Every test here runs on both consumer walks (conftest's walk fixture)."""
-    return walk
-
-
 def check_records(got: list[bytes], first_seq: int, size: int | tuple[int, int], producer: int = 0) -> None:
     """Every record is the one the BPF program wrote for its sequence number, in order."""
     lo, hi = (size, size) if isinstance(size, int) else size
@@ -417,9 +411,20 @@ def test_bad_fd_and_missing_pin_and_non_callable(bpf, tmp_path):
     with bpfring.Map.create(bpfring.MapType.RINGBUF, 4096) as m:
         with pytest.raises(TypeError, match="callback must be callable"):
             RingBuffer(m, 42)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="a callback is needed"):
-            RingBuffer(m)
     assert open_fds() == before
+
+
+def test_a_ring_buffer_without_a_callback_serves_batches_and_refuses_poll_and_consume(producer):
+    """Batch and async users need no callback; the callback calls say it is missing, and take nothing."""
+    with RingBuffer(producer.ring) as rb:
+        r = producer.produce(3)
+        for call in (rb.consume, lambda: rb.poll(0), rb.rings[0].consume):
+            with pytest.raises(TypeError, match="has no callback"):
+                call()
+        assert rb.rings[0].avail_data_size > 0
+        got = rb.consume_batch()
+        assert len(got) == 3
+        check_records(got, r.first_seq, 16)
 
 
 def test_a_pinned_ring_by_path(bpf, tmp_path):

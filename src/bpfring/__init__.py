@@ -10,10 +10,10 @@ and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin
 """
 
 from ._sys.bpf import MapType
-from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingFullError
+from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingCorruptError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
-from .perfbuf import PerfBuffer
+from .perfbuf import PerfBuffer, PerfRing
 from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer, release_batch_memory
 from .userbuf import Sample, UserRingBuffer
 
@@ -30,8 +30,10 @@ __all__ = [
     "MapType",
     "Object",
     "PerfBuffer",
+    "PerfRing",
     "Program",
     "RecordSizeError",
+    "RingCorruptError",
     "Ring",
     "RingBuffer",
     "RingFullError",
