@@ -439,3 +439,53 @@ def test_a_pinned_ring_by_path(bpf, tmp_path):
             assert rb.rings[0].size == 8192
     finally:
         os.unlink(path)
+
+
+# -- a ring another process writes into ------------------------------------------------------------
+
+
+def write_consumer_pos(ring: bpfring.Ring, value: int) -> None:
+    """What any process holding the map can do: map the consumer page read-write and store."""
+    import mmap
+
+    with mmap.mmap(ring.map_fd, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE) as page:
+        page[:8] = value.to_bytes(8, "little")
+
+
+def test_a_corrupt_ring_does_not_stop_the_healthy_ones_and_resync_resumes_it(make_producer):
+    """One of two rings gets a consumer_pos past its producer: the other's records are delivered
+    by the same calls, the error names the bad ring, poll() stops waking for it (no spin), and
+    after resync() its new records arrive exactly once."""
+    bad, good = make_producer(ring_size=4096), make_producer(ring_size=4096)
+    got: dict[str, list[bytes]] = {"bad": [], "good": []}
+    with RingBuffer() as rb:
+        rb.add(bad.ring, got["bad"].append)
+        rb.add(good.ring, got["good"].append)
+        bad.produce(2)
+        write_consumer_pos(rb.rings[0], 1 << 40)
+        r = good.produce(3)
+        with pytest.raises(bpfring.RingCorruptError, match="ring 0 of map 'rb'") as info:
+            rb.consume()
+        assert info.value.ring == 0 and info.value.map_id == rb.rings[0].map.id
+        assert len(got["good"]) == 3 and got["bad"] == []
+        check_records(got["good"], r.first_seq, 16)
+        # Left out of the epoll: a poll() loop that logs the error and goes on waits, not spins.
+        start = time.monotonic()
+        assert rb.poll(200) == 0
+        assert time.monotonic() - start >= 0.15
+        assert rb.rings[0].consumer_pos == 1 << 40  # left as found
+        # Batches: the healthy ring's records come with the next call, once.
+        r = good.produce(2)
+        with pytest.raises(bpfring.RingCorruptError):
+            rb.consume_batch()
+        batch = rb.consume_batch()
+        assert len(batch) == 2
+        with pytest.raises(bpfring.RingCorruptError):
+            rb.consume_batch()  # still corrupt: it says so again, and the healthy ring is empty
+        assert rb.consume_batch() == []
+        check_records(batch, r.first_seq, 16)
+        assert rb.rings[0].resync() == 2 * 24  # two 16-byte records and their headers
+        r = bad.produce(4)
+        assert rb.poll(1000) == 4 and rb.consume() == 0
+        assert len(got["bad"]) == 4
+        check_records(got["bad"], r.first_seq, 16)

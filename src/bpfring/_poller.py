@@ -39,6 +39,10 @@ class Poller:
         is reported again."""
         self.check_open().register(fd, events)
 
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd`` (a corrupt ring, until it is resynced)."""
+        self.check_open().unregister(fd)
+
     def check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:
             raise ValueError(f"{self._owner} is closed")

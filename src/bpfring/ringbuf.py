@@ -143,6 +143,9 @@ class Ring(MappedRing):
 
     # The owning RingBuffer's Poller (set by RingBuffer.add): its lock serializes every consumer.
     _poller: Poller | None = None
+    # Found corrupt by its RingBuffer: left out of the epoll (which would report it ready forever)
+    # until resync().
+    _quarantined = False
 
     def __init__(self, source: MapLike, callback: Callback | None = None, *, index: int | None = None) -> None:
         if callback is not None and not callable(callback):
@@ -195,7 +198,11 @@ class Ring(MappedRing):
         with self._consuming():
             self._partial = None
             self._taken.records.clear()
-            return self._live_state().resync()
+            skipped = self._live_state().resync()
+            if self._quarantined and self._poller is not None:
+                self._poller.register(self.map_fd)
+                self._quarantined = False
+            return skipped
 
     def _live_state(self) -> Any:
         if self._state is None:
@@ -424,7 +431,8 @@ class RingBuffer:
         """Consume ``rings`` in turn (up to ``limit(ring, left)`` records each, ``left`` in all).
 
         A corrupt ring does not stop the others: its RingCorruptError is raised once every
-        healthy ring has delivered. A callback's negative return stops at once and is returned.
+        healthy ring has delivered, and poll() no longer waits on it until ``resync()``. A
+        callback's negative return stops at once and is returned.
         """
         total = 0
         error: RingCorruptError | None = None
@@ -434,6 +442,7 @@ class RingBuffer:
             try:
                 n = ring._consume(limit(ring, left), callback)
             except RingCorruptError as exc:
+                self._quarantine(ring)
                 error = error or exc
                 continue
             if n < 0:
@@ -443,6 +452,13 @@ class RingBuffer:
         if error is not None:
             raise error
         return total
+
+    def _quarantine(self, ring: Ring) -> None:
+        """Take a corrupt ring out of the epoll: it would be reported ready forever, and a poll()
+        loop that logs the error and goes on would spin. Ring.resync() puts it back."""
+        if not ring._quarantined:
+            self._poller.unregister(ring.map_fd)
+            ring._quarantined = True
 
     def consume(self, max_records: int | None = None) -> int:
         """Consume every ring without waiting, up to ``max_records`` in all (libbpf's consume_n)."""
@@ -481,6 +497,7 @@ class RingBuffer:
                     try:
                         parts.append(ring._consume_batch(dt, limit - have, None))
                     except RingCorruptError as exc:
+                        self._quarantine(ring)
                         error = error or exc
                         continue
                     have += len(parts[-1])
