@@ -379,8 +379,10 @@ def test_a_ring_kept_past_close_says_it_is_closed(producer):
 
 def test_close_releases_every_fd_and_mapping(producer):
     before = open_fds()
+    other = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
     rb = RingBuffer(producer.ring, lambda d: None)
-    rb.add(producer.ring, lambda d: None)
+    rb.add(other, lambda d: None)
+    other.close()
     assert open_fds() - before  # epoll, eventfd, the rings' fds (and the dups Python's mmap keeps)
     rb.close()
     rb.close()  # idempotent

@@ -195,6 +195,7 @@ typedef struct {
 	PyObject *corrupt;
 	int open;
 	int walking; /* a walk is running: release() is refused while it reads the mappings */
+	int shared;  /* other consumers may move consumer_pos too: no "another process wrote it" check */
 } RingState;
 
 static int ring_check_open(RingState *s)
@@ -245,7 +246,7 @@ static int ring_begin(RingState *s, uint64_t *cons, uint64_t *prod)
 	*cons = __atomic_load_n(s->consumer_pos, __ATOMIC_RELAXED);
 	/* Pairs with the smp_store_release(&rb->producer_pos) in __bpf_ringbuf_reserve(). */
 	*prod = __atomic_load_n(s->producer_pos, __ATOMIC_ACQUIRE);
-	if (*cons != s->last) {
+	if (*cons != s->last && !s->shared) {
 		raise_corrupt(s->corrupt,
 			      Py_BuildValue("{s:K,s:K,s:K}", "consumer_pos", *cons, "producer_pos", *prod, "expected", s->last),
 			      "consumer_pos is %llu, this consumer left it at %llu: another process wrote it",
@@ -287,12 +288,14 @@ static int ring_reread(RingState *s, uint64_t cons, uint64_t *prod)
 
 static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-	static char *kwlist[] = { "consumer_mm", "producer_mm", "size", "corrupt", NULL };
+	static char *kwlist[] = { "consumer_mm", "producer_mm", "size", "corrupt", "shared", NULL };
 	PyObject *cons_obj, *prod_obj, *corrupt;
 	unsigned long long size;
+	int shared = 0;
 	RingState *s;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOKO:RingState", kwlist, &cons_obj, &prod_obj, &size, &corrupt))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOKO|p:RingState", kwlist, &cons_obj, &prod_obj, &size, &corrupt,
+					 &shared))
 		return NULL;
 	if (size < (unsigned long long)page_size || (size & (size - 1)) || size > ((unsigned long long)PY_SSIZE_T_MAX >> 2)) {
 		PyErr_Format(PyExc_ValueError, "ring size must be a power of two of at least a page, got %llu", size);
@@ -318,6 +321,7 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	s->last = __atomic_load_n(s->consumer_pos, __ATOMIC_RELAXED);
 	Py_INCREF(corrupt);
 	s->corrupt = corrupt;
+	s->shared = shared;
 	s->open = 1;
 	return (PyObject *)s;
 }
@@ -655,7 +659,7 @@ typedef struct {
 	uint64_t size, mask;
 	uint64_t last; /* data_tail as this reader last stored (or found) it */
 	PyObject *cpu, *corrupt;
-	int open, walking;
+	int open, walking, shared;
 } PerfRingState;
 
 static int perf_check_open(PerfRingState *s)
@@ -700,7 +704,7 @@ static int perf_begin(PerfRingState *s, uint64_t *tail, uint64_t *head)
 	*tail = __atomic_load_n(s->tail_ptr, __ATOMIC_RELAXED);
 	/* Pairs with the smp_wmb() before the kernel publishes data_head (perf_output_put_handle). */
 	*head = __atomic_load_n(s->head_ptr, __ATOMIC_ACQUIRE);
-	if (*tail != s->last) {
+	if (*tail != s->last && !s->shared) {
 		raise_corrupt(s->corrupt,
 			      Py_BuildValue("{s:K,s:K,s:K}", "data_tail", *tail, "data_head", *head, "expected", s->last),
 			      "data_tail is %llu, this reader left it at %llu: another process wrote it",
@@ -768,12 +772,13 @@ static void perf_copy(PerfRingState *s, uint8_t *dst, uint64_t pos, uint64_t len
 
 static PyObject *perf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-	static char *kwlist[] = { "mm", "size", "cpu", "corrupt", NULL };
+	static char *kwlist[] = { "mm", "size", "cpu", "corrupt", "shared", NULL };
 	PyObject *mm, *cpu, *corrupt;
 	unsigned long long size;
+	int shared = 0;
 	PerfRingState *s;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKOO:PerfRingState", kwlist, &mm, &size, &cpu, &corrupt))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKOO|p:PerfRingState", kwlist, &mm, &size, &cpu, &corrupt, &shared))
 		return NULL;
 	if (size < (unsigned long long)page_size || (size & (size - 1)) || size > ((unsigned long long)PY_SSIZE_T_MAX >> 2)) {
 		PyErr_Format(PyExc_ValueError, "perf ring size must be a power of two of at least a page, got %llu", size);
@@ -800,6 +805,7 @@ static PyObject *perf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	s->cpu = cpu;
 	Py_INCREF(corrupt);
 	s->corrupt = corrupt;
+	s->shared = shared;
 	s->open = 1;
 	return (PyObject *)s;
 }

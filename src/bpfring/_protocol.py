@@ -8,6 +8,7 @@ exported from there; sizes and positions are checked in C before any byte is rea
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 from .errors import RingCorruptError
@@ -67,9 +68,15 @@ class MappedRing:
     _producer_mm: mmap.mmap | None = None
     _state: Any = None  # _fastring.RingState or UserRingState
     _corrupt: Corrupt
+    # The process that mapped the ring: a fork() child shares the mappings and must not use them.
+    _pid: int = -1
 
-    def _map_ring(self, user: bool) -> None:
-        """Map ``self._map``; on failure nothing stays mapped (the caller closes the map)."""
+    def _map_ring(self, user: bool, shared: bool = False) -> None:
+        """Map ``self._map``; on failure nothing stays mapped (the caller closes the map).
+
+        ``shared``: other consumers move consumer_pos too, so the walk does not take a move it
+        did not make for corruption."""
+        self._pid = os.getpid()
         self.size: int = self._map.max_entries
         check_ring_size(self.size)
         self._mask = self.size - 1
@@ -80,8 +87,10 @@ class MappedRing:
             self._producer_mm = self._map.mmap(
                 PAGE_SIZE + 2 * self.size, rw if user else mmap.PROT_READ, PAGE_SIZE, "producer page and data"
             )
-            state_type = _fastring.UserRingState if user else _fastring.RingState
-            self._state = state_type(self._consumer_mm, self._producer_mm, self.size, self._corrupt)
+            if user:
+                self._state = _fastring.UserRingState(self._consumer_mm, self._producer_mm, self.size, self._corrupt)
+            else:
+                self._state = _fastring.RingState(self._consumer_mm, self._producer_mm, self.size, self._corrupt, shared)
         except BaseException:
             self._unmap_ring()
             raise

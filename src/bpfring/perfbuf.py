@@ -13,8 +13,10 @@ import errno
 import mmap
 import os
 import sys
+import warnings
 from typing import Any, AsyncIterator, Callable, Iterable, Optional
 
+from ._claim import Claim
 from ._poller import Poller
 from ._protocol import Corrupt, _fastring
 from ._sys import perf as sys_perf
@@ -49,6 +51,9 @@ class PerfRing:
         except OSError as exc:
             os.close(self.fd)
             raise BPFError(exc.errno, f"can't mmap the perf buffer of cpu {cpu} ({page_cnt} pages)") from None
+        except BaseException:
+            os.close(self.fd)
+            raise
         try:
             self._state = _fastring.PerfRingState(self._mm, self.size, cpu, Corrupt(m, cpu=cpu))
         except BaseException:
@@ -123,6 +128,11 @@ class PerfBuffer:
     counts as consumed). An exception propagates; its record counts as consumed and the rest stay
     for the next call, so no sample is delivered twice. Without ``sample_cb`` samples are dropped.
 
+    One reader per array: an array another PerfBuffer (in this process or any other) reads is
+    refused with an error naming that process. ``shared=True`` opts out: this buffer then takes
+    over the slots of the CPUs it opens (the other gets nothing more from them), and its close()
+    clears only the slots it still holds in this process (another process cannot be asked).
+
     Notification is sampled: the kernel wakes the reader every ``wakeup_events`` samples, so with
     ``wakeup_events=N`` the last N-1 samples of a burst wait for the N-th. :meth:`poll` only
     consumes rings that woke it (as ``perf_buffer__poll``), and a timeout consumes nothing: call
@@ -144,6 +154,7 @@ class PerfBuffer:
         *,
         wakeup_events: int = 1,
         cpus: Iterable[int] | None = None,
+        shared: bool = False,
     ) -> None:
         check_positive_int("page_cnt", page_cnt)
         if page_cnt & (page_cnt - 1):
@@ -166,11 +177,16 @@ class PerfBuffer:
         self._partial: tuple[Any, list[tuple[int, int, int]]] | None = None
         # Samples an async iteration took but has not yielded yet (see records()).
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._claim: Claim | None = None
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
         try:
             chosen = self._choose_cpus(cpus)
+            if not shared:
+                self._claim = Claim(self._map, "PerfBuffer")
             self._poller = Poller("PerfBuffer")
         except BaseException:
+            if self._claim is not None:
+                self._claim.release()
             self._map.close()
             raise
         try:
@@ -213,6 +229,7 @@ class PerfBuffer:
         # The array holds u32 keys and values in host byte order.
         self._map.update(cpu.to_bytes(4, sys.byteorder), buf.fd.to_bytes(4, sys.byteorder))
         self._slots.append(cpu)
+        _slot_owner[(self._map.id, cpu)] = id(self)
         sys_perf.enable(buf.fd)
 
     # -- accessors ------------------------------------------------------------------------------
@@ -268,19 +285,22 @@ class PerfBuffer:
         Returns samples delivered (0 on timeout) or a callback's negative return value. Rings
         whose reading a callback cut short are read first, without waiting.
         """
+        self._poller.consuming()  # refused at once from a callback, rather than after the wait
+        unfinished = self._unfinished
+        try:
+            # Holding no lock: consume() and batches in other threads go on meanwhile.
+            ready = self._poller.wait(0 if unfinished else timeout_ms)
+            # Reported once, so remembered until read to the end (see _consume).
+            unfinished.update(self._by_fd.get(fd) for fd in ready)
+            unfinished.discard(None)
+        except BaseException:
+            # Interrupted (Ctrl-C) after epoll may have taken wakeups it will not report again:
+            # a full ring would never wake us. Read every ring next time instead.
+            unfinished.update(self._buffers)
+            raise
         with self._poller.consuming():
-            unfinished = self._unfinished
-            try:
-                ready = self._poller.wait(0 if unfinished else timeout_ms)
-                if self._poller.closing:
-                    return 0
-                # Reported once, so remembered until read to the end (see _consume).
-                unfinished.update(self._by_fd[fd] for fd in ready)
-            except BaseException:
-                # Interrupted (Ctrl-C) after epoll may have taken wakeups it will not report again:
-                # a full ring would never wake us. Read every ring next time instead.
-                unfinished.update(self._buffers)
-                raise
+            if self._poller.closing or self._poller.closed:
+                return 0  # closed from another thread while this one waited
             # At most a ring's worth of samples (16 bytes at least each) per poll: a producer as
             # fast as the callback cannot keep poll(), and a close() waiting for it, going.
             return self._each_ring(list(unfinished), lambda buf: buf.size // 16)
@@ -316,9 +336,8 @@ class PerfBuffer:
 
     def consume_buffer(self, i: int) -> int:
         """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``)."""
-        buf = self._buffer(i)
         with self._poller.consuming():
-            return self._consume(buf)
+            return self._consume(self._buffer(i))  # checked under the lock: close() may race it
 
     def consume_batch(
         self, dtype: DTypeLike | None = None, max_records: int | None = None, *, out: Any = None, with_cpus: bool = False
@@ -527,26 +546,47 @@ class PerfBuffer:
             for buf in self._buffers:
                 sys_perf.disable(buf.fd)
             for cpu in self._slots:
+                # Only slots this buffer still holds: a PerfBuffer opened later on the same array
+                # (shared=True) took over the others.
+                if _slot_owner.get((self._map.id, cpu)) != id(self):
+                    continue
+                del _slot_owner[(self._map.id, cpu)]
                 try:
                     self._map.delete(cpu.to_bytes(4, sys.byteorder))
                 except BPFError as exc:
                     if exc.errno != errno.ENOENT:  # already cleared (the map file was released)
                         raise
         finally:
-            self._slots.clear()
+            self._release_own()
+
+    def _release_own(self) -> None:
+        """Close this process's descriptors and mappings; what the kernel shares (the events'
+        state, the array's slots) is left alone. All a fork() child may do."""
+        self._slots.clear()
+        try:
             for buf in self._buffers:
                 buf.close()
+        finally:
             self._buffers.clear()
             self._by_fd.clear()
             self._unfinished.clear()
+            if self._claim is not None:
+                self._claim.release()
             self._map.close()
 
     def close(self) -> None:
-        """Disable the events, clear the array slots this buffer set, unmap and close; idempotent.
+        """Disable the events, clear the array slots this buffer still holds, unmap and close;
+        idempotent. A poll() blocked in another thread returns first.
 
-        A poll() blocked in another thread returns first.
-        """
-        self._poller.close(self._release)
+        In a fork() child it releases only the child's copies of the descriptors and mappings:
+        the events stay enabled and the slots set, for the parent."""
+        self._poller.close(self._release, self._release_own)
+
+    def __del__(self) -> None:
+        poller = self.__dict__.get("_poller")
+        if poller is not None and not poller.closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
 
     @property
     def closed(self) -> bool:
@@ -562,6 +602,10 @@ class PerfBuffer:
         if self.closed:
             return "<PerfBuffer closed>"
         return f"<PerfBuffer map={self._map.name!r} cpus={list(self.cpus)} page_cnt={self.page_cnt}>"
+
+
+# (array map id, cpu) -> id() of the PerfBuffer whose event fd that slot holds, in this process.
+_slot_owner: dict[tuple[int, int], int] = {}
 
 
 def _avail(buf: PerfRing) -> int:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import os
 import sys
+import warnings
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
-from ._poller import Poller
+from ._claim import Claim
+from ._poller import Poller, forked_error
 from ._protocol import (
     BPF_RB_FORCE_WAKEUP,
     BPF_RB_NO_WAKEUP,
@@ -147,18 +150,23 @@ class Ring(MappedRing):
     # until resync().
     _quarantined = False
 
-    def __init__(self, source: MapLike, callback: Callback | None = None, *, index: int | None = None) -> None:
+    def __init__(
+        self, source: MapLike, callback: Callback | None = None, *, index: int | None = None, shared: bool = False
+    ) -> None:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
         self._taken = _Taken()
         # What a dtype batch interrupted by Ctrl-C had taken: (array, [n]) until the next call.
         self._partial: tuple[Any, list[int]] | None = None
+        self._claim: Claim | None = None
         self._map = open_map(source, MapType.RINGBUF)
         try:
-            self._map_ring(user=False)
+            if not shared:
+                self._claim = Claim(self._map, "RingBuffer")
+            self._map_ring(user=False, shared=shared)
         except BaseException:
-            self._map.close()
+            self._release()
             raise
         self._corrupt.ring = index
 
@@ -207,6 +215,8 @@ class Ring(MappedRing):
     def _live_state(self) -> Any:
         if self._state is None:
             raise ValueError(f"ring of map {self._map.name!r} is closed")
+        if self._pid != os.getpid():
+            raise forked_error("Ring", self._pid)
         return self._state
 
     # -- consuming ------------------------------------------------------------------------------
@@ -333,11 +343,16 @@ class Ring(MappedRing):
     # -- lifetime -------------------------------------------------------------------------------
 
     def _release(self) -> None:
-        self._unmap_ring()
-        self._map.close()
+        try:
+            self._unmap_ring()
+        finally:
+            if self._claim is not None:
+                self._claim.release()
+            self._map.close()
 
     def close(self) -> None:
-        """Unmap the ring and close its fd; idempotent."""
+        """Unmap the ring, close its fd and give up its claim; idempotent. In a fork() child it
+        releases only the child's copies (nothing shared is written)."""
         if not self._map.closed:
             self._release()
 
@@ -368,9 +383,15 @@ class RingBuffer:
                 rb.poll(timeout_ms=100)
 
     With asyncio, ``async for data in rb`` (see :meth:`records` and :meth:`batches`).
+
+    A ring has one consumer: a ring that another RingBuffer (in this process or any other) is
+    consuming is refused with an error naming that process, until it closes or exits.
+    ``shared=True`` opts out: each record then goes to whichever consumer walks it first, and
+    neither can tell a move of consumer_pos by the other from corruption.
     """
 
-    def __init__(self, map: MapLike | None = None, callback: Callback | None = None) -> None:
+    def __init__(self, map: MapLike | None = None, callback: Callback | None = None, *, shared: bool = False) -> None:
+        self._shared = shared
         self._rings: list[Ring] = []
         self._by_fd: dict[int, Ring] = {}
         self._poller = Poller("RingBuffer")
@@ -393,7 +414,7 @@ class RingBuffer:
         ``async for``; :meth:`poll` and :meth:`consume` then raise TypeError.
         """
         self._poller.check_open()
-        ring = Ring(map, callback, index=len(self._rings))
+        ring = Ring(map, callback, index=len(self._rings), shared=self._shared)
         ring._poller = self._poller
         try:
             self._poller.register(ring.map_fd)
@@ -417,13 +438,16 @@ class RingBuffer:
 
         Returns records delivered (0 on timeout) or a callback's negative return value.
         """
+        self._poller.consuming()  # refused at once from a callback, rather than after the wait
+        ready = self._poller.wait(timeout_ms)  # holding no lock: consume() in another thread goes on
         with self._poller.consuming():
+            if self._poller.closing or self._poller.closed:
+                return 0  # closed from another thread while this one waited
             # At most a ring's worth per ring: a producer as fast as the callback cannot keep
             # poll() (and a close() waiting for it) going; the level-triggered epoll reports what
             # is left at once.
-            return self._each_ring(
-                [self._by_fd[fd] for fd in self._poller.wait(timeout_ms)], lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ
-            )
+            rings = [self._by_fd[fd] for fd in ready if fd in self._by_fd]
+            return self._each_ring(rings, lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ)
 
     def _each_ring(
         self, rings: list[Ring], limit: Callable[[Ring, int], int], left: int = _NO_LIMIT, callback: Callback | None = None
@@ -563,8 +587,17 @@ class RingBuffer:
         self._by_fd.clear()
 
     def close(self) -> None:
-        """Unmap every ring and close every fd; a poll() blocked in another thread returns first."""
+        """Unmap every ring and close every fd; a poll() blocked in another thread returns first.
+
+        In a fork() child it releases only the child's copies of the descriptors and mappings:
+        nothing the parent shares (epoll, eventfd, consumer_pos) is touched."""
         self._poller.close(self._release)
+
+    def __del__(self) -> None:
+        poller = self.__dict__.get("_poller")
+        if poller is not None and not poller.closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
 
     @property
     def closed(self) -> bool:

@@ -14,9 +14,10 @@ import os
 import select
 import threading
 import time
+import warnings
 from types import TracebackType
 
-from ._poller import Poller
+from ._poller import Poller, forked_error
 from ._sys.bpf import MapType
 from .errors import RingFullError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
@@ -384,10 +385,14 @@ class UserRingBuffer(MappedRing):
     def _check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:
             raise ValueError(f"user ring buffer of map {self._map.name!r} is closed")
+        if os.getpid() != self._pid:
+            raise forked_error("UserRingBuffer", self._pid)
         return self._epoll
 
-    def _release(self) -> None:
-        for sample in list(self._pending.values()):
+    def _release(self, in_child: bool = False) -> None:
+        """Discard what is still reserved and close everything; in a fork() child only the
+        child's descriptors and mappings (the parent's reserved samples are its own)."""
+        for sample in list(self._pending.values()) if not in_child else ():
             # A record left BUSY would stop the kernel there for good (the map may outlive us):
             # discard what was never submitted.
             try:
@@ -399,7 +404,7 @@ class UserRingBuffer(MappedRing):
         self._unmap_ring()
         if self._aio is not None:  # wakes reserve_async() waits: their next reserve() says "closed"
             aio, self._aio = self._aio, None
-            aio.close(lambda: None)
+            aio.close(lambda: None)  # (in a child, Poller.close touches nothing shared)
         if self._epoll is not None:
             epoll, self._epoll = self._epoll, None
             epoll.close()
@@ -414,6 +419,11 @@ class UserRingBuffer(MappedRing):
         A ``reserve_blocking()`` waiting in another thread, or a ``reserve_async()``, raises
         ValueError ("closed").
         """
+        if os.getpid() != self._pid:  # a fork() child: no lock (one may be held forever), nothing shared
+            if self._epoll is not None:
+                self._closing = True
+                self._release(in_child=True)
+            return
         with self._lock:
             if self._epoll is None or self._closing:
                 return
@@ -430,6 +440,7 @@ class UserRingBuffer(MappedRing):
 
     def __del__(self) -> None:
         if getattr(self, "_epoll", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()  # the eventfd is a bare fd: nothing else would close it
 
     def __enter__(self) -> UserRingBuffer:
