@@ -10,6 +10,7 @@ and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin
 """
 
 from ._sys.bpf import MapType
+from .build import BuildError, compile
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
@@ -23,6 +24,7 @@ __all__ = [
     "BPFError",
     "BPFNotFoundError",
     "BPFPermissionError",
+    "BuildError",
     "BPF_RB_FORCE_WAKEUP",
     "BPF_RB_NO_WAKEUP",
     "Link",
@@ -38,5 +40,6 @@ __all__ = [
     "Sample",
     "UserRingBuffer",
     "bundled_object",
+    "compile",
     "release_batch_memory",
 ]
