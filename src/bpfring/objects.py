@@ -14,6 +14,7 @@ import resource
 import stat
 from typing import Any, Iterator
 
+from . import attach as _attach
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType
 from ._sys.libbpf import LIBBPF_ERRNO_END, LIBBPF_ERRNO_START, capture_log, lib, strerror
@@ -93,9 +94,10 @@ def _decode(name: bytes | None) -> str:
 class Link:
     """An attachment of a program (a ``struct bpf_link``); destroying it detaches."""
 
-    def __init__(self, ptr: int, program: Program) -> None:
+    def __init__(self, ptr: int, program: Program, target: str = "") -> None:
         self._ptr: int | None = ptr
         self.program = program
+        self.target = target or f"section {program.section!r}"
 
     def destroy(self) -> None:
         """Detach; idempotent."""
@@ -116,7 +118,7 @@ class Link:
         self.destroy()
 
     def __repr__(self) -> str:
-        return f"<Link {self.program.name} {'attached' if self._ptr else 'detached'}>"
+        return f"<Link {self.program.name} -> {self.target} {'attached' if self._ptr else 'detached'}>"
 
 
 class Program:
@@ -159,9 +161,63 @@ class Program:
             err = ctypes.get_errno()
             detail = f" ({lines[-1]})" if lines else ""
             raise libbpf_error(err, f"attaching program {self.name!r} (section {self.section!r}){detail}")
-        link = Link(ptr, self)
+        return self._link(ptr)
+
+    def _link(self, ptr: int, target: str = "") -> Link:
+        link = Link(ptr, self, target)
         self._obj._links.append(link)
         return link
+
+    def _check_loaded(self, what: str) -> None:
+        self._obj._check_open()
+        if lib.bpf_program__fd(self._ptr) < 0:
+            raise ValueError(f"cannot {what}: program {self.name!r} is not loaded (call load() on its object first)")
+
+    def attach_kprobe(self, function: str, retprobe: bool = False, offset: int = 0) -> Link:
+        """Attach to the entry (or, with ``retprobe``, the return) of kernel ``function``, at ``offset``.
+
+        Raises :class:`BPFError` (EOPNOTSUPP) on kernels built without kprobes.
+        """
+        self._check_loaded("attach a kprobe")
+        ptr = _attach.kprobe(self, function, retprobe, offset)
+        return self._link(ptr, f"{'kretprobe' if retprobe else 'kprobe'}:{function}" + (f"+{offset}" if offset else ""))
+
+    def attach_tracepoint(self, category: str, name: str) -> Link:
+        """Attach to the tracepoint ``category/name`` (as in /sys/kernel/tracing/events/CATEGORY/NAME)."""
+        self._check_loaded("attach a tracepoint")
+        return self._link(_attach.tracepoint(self, category, name), f"tracepoint:{category}/{name}")
+
+    def attach_raw_tracepoint(self, name: str) -> Link:
+        """Attach a ``raw_tp`` program to the raw tracepoint ``name`` (``"sys_enter"``, ``"sched_switch"``...)."""
+        self._check_loaded("attach a raw tracepoint")
+        return self._link(_attach.raw_tracepoint(self, name), f"raw_tracepoint:{name}")
+
+    def attach_uprobe(
+        self,
+        binary: str | os.PathLike[str],
+        symbol: str | None = None,
+        offset: int = 0,
+        pid: int = -1,
+        retprobe: bool = False,
+    ) -> Link:
+        """Attach to a function of a user-space ``binary`` (an executable or a shared library).
+
+        The probe sits at ``symbol`` plus ``offset``, or at the file ``offset`` alone without a
+        symbol; ``pid`` -1 traces every process that runs the binary. A binary without a ``/`` is
+        looked up as libbpf does (``"libc.so.6"``).
+        """
+        self._check_loaded("attach a uprobe")
+        ptr = _attach.uprobe(self, binary, symbol, offset, pid, retprobe)
+        where = f"{os.fsdecode(os.fspath(binary))}:{symbol or hex(offset)}" + (f"+{offset:#x}" if symbol and offset else "")
+        return self._link(ptr, f"{'uretprobe' if retprobe else 'uprobe'}:{where}")
+
+    def attach_perf_event(self, fd: int) -> Link:
+        """Run the program on each overflow of the perf event ``fd`` (a sampling event, say).
+
+        The link holds its own duplicate of ``fd``: closing yours does not detach it.
+        """
+        self._check_loaded("attach to a perf event")
+        return self._link(_attach.perf_event(self, fd), f"perf_event:fd {fd}")
 
     def test_run(
         self, ctx: bytes | bytearray = b"", data: bytes = b"", repeat: int = 0, cpu: int | None = None
