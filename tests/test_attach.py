@@ -95,7 +95,7 @@ def test_attach_tracepoint_errors_name_the_tracepoint(obj):
         prog.attach_tracepoint("nocat", "x")
     with pytest.raises(ValueError, match="non-empty name"):
         prog.attach_tracepoint("", "x")
-    with pytest.raises(BPFError, match=r"'on_uprobe' to tracepoint syscalls/sys_enter_getppid.*type kprobe"):
+    with pytest.raises(BPFError, match=r"'on_uprobe' to tracepoint syscalls/sys_enter_getppid \(a tracepoint takes a program of type tracepoint; this one is kprobe\)"):
         obj.program("on_uprobe").attach_tracepoint("syscalls", "sys_enter_getppid")  # not a tracepoint program
 
 
@@ -155,6 +155,8 @@ def test_attach_uprobe_errors_name_the_binary_and_symbol(obj, target_binary, tmp
         prog.attach_uprobe(target_binary, "no_such_fn")
     with pytest.raises(BPFNotFoundError, match=r"uprobe f in '.*/missing': no such binary"):
         prog.attach_uprobe(tmp_path / "missing", "f")
+    with pytest.raises(BPFNotFoundError, match=r"uprobe f in 'libnope.so.9': no such binary on PATH or the library path"):
+        prog.attach_uprobe("libnope.so.9", "f")
     with pytest.raises(ValueError, match="pid must be between -1 and"):
         prog.attach_uprobe(target_binary, "bpfring_target", pid=-2)
     assert obj.links == []

@@ -66,14 +66,25 @@ def _prog_type(prog: Program) -> str:
     return name.decode() if name else "unknown"
 
 
-def _failed(prog: Program, target: str, err: int, lines: list[str], reason: str = "") -> BPFError:
+# The program types each attach kind takes (libbpf_bpf_prog_type_str names), for a hint on EINVAL.
+_EXPECTED_TYPES = {
+    "kprobe": ("kprobe",),
+    "uprobe": ("kprobe",),
+    "tracepoint": ("tracepoint",),
+    "raw tracepoint": ("raw_tracepoint", "raw_tracepoint_writable"),
+    "perf event": ("perf_event", "kprobe", "tracepoint"),
+}
+
+
+def _failed(prog: Program, target: str, err: int, lines: list[str], reason: str = "", kind: str = "") -> BPFError:
     """The error for a failed attach; ``reason`` says why in words when we know it."""
     what = f"attaching program {prog.name!r} to {target}"
     if reason:
         cls = BPFNotFoundError if err == errno.ENOENT else BPFError
         return cls(err, f"{what}: {reason}")
-    if err in (errno.EINVAL, errno.EPROTO, errno.EOPNOTSUPP):
-        what += f" (the program is of type {_prog_type(prog)})"
+    actual = _prog_type(prog)
+    if kind and actual not in _EXPECTED_TYPES[kind]:
+        what += f" (a {kind} takes a program of type {' or '.join(_EXPECTED_TYPES[kind])}; this one is {actual})"
     if lines:
         what += f" ({lines[-1]})"
     return bpf_error(err, what)
@@ -100,7 +111,7 @@ def kprobe(prog: Program, function: str, retprobe: bool, offset: int) -> int:
     err = ctypes.get_errno()
     if err in (errno.ENOENT, errno.EINVAL) and _kernel_has_function(function) is False:
         raise _failed(prog, target, errno.ENOENT, lines, f"no such function in this kernel (not in {KALLSYMS})")
-    raise _failed(prog, target, err, lines)
+    raise _failed(prog, target, err, lines, kind="kprobe")
 
 
 def tracepoint(prog: Program, category: str, name: str) -> int:
@@ -118,7 +129,7 @@ def tracepoint(prog: Program, category: str, name: str) -> int:
     with capture_log() as lines:
         ptr = lib.bpf_program__attach_tracepoint(prog._ptr, category.encode(), name.encode())
     if not ptr:
-        raise _failed(prog, target, ctypes.get_errno(), lines)
+        raise _failed(prog, target, ctypes.get_errno(), lines, kind="tracepoint")
     return ptr
 
 
@@ -132,7 +143,7 @@ def raw_tracepoint(prog: Program, name: str) -> int:
     err = ctypes.get_errno()
     if err == errno.ENOENT:
         raise _failed(prog, target, err, lines, "no such raw tracepoint in this kernel or its modules")
-    raise _failed(prog, target, err, lines)
+    raise _failed(prog, target, err, lines, kind="raw tracepoint")
 
 
 def uprobe(prog: Program, binary: str | os.PathLike[str], symbol: str | None, offset: int, pid: int, retprobe: bool) -> int:
@@ -156,9 +167,11 @@ def uprobe(prog: Program, binary: str | os.PathLike[str], symbol: str | None, of
     said = " ".join(lines)
     if symbol is not None and err == errno.ENOENT and ("failed to find" in said or "not found" in said):
         raise _failed(prog, target, errno.ENOENT, lines, f"symbol {symbol!r} not found in the binary")
+    if "failed to resolve full path" in said:
+        raise _failed(prog, target, errno.ENOENT, lines, "no such binary on PATH or the library path")
     if err == errno.ESRCH:
         raise _failed(prog, target, err, lines, f"no process with pid {pid}")
-    raise _failed(prog, target, err, lines)
+    raise _failed(prog, target, err, lines, kind="uprobe")
 
 
 def perf_event(prog: Program, fd: int) -> int:
@@ -177,6 +190,6 @@ def perf_event(prog: Program, fd: int) -> int:
     if not ptr:
         err = ctypes.get_errno()
         os.close(dup)
-        raise _failed(prog, target, err, lines)
+        raise _failed(prog, target, err, lines, kind="perf event")
     return ptr
 
