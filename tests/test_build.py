@@ -221,3 +221,36 @@ def test_bad_arguments(tmp_path):
         bpfring.compile(src, defines="A=1")
     res = bpfring_cmd("build")
     assert res.returncode == 2 and "PROG.bpf.c is required" in res.stderr
+
+
+def test_object_builds_a_c_source_once_and_again_when_it_or_a_header_changes(tmp_path, monkeypatch, bpf):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    header = write(tmp_path / "step.h", "#define STEP 3\n#define SCALE 1\n")
+    src = write(tmp_path / "good.bpf.c", GOOD)  # includes "step.h" from its own directory
+
+    def built() -> Path:
+        with bpfring.Object(src) as obj:
+            assert obj.source == str(src)
+            return Path(obj.path)
+
+    first = built()
+    assert first.parent.parent == tmp_path / "cache" / "bpfring" / "objects" and first.name == "good.bpf.o"
+    assert run_bump(first, 1) == 3
+    stamp = first.stat().st_mtime_ns
+    assert built() == first and first.stat().st_mtime_ns == stamp  # cached
+
+    write(header, "#define STEP 4\n#define SCALE 1\n")
+    os.utime(header, ns=(stamp + 10**9, stamp + 10**9))  # newer than the object, whatever the clock's grain
+    assert built() == first and first.stat().st_mtime_ns != stamp  # rebuilt in place
+    assert run_bump(first, 1) == 4
+
+    write(src, GOOD.replace("STEP * SCALE", "STEP * SCALE * 2"))
+    assert built() != first  # another source, another entry
+    with bpfring.Object(src) as obj:
+        obj.load()
+        obj.program("bump").test_run()
+        assert obj.bss.calls == 8
+
+    write(src, SYNTAX_ERROR)
+    with pytest.raises(build.BuildError, match="use of undeclared identifier 'undeclared_thing'"):
+        bpfring.Object(src)

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Mapping, Sequence, Union
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
@@ -194,17 +194,70 @@ def compile(
     dict. clang's warnings go to stderr as they would from clang itself; its errors are in the
     :class:`BuildError` it raises.
     """
+    src = _source(source)
+    return _clang(src, Path(out) if out is not None else default_output(src), include_dirs, defines)
+
+
+def _source(source: str | os.PathLike[str]) -> Path:
     src = Path(source)
     if not src.is_file():
         raise FileNotFoundError(2, f"BPF source {os.fspath(source)!r} does not exist or is not a file")
-    output = Path(out) if out is not None else default_output(src)
-    cmd = clang_command(src, output, include_dirs, defines)
+    return src
+
+
+def _clang(
+    src: Path, output: Path, include_dirs: Iterable[str | os.PathLike[str]], defines: Defines, extra: Sequence[str] = ()
+) -> Path:
+    cmd = clang_command(src, output, include_dirs, defines) + list(extra)
     if output.parent != Path(""):
         output.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     diagnostics = result.stdout + result.stderr
     if result.returncode != 0:
-        raise BuildError(f"clang could not compile {os.fspath(source)} (exit {result.returncode})", diagnostics)
+        raise BuildError(f"clang could not compile {os.fspath(src)} (exit {result.returncode})", diagnostics)
     if diagnostics:
         sys.stderr.write(diagnostics)
     return output
+
+
+def cached_object(
+    source: str | os.PathLike[str], include_dirs: Iterable[str | os.PathLike[str]] = (), defines: Defines = ()
+) -> Path:
+    """``source`` compiled into bpfring's cache directory, rebuilt only when needed.
+
+    The cache entry is keyed by the source's path and contents, the flags and the kernel's BTF;
+    it is rebuilt when the source or any header it included (clang's ``-MD`` list) is newer than
+    the object, as make would. This is what ``Object("prog.bpf.c")`` loads.
+    """
+    src = _source(source).resolve()
+    includes = [os.path.abspath(d) for d in include_dirs]
+    flags = "\0".join([*includes, *_define_flags(defines)])
+    digest = hashlib.sha256(f"{src}\0{flags}\0{kernel_btf_hash()}\0".encode() + src.read_bytes())
+    out = cache_dir() / "objects" / digest.hexdigest()[:16] / default_output(src).name
+    depfile = out.with_name(out.name + ".d")
+    if _up_to_date(out, depfile):
+        return out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")  # concurrent builds each write their own, then rename
+    try:
+        _clang(src, tmp, includes, defines, ["-MD", "-MF", str(depfile)])
+        tmp.replace(out)
+    except BaseException:
+        depfile.unlink(missing_ok=True)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _up_to_date(out: Path, depfile: Path) -> bool:
+    try:
+        built = out.stat().st_mtime_ns
+        text = depfile.read_text()
+    except OSError:
+        return False
+    # make's syntax: "target: dep dep \<newline> dep", a space in a name escaped as "\ "
+    deps = text.replace("\\\n", " ").partition(":")[2].replace("\\ ", "\0").split()
+    try:
+        return all(os.stat(d.replace("\0", " ")).st_mtime_ns <= built for d in deps)
+    except OSError:  # a header is gone: rebuild, and let clang say what is missing
+        return False

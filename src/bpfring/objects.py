@@ -20,6 +20,7 @@ from ._sys.bpf import MapType
 from ._sys.libbpf import LIBBPF_ERRNO_END, LIBBPF_ERRNO_START, capture_log, lib, strerror
 from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
+from .build import cached_object
 from .errors import BPFError, bpf_error
 from .globals import GlobalData, sections
 from .maps import Map, check_ring_size
@@ -243,8 +244,13 @@ class Object:
     """
 
     def __init__(self, path: str | bytes | os.PathLike[str]) -> None:
+        """Open a ``.bpf.o`` file, or a ``.bpf.c`` source built first (cached: see :func:`bpfring.build.cached_object`)."""
         self._ptr: int | None = None
         self.path: str = os.fsdecode(os.fspath(path))
+        self.source: str | None = None
+        if self.path.endswith(".c"):
+            self.source = self.path
+            self.path = os.fspath(cached_object(self.source))
         try:
             mode = os.stat(self.path).st_mode
         except FileNotFoundError:
