@@ -19,7 +19,7 @@ from conftest import open_fds
 
 import bpfring
 from bpfring import BPFError, BPFNotFoundError, Object
-from bpfring._sys import perf
+from bpfring._sys import mounts, perf
 
 # the syscall the kernel-side tests make: getppid(), which nothing in Python caches
 GETPPID_NR = {"x86_64": 110, "aarch64": 173}[platform.machine()]
@@ -72,6 +72,7 @@ def getppid_times(n: int) -> None:
 
 def kernel_has_kprobes() -> bool:
     """CONFIG_KPROBES, seen the way perf and bpftrace see it: a kprobe PMU, or tracefs kprobe_events."""
+    mounts.ensure_tracefs()
     return os.path.exists("/sys/bus/event_source/devices/kprobe") or os.path.exists("/sys/kernel/tracing/kprobe_events")
 
 

@@ -113,6 +113,17 @@ def test_data_written_after_load_reaches_the_program(obj):
     assert custom.custom_counter == 5
 
 
+def test_a_variable_named_like_an_attribute_of_globaldata_is_the_variable(obj):
+    d = obj.data
+    assert (d.section, d.close) == (3, 4)
+    d.section = 5
+    assert d.section == 5 and d["section"] == 5 and "section" in dir(d)
+    obj.load()
+    d.close = 6
+    assert d.close == 6
+    obj.close()  # closes the section's mapping even so
+
+
 def test_wrong_names_types_and_values_say_what_is_expected(obj):
     r = obj.rodata
     with pytest.raises(AttributeError, match=r"\.rodata of object 'globals' has no variable 'nope' \(it has: cfg, limits"):

@@ -117,10 +117,10 @@ def kprobe(prog: Program, function: str, retprobe: bool, offset: int) -> int:
 def tracepoint(prog: Program, category: str, name: str) -> int:
     category = _text(category, "category")
     name = _text(name, "name")
-    target = f"tracepoint {category}/{name}"
-    ensure_tracefs()
     if "/" in category or "/" in name:
         raise ValueError(f"a tracepoint's category and name are two names without '/', got {category!r}, {name!r}")
+    target = f"tracepoint {category}/{name}"
+    ensure_tracefs()
     events = os.path.join(TRACEFS, "events", category, name)
     if not os.path.isdir(events):
         where = os.path.join(TRACEFS, "events", category)

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 BPF_F_MMAPABLE = 1 << 10  # include/uapi/linux/bpf.h: the array map may be mmap()ed
 
+# The instance attributes of GlobalData, never variables when read as attributes.
+_INTERNAL = ("_obj", "_section", "_map_ptr", "_vars", "_size", "_live")
+
 # Sections libbpf fills in itself (extern CONFIG_* values): not the user's to set.
 _LIBBPF_OWNED = (".kconfig",)
 
@@ -163,9 +166,20 @@ class GlobalData:
             raise TypeError(f"{var.dtype} (read it as bytes from obj.map({self._section!r}))")
         return var
 
+    def __getattribute__(self, name: str) -> Any:
+        # A variable wins over the few public names of this class (a C global called `section`
+        # reads as itself); names starting with "_" are this class's own (obj.bss["_x"] reaches
+        # a variable `_x`).
+        if name[:1] != "_" and name in object.__getattribute__(self, "__dict__").get("_vars", ()):
+            return self._get(name)
+        return object.__getattribute__(self, name)
+
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name in _INTERNAL:
             raise AttributeError(name)
+        return self._get(name)
+
+    def _get(self, name: str) -> Any:
         var = self._var(name)
         return to_python(self._read(var), var.dtype)
 
@@ -176,7 +190,7 @@ class GlobalData:
 
     def __getitem__(self, name: str) -> Any:
         try:
-            return self.__getattr__(name)
+            return self._get(name)
         except AttributeError as exc:
             raise KeyError(str(exc)) from None
 

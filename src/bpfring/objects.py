@@ -471,7 +471,7 @@ class Object:
             link.destroy()
         self._links.clear()
         for section in (self._globals or {}).values():
-            section.close()
+            GlobalData.close(section)  # unbound: a C global named `close` must not stand in the way
         for m in self._maps.values():
             m.close()
         self._maps.clear()

@@ -30,6 +30,8 @@ __s64 data_value = -42;
 char data_name[16] = "hello";
 double ratio = 0.5;
 __u64 custom_counter SEC(".data.custom") = 7;
+__u32 section = 3; /* a name GlobalData also has: the variable wins */
+__u32 close = 4;
 
 /* .bss: what the program saw, and its counters */
 __u64 runs;
