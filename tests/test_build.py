@@ -112,6 +112,7 @@ def test_compile_builds_a_loadable_object_with_includes_defines_and_btf(project,
     # a dict of defines, and another output path
     out2 = bpfring.compile(src, project / "out" / "x.bpf.o", [project / "include"], {"SCALE": 7})
     assert out2 == project / "out" / "x.bpf.o" and run_bump(out2, 1) == 21
+    assert bpfring.compile(src, project / "out", [project / "include"], ["SCALE"]) == project / "out" / "good.bpf.o"
 
 
 def test_build_command_prints_the_object_path(project, bpf):

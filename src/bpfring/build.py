@@ -189,13 +189,17 @@ def compile(
 ) -> Path:
     """Compile one BPF C file into a CO-RE object that :class:`bpfring.Object` loads; its path.
 
-    ``out`` defaults to the source's name with ``.o`` for ``.c`` beside it. ``include_dirs``
+    ``out`` defaults to the source's name with ``.o`` for ``.c`` beside it (or in ``out``, if
+    that is a directory). ``include_dirs``
     come first on the include path; ``defines`` are ``"NAME"``/``"NAME=VALUE"`` strings or a
     dict. clang's warnings go to stderr as they would from clang itself; its errors are in the
     :class:`BuildError` it raises.
     """
     src = _source(source)
-    return _clang(src, Path(out) if out is not None else default_output(src), include_dirs, defines)
+    output = Path(out) if out is not None else default_output(src)
+    if output.is_dir():  # -o build/: the default name, in that directory
+        output = output / default_output(src).name
+    return _clang(src, output, include_dirs, defines)
 
 
 def _source(source: str | os.PathLike[str]) -> Path:

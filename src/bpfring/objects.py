@@ -80,7 +80,7 @@ def bundled_object(name: str) -> str:
 
 
 def libbpf_error(err: int, what: str) -> BPFError:
-    """:func:`bpf_error` that also knows libbpf's own error codes (4000 and up: "Invalid ELF format"...)."""
+    """:func:`bpf_error` that also knows libbpf's own error codes (4000 and up: "BPF object format invalid"...)."""
     if LIBBPF_ERRNO_START <= err < LIBBPF_ERRNO_END:
         first, _, details = what.partition("\n")
         return BPFError(err, f"{first}: {strerror(err)}" + (f"\n{details}" if details else ""))
@@ -181,7 +181,7 @@ class Program:
         """
         self._check_loaded("attach a kprobe")
         ptr = _attach.kprobe(self, function, retprobe, offset)
-        return self._link(ptr, f"{'kretprobe' if retprobe else 'kprobe'}:{function}" + (f"+{offset}" if offset else ""))
+        return self._link(ptr, f"{'kretprobe' if retprobe else 'kprobe'}:{function}" + (f"+{offset:#x}" if offset else ""))
 
     def attach_tracepoint(self, category: str, name: str) -> Link:
         """Attach to the tracepoint ``category/name`` (as in /sys/kernel/tracing/events/CATEGORY/NAME)."""
