@@ -120,7 +120,8 @@ def test_a_variable_named_like_an_attribute_of_globaldata_is_the_variable(obj):
     assert d.section == 5 and d["section"] == 5 and "section" in dir(d)
     obj.load()
     d.close = 6
-    assert d.close == 6
+    d.read_only = False  # .data: writable after load, whatever its variables are called
+    assert (d.close, d.read_only) == (6, False)
     obj.close()  # closes the section's mapping even so
 
 

@@ -108,6 +108,9 @@ class GlobalData:
     @property
     def read_only(self) -> bool:
         """``.rodata`` sections: settable before load only (the kernel freezes them at load)."""
+        return self._frozen_at_load()
+
+    def _frozen_at_load(self) -> bool:
         return self._section.startswith(".rodata")
 
     # -- storage ------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class GlobalData:
             return addr, None
         if self._live is None:
             m = obj.map(lib.bpf_map__name(self._map_ptr).decode(errors="surrogateescape"))
-            self.__dict__["_live"] = _Live(m, self._size, writable=not self.read_only)
+            self.__dict__["_live"] = _Live(m, self._size, writable=not self._frozen_at_load())
         return None, self._live
 
     def _read(self, var: Variable) -> bytes:
@@ -134,7 +137,7 @@ class GlobalData:
         return ctypes.string_at(addr + var.offset, var.size)
 
     def _write(self, var: Variable, data: bytes) -> None:
-        if self._obj.loaded and self.read_only:
+        if self._obj.loaded and self._frozen_at_load():
             self._obj._check_open()
             raise ValueError(
                 f"cannot set {self._section} variable {var.name!r}: object {self._obj.name!r} is loaded and the "

@@ -32,6 +32,7 @@ double ratio = 0.5;
 __u64 custom_counter SEC(".data.custom") = 7;
 __u32 section = 3; /* a name GlobalData also has: the variable wins */
 __u32 close = 4;
+bool read_only = true;
 
 /* .bss: what the program saw, and its counters */
 __u64 runs;
