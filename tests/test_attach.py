@@ -38,6 +38,10 @@ __attribute__((noinline)) int bpfring_target(int x)
 int main(int argc, char **argv)
 {
 	int n = atoi(argv[1]), sum = 0;
+	char line[8];
+
+	if (argc > 2 && !fgets(line, sizeof(line), stdin)) /* "wait": until told to go on */
+		return 1;
 
 	for (int i = 0; i < n; i++)
 		sum += bpfring_target(40 + i);
@@ -148,6 +152,20 @@ def test_attach_uprobe_to_a_function_of_a_binary(obj, target_binary):
     ret.destroy()
     subprocess.run([str(target_binary), "2"], capture_output=True, check=True)
     assert obj.bss.uprobe_hits == 3
+
+
+def test_attach_uprobe_to_one_process(obj, target_binary):
+    waiting = subprocess.Popen([str(target_binary), "2", "wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        link = obj.program("on_uprobe").attach_uprobe(target_binary, "bpfring_target", pid=waiting.pid)
+        assert link.target == f"uprobe:{target_binary}:bpfring_target"
+        subprocess.run([str(target_binary), "5"], capture_output=True, check=True)  # another process: not counted
+        out, _ = waiting.communicate("go\n", timeout=60)
+    finally:
+        waiting.kill()
+        waiting.wait()
+    assert out.strip() == str(81 + 83)
+    assert obj.bss.uprobe_hits == 2
 
 
 def test_attach_uprobe_errors_name_the_binary_and_symbol(obj, target_binary, tmp_path):
