@@ -186,6 +186,13 @@ def test_vmlinux_h_is_generated_once_per_kernel_btf_in_the_cache_dir(tmp_path, m
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert build.vmlinux_h_path().parent.parent.parent == tmp_path / "home" / ".cache" / "bpfring"
 
+    # a cache directory that can't be written: one line that says where and what to do
+    blocked = write(tmp_path / "blocked", "a file, not a directory")
+    res = bpfring_cmd("build", str(src), env={**os.environ, "XDG_CACHE_HOME": str(blocked)})
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"bpfring: error: can't write vmlinux.h into {blocked}/bpfring/vmlinux/")
+    assert "XDG_CACHE_HOME chooses another cache directory" in res.stderr and "Traceback" not in res.stderr
+
     # another kernel's BTF: another key
     other = write(tmp_path / "btf", "not the kernel's")
     assert build.kernel_btf_hash(other) != build.kernel_btf_hash()

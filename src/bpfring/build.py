@@ -12,6 +12,7 @@ This module imports nothing else from bpfring, and no libbpf: building needs onl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -99,9 +100,9 @@ def vmlinux_h() -> Path:
     if out.exists():
         return out
     bpftool = _tool("bpftool")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".vmlinux.h.{os.getpid()}")  # concurrent builds each write their own, then rename
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             result = subprocess.run(
                 [bpftool, "btf", "dump", "file", VMLINUX_BTF, "format", "c"], stdout=f, stderr=subprocess.PIPE
@@ -112,8 +113,13 @@ def vmlinux_h() -> Path:
                 result.stderr.decode(errors="replace"),
             )
         tmp.replace(out)
+    except OSError as exc:
+        raise BuildError(
+            f"can't write vmlinux.h into {out.parent}: {exc.strerror} (XDG_CACHE_HOME chooses another cache directory)"
+        ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return out
 
 
@@ -243,13 +249,21 @@ def cached_object(
         return out
     tmp = out.with_name(f".{out.name}.{os.getpid()}")  # concurrent builds each write their own, then rename
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(
+            f"can't write the built object into {out.parent}: {exc.strerror} "
+            "(XDG_CACHE_HOME chooses another cache directory)"
+        ) from None
+    try:
         _clang(src, tmp, includes, defines, ["-MD", "-MF", str(depfile)])
         tmp.replace(out)
     except BaseException:
         depfile.unlink(missing_ok=True)
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return out
 
 
