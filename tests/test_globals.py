@@ -7,8 +7,12 @@ Python, live.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
+from conftest import open_fds
 
 import bpfring
 from bpfring import Object
@@ -176,3 +180,20 @@ def test_close_unmaps_and_later_use_is_refused(bpf_object):
     assert bpf_mappings() == before
     with pytest.raises(ValueError, match="is closed"):
         bss.runs  # noqa: B018
+
+
+def test_an_object_dropped_after_using_its_globals_is_freed_at_once(bpf_object):
+    before, fds = bpf_mappings(), open_fds()
+    gc.disable()  # freed by reference counting alone: the globals make no cycle
+    try:
+        obj = Object(bpf_object("globals"))
+        obj.rodata.targ_pid = 7
+        obj.load()
+        step(obj)
+        assert obj.bss.seen_pid == 7 and obj.data.data_value == -42
+        ref = weakref.ref(obj)
+        del obj
+        assert ref() is None
+        assert bpf_mappings() == before and open_fds() == fds
+    finally:
+        gc.enable()

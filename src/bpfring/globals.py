@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 BPF_F_MMAPABLE = 1 << 10  # include/uapi/linux/bpf.h: the array map may be mmap()ed
 
 # The instance attributes of GlobalData, never variables when read as attributes.
-_INTERNAL = ("_obj", "_section", "_map_ptr", "_vars", "_size", "_live")
+_INTERNAL = ("_obj", "_section", "_map_ptr", "_vars", "_size")
 
 # Sections libbpf fills in itself (extern CONFIG_* values): not the user's to set.
 _LIBBPF_OWNED = (".kconfig",)
@@ -46,6 +46,15 @@ class Variable(NamedTuple):
     offset: int
     size: int
     dtype: Any  # a numpy dtype; the TypeError saying why not, for types numpy can't hold
+
+
+class Section(NamedTuple):
+    """A global-data section as the object's BTF describes it: its map and its variables."""
+
+    name: str
+    map_ptr: int
+    variables: dict[str, Variable]
+    size: int
 
 
 class _Live:
@@ -88,14 +97,15 @@ class GlobalData:
     ``obj.global_data(".data.custom")["name"]``; ``dir()`` lists the variables.
     """
 
-    def __init__(self, obj: Object, section: str, map_ptr: int, variables: list[Variable], size: int) -> None:
+    def __init__(self, obj: Object, section: Section) -> None:
+        # The object keeps the sections and their live mappings; this view keeps only the object,
+        # so nothing here makes a reference cycle that would delay the object's finalizer.
         s = self.__dict__
         s["_obj"] = obj
-        s["_section"] = section
-        s["_map_ptr"] = map_ptr
-        s["_vars"] = {v.name: v for v in variables}
-        s["_size"] = size
-        s["_live"] = None
+        s["_section"] = section.name
+        s["_map_ptr"] = section.map_ptr
+        s["_vars"] = section.variables
+        s["_size"] = section.size
 
     @property
     def section(self) -> str:
@@ -125,10 +135,11 @@ class GlobalData:
             if not addr or size.value < self._size:
                 raise ValueError(f"{self._section} of object {obj.name!r} has no initial value to set")
             return addr, None
-        if self._live is None:
+        live = obj._global_maps.get(self._section)
+        if live is None:
             m = obj.map(lib.bpf_map__name(self._map_ptr).decode(errors="surrogateescape"))
-            self.__dict__["_live"] = _Live(m, self._size, writable=not self._frozen_at_load())
-        return None, self._live
+            live = obj._global_maps[self._section] = _Live(m, self._size, writable=not self._frozen_at_load())
+        return None, live
 
     def _read(self, var: Variable) -> bytes:
         addr, live = self._storage()
@@ -148,12 +159,6 @@ class GlobalData:
             live.write(var.offset, data)
         else:
             ctypes.memmove(addr + var.offset, data, len(data))
-
-    def close(self) -> None:
-        """Unmap the live view (the object does this when it closes)."""
-        if self._live is not None:
-            self._live.close()
-            self.__dict__["_live"] = None
 
     # -- by name --------------------------------------------------------------------------------
 
@@ -311,29 +316,29 @@ def _struct_bytes(value: Any, dtype: Any, where: str, current: bytes | None) -> 
         raise ValueError(f"{where} is a struct ({', '.join(dtype.names)}): {exc}") from None
 
 
-def sections(obj: Object, obj_ptr: int) -> dict[str, GlobalData]:
-    """Every global-data section of ``obj`` by section name (``".bss"``...), from its BTF."""
+def sections(obj_ptr: int, owner: str) -> dict[str, Section]:
+    """Every global-data section of a libbpf object by section name (``".bss"``...), from its BTF."""
     from .btf import KIND_DATASEC, BTFTypes
 
     btf = lib.bpf_object__btf(obj_ptr)
-    found: dict[str, GlobalData] = {}
+    found: dict[str, Section] = {}
     if not btf:
         return found
-    types = BTFTypes(btf, f"BPF object {obj.name!r}")
+    types = BTFTypes(btf, owner)
     ptr = None
     while ptr := lib.bpf_object__next_map(obj_ptr, ptr):
         type_id = lib.bpf_map__btf_value_type_id(ptr)
         if not type_id:
             continue
-        kind, section = types.kind_and_name(type_id)
-        if kind != KIND_DATASEC or section in _LIBBPF_OWNED:
+        kind, name = types.kind_and_name(type_id)
+        if kind != KIND_DATASEC or name in _LIBBPF_OWNED:
             continue
-        variables = []
-        for name, var_type, offset, size in types.variables(type_id):
+        variables = {}
+        for var_name, var_type, offset, size in types.variables(type_id):
             try:
-                dtype = types.dtype(var_type, f"{section} variable {name!r}")
+                dtype = types.dtype(var_type, f"{name} variable {var_name!r}")
             except TypeError as exc:  # a bitfield struct, say: the variable is there, not typed
                 dtype = exc
-            variables.append(Variable(name, offset, size, dtype))
-        found[section] = GlobalData(obj, section, ptr, variables, lib.bpf_map__value_size(ptr))
+            variables[var_name] = Variable(var_name, offset, size, dtype)
+        found[name] = Section(name, ptr, variables, lib.bpf_map__value_size(ptr))
     return found

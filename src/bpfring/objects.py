@@ -22,7 +22,7 @@ from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
 from .build import cached_object
 from .errors import BPFError, bpf_error
-from .globals import GlobalData, sections
+from .globals import GlobalData, Section, sections
 from .maps import Map, check_ring_size
 
 log = logging.getLogger("bpfring")
@@ -270,7 +270,8 @@ class Object:
         self._loaded = False
         self._links: list[Link] = []
         self._maps: dict[str, Map] = {}
-        self._globals: dict[str, GlobalData] | None = None
+        self._sections_found: dict[str, Section] | None = None
+        self._global_maps: dict[str, Any] = {}  # section -> its live mapping (globals._Live), made on first use
         self.name: str = _decode(lib.bpf_object__name(ptr))
 
     # -- before load ----------------------------------------------------------------------------
@@ -424,10 +425,10 @@ class Object:
 
     # -- global variables -----------------------------------------------------------------------
 
-    def _sections(self) -> dict[str, GlobalData]:
-        if self._globals is None:
-            self._globals = sections(self, self._check_open())
-        return self._globals
+    def _sections(self) -> dict[str, Section]:
+        if self._sections_found is None:
+            self._sections_found = sections(self._check_open(), f"BPF object {self.name!r}")
+        return self._sections_found
 
     @property
     def global_sections(self) -> list[str]:
@@ -440,7 +441,7 @@ class Object:
         if section not in found:
             known = ", ".join(found) or "none"
             raise KeyError(f"object {self.name!r} has no global-data section {section!r} (it has: {known})")
-        return found[section]
+        return GlobalData(self, found[section])
 
     @property
     def rodata(self) -> GlobalData:
@@ -470,8 +471,9 @@ class Object:
         for link in self._links:
             link.destroy()
         self._links.clear()
-        for section in (self._globals or {}).values():
-            GlobalData.close(section)  # unbound: a C global named `close` must not stand in the way
+        for live in self._global_maps.values():
+            live.close()
+        self._global_maps.clear()
         for m in self._maps.values():
             m.close()
         self._maps.clear()
