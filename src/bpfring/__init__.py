@@ -6,7 +6,8 @@ maps each ring and walks its records itself, with libbpf's semantics, one callba
 or in numpy batches. :class:`PerfBuffer` reads ``bpf_perf_event_output()``'s per-CPU perf
 rings the same way. :class:`UserRingBuffer` is the reverse channel: Python produces records
 that a BPF program drains with ``bpf_user_ringbuf_drain()``. :class:`Object` loads
-and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin or id.
+and attaches BPF programs through libbpf (globals by name, attach by target); :func:`compile`
+builds your own ``.bpf.c`` for this kernel; :class:`Map` is any BPF map by fd, pin or id.
 """
 
 from ._sys.bpf import MapType
