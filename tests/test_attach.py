@@ -23,6 +23,7 @@ from bpfring._sys import mounts, perf
 
 # the syscall the kernel-side tests make: getppid(), which nothing in Python caches
 GETPPID_NR = {"x86_64": 110, "aarch64": 173}[platform.machine()]
+PERF_COUNT_SW_CPU_CLOCK = 0  # include/uapi/linux/perf_event.h, enum perf_sw_ids
 GETPPID_FN = {"x86_64": "__x64_sys_getppid", "aarch64": "__arm64_sys_getppid"}[platform.machine()]
 
 TARGET_C = r"""
@@ -182,7 +183,7 @@ def test_attach_uprobe_errors_name_the_binary_and_symbol(obj, target_binary, tmp
 
 
 def test_attach_perf_event_runs_on_each_sample(obj):
-    attr = perf.PerfEventAttr(type=perf.PERF_TYPE_SOFTWARE, config=0, sample_period=1_000_000)  # cpu-clock, 1 ms
+    attr = perf.PerfEventAttr(type=perf.PERF_TYPE_SOFTWARE, config=PERF_COUNT_SW_CPU_CLOCK, sample_period=1_000_000)  # 1 ms
     fd = perf.perf_event_open(attr, 0, -1, -1, perf.PERF_FLAG_FD_CLOEXEC, "a cpu-clock sampling event")
     try:
         link = obj.program("on_perf_event").attach_perf_event(fd)

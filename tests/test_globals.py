@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from conftest import open_fds
 
-import bpfring
 from bpfring import Object
 
 
