@@ -6,10 +6,12 @@ maps each ring and walks its records itself, with libbpf's semantics, one callba
 or in numpy batches. :class:`PerfBuffer` reads ``bpf_perf_event_output()``'s per-CPU perf
 rings the same way. :class:`UserRingBuffer` is the reverse channel: Python produces records
 that a BPF program drains with ``bpf_user_ringbuf_drain()``. :class:`Object` loads
-and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin or id.
+and attaches BPF programs through libbpf (globals by name, attach by target); :func:`compile`
+builds your own ``.bpf.c`` for this kernel; :class:`Map` is any BPF map by fd, pin or id.
 """
 
 from ._sys.bpf import MapType
+from .build import BuildError, compile
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingCorruptError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
@@ -23,6 +25,7 @@ __all__ = [
     "BPFError",
     "BPFNotFoundError",
     "BPFPermissionError",
+    "BuildError",
     "BPF_RB_FORCE_WAKEUP",
     "BPF_RB_NO_WAKEUP",
     "Link",
@@ -40,5 +43,6 @@ __all__ = [
     "Sample",
     "UserRingBuffer",
     "bundled_object",
+    "compile",
     "release_batch_memory",
 ]

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Callable, Sequence
 
-from .tools import execsnoop, maps, tail
+from .tools import build, execsnoop, maps, tail
 from .tools.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -46,6 +46,7 @@ examples:
   sudo bpfring maps
   sudo bpfring tail /sys/fs/bpf/events --count 5
   sudo bpfring bench --quick
+  bpfring build prog.bpf.c
   python -m bpfring execsnoop --help
 
 exit codes: 0 ok, 1 error, 2 usage, 130 Ctrl-C, 143 SIGTERM
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for tool in (execsnoop, tail, maps):
+    for tool in (execsnoop, tail, maps, build):
         tool.add_parser(sub, [debug])
     # Listed here for --help; main() hands `bpfring bench ...` to bpfring.bench, which has its own options.
     sub.add_parser("bench", help="consumer throughput side by side (see bpfring bench --help)", add_help=False)

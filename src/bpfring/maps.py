@@ -136,6 +136,22 @@ class Map:
         """Pin the map on bpffs so it outlives this process (BPF_OBJ_PIN)."""
         sys_bpf.obj_pin(self.fd, os.fspath(path))
 
+    def unpin(self, path: str | os.PathLike[str]) -> None:
+        """Remove the pin of this map at ``path`` (the map lives on while anyone holds it).
+
+        Refused if ``path`` pins another map, so a stale path never removes someone else's pin.
+        """
+        path = os.fspath(path)
+        with Map.from_pinned(path) as pinned:
+            if pinned.id != self.id:
+                raise ValueError(
+                    f"{path!r} pins map {pinned.name!r} (id {pinned.id}), not this map {self.name!r} (id {self.id})"
+                )
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise BPFError(exc.errno, f"can't unpin map {self.name!r} (id {self.id}) at {path!r}: {exc.strerror}") from None
+
     def lookup(self, key: bytes) -> bytes:
         """The value stored at ``key`` (raw bytes of value_size)."""
         k = ctypes.create_string_buffer(bytes(key), self.key_size)

@@ -70,6 +70,52 @@ _fn("perf_buffer__new_raw", _p, ctypes.c_int, ctypes.c_size_t, _p, _p, _p, _p)
 _fn("perf_buffer__poll", ctypes.c_int, _p, ctypes.c_int)
 _fn("perf_buffer__consume", ctypes.c_int, _p)
 _fn("perf_buffer__free", None, _p)
+# Typed globals (bpfring.globals) and attaching by target (Program.attach_*).
+_fn("libbpf_strerror", ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+_fn("libbpf_bpf_prog_type_str", _s, ctypes.c_int)
+_fn("bpf_map__btf_value_type_id", ctypes.c_uint32, _p)
+_fn("bpf_map__value_size", ctypes.c_uint32, _p)
+_fn("bpf_program__type", ctypes.c_int, _p)
+_fn("bpf_program__attach_kprobe_opts", _p, _p, _s, _p)
+_fn("bpf_program__attach_tracepoint", _p, _p, _s, _s)
+_fn("bpf_program__attach_raw_tracepoint", _p, _p, _s)
+_fn("bpf_program__attach_uprobe_opts", _p, _p, ctypes.c_int, _s, ctypes.c_size_t, _p)
+_fn("bpf_program__attach_perf_event", _p, _p, ctypes.c_int)
+
+
+class KprobeOpts(ctypes.Structure):
+    """struct bpf_kprobe_opts as of libbpf 1.0 (later fields stay zero: ``sz`` says where we stop)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("bpf_cookie", ctypes.c_uint64),
+        ("offset", ctypes.c_size_t),
+        ("retprobe", ctypes.c_bool),
+    ]
+
+
+class UprobeOpts(ctypes.Structure):
+    """struct bpf_uprobe_opts as of libbpf 1.0 (``func_name`` since 0.8)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ref_ctr_offset", ctypes.c_size_t),
+        ("bpf_cookie", ctypes.c_uint64),
+        ("retprobe", ctypes.c_bool),
+        ("func_name", ctypes.c_char_p),
+    ]
+
+
+# libbpf's own error codes (enum libbpf_errno in libbpf.h): errno values no strerror() knows.
+LIBBPF_ERRNO_START, LIBBPF_ERRNO_END = 4000, 4100
+
+
+def strerror(err: int) -> str:
+    """The message for ``err``, a system errno or one of libbpf's own codes (4000 and up)."""
+    buf = ctypes.create_string_buffer(256)
+    lib.libbpf_strerror(err, buf, len(buf))
+    return buf.value.decode(errors="replace")
+
 
 # int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
 RING_BUFFER_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
