@@ -68,8 +68,7 @@ def with_callback(rb_map: bpfring.Map, event: np.dtype, printer: Printer, deadli
 
 def with_batches(rb_map: bpfring.Map, event: np.dtype, printer: Printer, deadline: float) -> None:
     """Every waiting record in one numpy array per call; no Python step per record."""
-    # Batches never call the callback; bpfring versions that require one get a no-op.
-    with bpfring.RingBuffer(rb_map, lambda data: None) as rb:
+    with bpfring.RingBuffer(rb_map) as rb:  # batches need no callback
         while not printer.done and time.monotonic() < deadline:
             select.select([rb], [], [], 0.1)  # wait on the ring's epoll fd, consume nothing
             printer.show(rb.consume_batch(event))
@@ -79,7 +78,7 @@ def with_asyncio(rb_map: bpfring.Map, event: np.dtype, printer: Printer, deadlin
     """Batches as they arrive, on an event loop that stays free for other work."""
 
     async def main() -> None:
-        with bpfring.RingBuffer(rb_map, lambda data: None) as rb:
+        with bpfring.RingBuffer(rb_map) as rb:
 
             async def read() -> None:
                 async for records in rb.batches(event):
