@@ -77,12 +77,16 @@ class Map:
         name: str | None = None,
         map_flags: int = 0,
     ) -> Map:
-        """BPF_MAP_CREATE. Ring maps take their size in bytes: a power of two, page-aligned."""
+        """BPF_MAP_CREATE. Ring maps take their size in bytes: a power of two, page-aligned.
+
+        Every number must fit the kernel's u32 fields: a ValueError names the one that does not.
+        """
+        type = sys_bpf.check_u32("map type", type)
         if type in _RING_TYPES:
             check_ring_size(max_entries)
             if key_size or value_size:
                 raise ValueError(f"{map_type_name(type)} takes key_size=0 and value_size=0")
-        fd = sys_bpf.map_create(int(type), key_size, value_size, max_entries, map_flags, name or "")
+        fd = sys_bpf.map_create(type, key_size, value_size, max_entries, map_flags, name or "")
         return cls(fd)
 
     @classmethod
@@ -90,6 +94,8 @@ class Map:
         """A new Map on a duplicate of ``fd``; the caller keeps its own fd."""
         if not isinstance(fd, int) or isinstance(fd, bool):
             raise TypeError(f"a map fd must be an int, got {type(fd).__name__}")
+        if fd > sys_bpf.INT_MAX:  # os.dup would raise OverflowError; negative fds are EBADF below
+            raise ValueError(f"a map fd must be from 0 to {sys_bpf.INT_MAX} (a file descriptor), got {fd}")
         try:
             dup = os.dup(fd)
         except OSError as exc:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._sys.bpf import MapType
+from .._sys.bpf import U32_MAX, MapType
 from ..errors import BPFError
 from ..maps import Map
 from ..objects import Object
@@ -28,7 +28,9 @@ from .common import (
 
 def open_map(target: str) -> Map:
     """The map named by a bpffs path or by a map id (all digits), in words when it is not there."""
-    if target.isdigit():
+    if target.isascii() and target.isdigit():
+        if int(target) > U32_MAX:  # Map.from_id would refuse it as a ValueError; here it is just absent
+            raise BPFError(errno.ENOENT, f"no BPF map has id {target}: map ids are u32, at most {U32_MAX}")
         require_admin("bpfring tail", "to open a map by id")
         try:
             return Map.from_id(int(target))
