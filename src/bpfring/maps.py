@@ -111,7 +111,10 @@ class Map:
         try:
             fd = sys_bpf.obj_get(path)
         except BPFError as exc:
-            # The kernel answers EACCES for an existing path that is not on bpffs.
+            # The kernel answers EACCES for an existing path that is not on bpffs, and for a
+            # directory on it: neither is about privileges.
+            if exc.errno in (errno.EACCES, errno.EPERM) and os.path.isdir(path):
+                raise BPFError(errno.EISDIR, f"{path!r} is a directory, not a BPF object pinned on bpffs") from None
             if exc.errno in (errno.EACCES, errno.EPERM) and os.path.exists(path) and not is_mounted_bpffs(path):
                 raise BPFError(errno.EINVAL, f"{path!r} is not a BPF object pinned on bpffs") from None
             raise

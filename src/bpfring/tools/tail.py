@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
 import json
+import os
 import struct
 import sys
 import time
@@ -22,6 +24,7 @@ from .common import (
     follow,
     paragraphs,
     positive_int,
+    positive_seconds,
     require_admin,
 )
 
@@ -41,8 +44,17 @@ def open_map(target: str) -> Map:
     except FileNotFoundError:
         raise BPFError(errno.ENOENT, f"nothing is pinned at {target!r} (give a path on bpffs or a map id)") from None
     except PermissionError:
+        if os.geteuid() == 0:  # sudo would change nothing: say what the kernel said
+            raise
         raise PermissionError(
             errno.EACCES, f"no permission to open the map pinned at {target!r}: run bpfring tail with sudo"
+        ) from None
+    except BPFError as exc:
+        if exc.errno != errno.EISDIR:
+            raise
+        raise BPFError(
+            errno.EISDIR,
+            f"{target!r} is a directory: give the path of a map pinned in it, or a map id ('bpfring maps' lists the rings)",
         ) from None
 
 
@@ -84,9 +96,11 @@ class Decoder:
 
 
 def _plain(v: Any) -> object:
-    """A numpy field as a plain value: char arrays as C strings, arrays as lists."""
+    """A numpy field as a plain value: char arrays as C strings, arrays as lists, times as text."""
     if isinstance(v, (bytes, np.bytes_)):
         return _value(bytes(v))
+    if isinstance(v, (np.datetime64, np.timedelta64)):
+        return str(v)  # .item() would give a datetime, an int or a timedelta depending on the unit
     if isinstance(v, np.void) and v.dtype.names:
         return {name: _plain(v[name]) for name in v.dtype.names}
     if isinstance(v, np.ndarray):
@@ -104,10 +118,23 @@ def formatter(fmt: Decoder | None, as_json: bool) -> Callable[[bytes], str]:
             return f"{len(data)} {data.hex()}"
         values = fmt.values(data)
         if as_json:
-            return json.dumps({"len": len(data), "values": values})
-        return " ".join(json.dumps(v) if isinstance(v, (str, dict)) else str(v) for v in values)
+            return json.dumps({"len": len(data), "values": values}, default=_json_value)
+        return " ".join(json.dumps(v, default=_json_value) if isinstance(v, (str, dict)) else str(v) for v in values)
 
     return line
+
+
+def _json_value(v: object) -> object:
+    """What JSON has no type for: a complex number as [real, imag], anything else as its text."""
+    if isinstance(v, complex):
+        return [v.real, v.imag]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (datetime.date, datetime.time, datetime.timedelta)):
+        return str(v)
+    return repr(v)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,7 +175,10 @@ def _decoder(args: argparse.Namespace) -> Decoder | None:
         if not args.object:
             raise ValueError("--struct needs --object FILE.bpf.o, the BPF object whose BTF declares it")
         with Object(args.object) as obj:
-            return Decoder(dtype=obj.struct(args.struct))
+            try:
+                return Decoder(dtype=obj.struct(args.struct))
+            except TypeError as exc:  # a C type numpy cannot hold (a bitfield, a pointer...)
+                raise ValueError(f"--struct {args.struct} can't be decoded: {exc}") from None
     if args.object:
         raise ValueError("--object goes with --struct NAME")
     return args.format
@@ -209,5 +239,5 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--object", metavar="FILE.bpf.o", help="the BPF object whose BTF declares --struct")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
     p.add_argument("--count", type=positive_int(), metavar="N", help="stop after N records")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="stop after this many seconds")
     p.set_defaults(func=run)
