@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import Callable, Sequence
 
+from ._sys.libbpf import LibbpfUnavailableError
 from .tools import execsnoop, maps, tail
 from .tools.common import (
     EXIT_ERROR,
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt as exc:  # before a command's loop started: nothing counted yet
         return exit_code_of(exc)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, LibbpfUnavailableError) as exc:
         if debug:
             raise
         print(f"bpfring: error: {_message(exc)}", file=sys.stderr)

@@ -45,6 +45,7 @@ class Cmd(enum.IntEnum):
     OBJ_PIN = 6
     OBJ_GET = 7
     PROG_TEST_RUN = 10
+    RAW_TRACEPOINT_OPEN = 17
     MAP_GET_NEXT_ID = 12
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
@@ -233,7 +234,20 @@ class ProgLoadAttr(ctypes.Structure):
         ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
         ("prog_ifindex", _u32),
         ("expected_attach_type", _u32),
+        ("prog_btf_fd", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("func_info_cnt", _u32),
+        ("line_info_rec_size", _u32),
+        ("line_info", _u64),
+        ("line_info_cnt", _u32),
+        ("attach_btf_id", _u32),
+        ("attach_prog_fd", _u32),
     ]
+
+
+class RawTracepointAttr(ctypes.Structure):
+    _fields_ = [("name", _u64), ("prog_fd", _u32)]
 
 
 class MapInfo(ctypes.Structure):
@@ -337,7 +351,14 @@ def map_get_info(fd: int) -> MapInfo:
     return info
 
 
-def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = "") -> int:
+def prog_load(
+    prog_type: int,
+    insns: bytes,
+    license: str = "GPL",
+    name: str = "",
+    expected_attach_type: int = 0,
+    attach_btf_id: int = 0,
+) -> int:
     """Load raw instructions; on a verifier rejection the error carries the verifier log."""
     if len(insns) % 8:
         raise ValueError(f"insns must be whole 8-byte instructions, got {len(insns)} bytes")
@@ -354,6 +375,8 @@ def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = ""
         log_size=len(log),
         log_buf=_addr(log),
         prog_name=obj_name("program name", name),
+        expected_attach_type=check_u32("expected_attach_type", expected_attach_type),
+        attach_btf_id=check_u32("attach_btf_id", attach_btf_id),
     )
     ret = _libc.syscall(NR_BPF, int(Cmd.PROG_LOAD), ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
@@ -361,6 +384,14 @@ def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = ""
         verifier = log.value.decode(errors="replace").strip()
         raise bpf_error(err, f"BPF_PROG_LOAD type={prog_type}" + (f"\n{verifier}" if verifier else ""))
     return ret
+
+
+def raw_tracepoint_open(prog_fd: int, name: str | None = None) -> int:
+    """BPF_RAW_TRACEPOINT_OPEN: attach a raw tracepoint program to ``name``, or a tracing
+    (fentry/fexit) program to the function it was loaded for (``name`` None); a link fd."""
+    cname = ctypes.create_string_buffer(c_string("tracepoint name", name)) if name is not None else None
+    attr = RawTracepointAttr(name=_addr(cname), prog_fd=check_fd("program fd", prog_fd))
+    return bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"BPF_RAW_TRACEPOINT_OPEN of program fd {prog_fd}")
 
 
 class TestRunResult:
