@@ -16,7 +16,7 @@ import sys
 from typing import Callable, Sequence
 
 from ._sys.libbpf import LibbpfUnavailableError
-from .tools import execsnoop, maps, tail
+from .tools import doctor, execsnoop, maps, tail
 from .tools.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -47,6 +47,7 @@ examples:
   sudo bpfring maps
   sudo bpfring tail /sys/fs/bpf/events --count 5
   sudo bpfring bench --quick
+  sudo bpfring doctor
   python -m bpfring execsnoop --help
 
 exit codes: 0 ok, 1 error, 2 usage, 130 Ctrl-C, 143 SIGTERM
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for tool in (execsnoop, tail, maps):
+    for tool in (execsnoop, tail, maps, doctor):
         tool.add_parser(sub, [debug])
     # Listed here for --help; main() hands `bpfring bench ...` to bpfring.bench, which has its own options.
     sub.add_parser("bench", help="consumer throughput side by side (see bpfring bench --help)", add_help=False)

@@ -173,6 +173,8 @@ _fn("libbpf_set_print", _p, _p)
 _fn("btf__find_by_name_kind", ctypes.c_int32, _p, _s, ctypes.c_uint32)
 _fn("btf__type_by_id", _p, _p, ctypes.c_uint32)
 _fn("btf__name_by_offset", _s, _p, ctypes.c_uint32)
+_fn("btf__load_vmlinux_btf", _p)  # bpfring doctor: the BTF id of a kernel function to probe fentry with
+_fn("btf__free", None, _p)
 # libbpf's own ring buffer consumer: bpfring does not use it, the benchmark compares against it.
 _fn("ring_buffer__new", _p, ctypes.c_int, _p, _p, _p)
 _fn("ring_buffer__consume", ctypes.c_int, _p)
