@@ -177,3 +177,14 @@ def test_tail_of_a_map_id_past_a_u32_is_not_taken_for_a_smaller_one(bpf):
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"bpfring: error: no BPF map has id {target}: map ids are u32, at most 4294967295\n"
+
+
+def test_perf_event_ioctls_refuse_an_fd_past_an_int(bpf):
+    fd = sys_perf.open_bpf_output(0, 1)
+    try:
+        for ioctl in (sys_perf.enable, sys_perf.disable):
+            refused(ValueError, f"^perf event fd must be from 0 to 2147483647 .*got {U32 + fd}$", ioctl, U32 + fd)
+        sys_perf.enable(fd)
+        sys_perf.disable(fd)
+    finally:
+        os.close(fd)

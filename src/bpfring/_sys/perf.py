@@ -94,6 +94,7 @@ def open_bpf_output(cpu: int, wakeup_events: int) -> int:
 
 
 def _ioctl(fd: int, request: int, what: str) -> None:
+    check_int("perf event fd", fd, 0, INT_MAX, "a file descriptor")
     try:
         fcntl.ioctl(fd, request, 0)
     except OSError as exc:
