@@ -104,10 +104,9 @@ def test_objects_say_libbpf_is_missing_and_how_to_get_it(bpf):
     done = run_without_libbpf(
         """
         import sys
-        from bpfring._sys.libbpf import LibbpfUnavailableError
         try:
             bpfring.Object(sys.executable)  # an ELF file that exists: libbpf is what fails
-        except LibbpfUnavailableError as exc:
+        except bpfring.LibbpfUnavailableError as exc:
             assert isinstance(exc, ImportError)
             print(exc)
         """

@@ -10,6 +10,7 @@ and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin
 """
 
 from ._sys.bpf import MapType
+from ._sys.libbpf import LibbpfUnavailableError
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
@@ -25,6 +26,7 @@ __all__ = [
     "BPFPermissionError",
     "BPF_RB_FORCE_WAKEUP",
     "BPF_RB_NO_WAKEUP",
+    "LibbpfUnavailableError",
     "Link",
     "Map",
     "MapType",
