@@ -147,3 +147,20 @@ def test_without_bpfring_libbpf_the_system_copy_is_tried_last(monkeypatch, value
     else:
         monkeypatch.setenv("BPFRING_LIBBPF", value)
     assert libbpf.candidates()[-1] == "libbpf.so.1"
+
+
+def test_libbpf_is_loaded_on_first_use_not_at_import(bpf_object):
+    # With libbpf present: importing maps nothing; opening an object loads it.
+    code = f"""
+import bpfring
+with open("/proc/self/maps") as f:
+    assert "libbpf" not in f.read(), "libbpf mapped at import"
+with bpfring.Object({str(bpf_object("producer"))!r}) as obj:
+    with open("/proc/self/maps") as f:
+        assert "libbpf" in f.read()
+    print(obj.name)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "BPFRING_LIBBPF"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "producer\n"
