@@ -22,7 +22,13 @@ _MMAP_OPTIONS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 def map_shared(fd: int, length: int, prot: int, offset: int = 0) -> mmap.mmap:
-    """mmap(MAP_SHARED) of ``fd``; OSError as mmap raises it."""
+    """mmap(MAP_SHARED) of ``fd``; OSError as mmap raises it.
+
+    A length past ssize_t is EOVERFLOW too, rather than the OverflowError Python's mmap raises,
+    so callers that close their fd on OSError also close it then.
+    """
+    if length > sys.maxsize:
+        raise OSError(errno.EOVERFLOW, f"mmap of {length} bytes: {os.strerror(errno.EOVERFLOW)}")
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset, **_MMAP_OPTIONS)
 
 # Ring maps whose max_entries is a byte size: a power of two and a multiple of the page size
