@@ -364,3 +364,27 @@ def test_a_fork_childs_user_ring_buffer_refuses_to_produce_and_its_close_discard
             assert drain.drain().records == [b"written by paren"]
     finally:
         drain.close()
+
+
+def test_two_bpfring_tails_on_one_pinned_ring_the_second_is_refused_unless_shared(producer, tmp_path):
+    """Two terminals tailing one pinned ring: the second says who holds it, in one line, exit 1;
+    with --shared it reads along."""
+    from bpfring._sys.mounts import BPFFS, ensure_bpffs
+
+    ensure_bpffs()
+    path = f"{BPFFS}/bpfring-test-tail-{os.getpid()}"
+    producer.ring.pin(path)
+    cmd = [sys.executable, "-m", "bpfring", "tail", path]
+    first = subprocess.Popen([*cmd, "--duration", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "tailing ring" in first.stderr.readline()
+        second = subprocess.run([*cmd, "--count", "1"], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"already consumed by pid {first.pid} (" in second.stderr
+        shared = subprocess.run([*cmd, "--shared", "--duration", "0.3"], capture_output=True, text=True, timeout=30)
+        assert shared.returncode == 0, shared.stderr
+    finally:
+        first.terminate()
+        first.wait(10)
+        os.unlink(path)

@@ -11,6 +11,7 @@ builds your own ``.bpf.c`` for this kernel; :class:`Map` is any BPF map by fd, p
 """
 
 from ._sys.bpf import MapType
+from ._sys.libbpf import LibbpfUnavailableError
 from .build import BuildError, compile
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingCorruptError, RingFullError
 from .maps import Map
@@ -28,6 +29,7 @@ __all__ = [
     "BuildError",
     "BPF_RB_FORCE_WAKEUP",
     "BPF_RB_NO_WAKEUP",
+    "LibbpfUnavailableError",
     "Link",
     "Map",
     "MapType",

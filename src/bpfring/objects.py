@@ -317,6 +317,7 @@ class Object:
 
     def set_max_entries(self, map_name: str, max_entries: int) -> None:
         """Override a map's size before load (libbpf's ``bpf_map__set_max_entries``)."""
+        max_entries = sys_bpf.check_u32("max_entries", max_entries)  # libbpf would cut it to 32 bits
         self._check_not_loaded(f"resize map {map_name!r}")
         ptr = self._map_ptr(map_name)
         if lib.bpf_map__type(ptr) in (MapType.RINGBUF, MapType.USER_RINGBUF):

@@ -160,6 +160,7 @@ class PerfBuffer:
         if page_cnt & (page_cnt - 1):
             raise ValueError(f"page_cnt must be a power of two, got {page_cnt}")
         check_positive_int("wakeup_events", wakeup_events)
+        sys_perf.check_buffer_args(page_cnt, wakeup_events)  # before any perf event is opened
         for name, cb in (("sample_cb", sample_cb), ("lost_cb", lost_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
