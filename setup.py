@@ -5,6 +5,7 @@ import os
 import tempfile
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +30,21 @@ class build_py_with_bpf(build_py):
             self.announce(f"compiled BPF object {path}", level=2)
 
 
-# The consumer walk in C; optional: without a compiler, bpfring falls back to pure Python.
-fastring = Extension("bpfring._fastring", ["src/bpfring/_fastring.c"], optional=True, extra_compile_args=["-O2"])
+class build_ext_required(build_ext):
+    """The record walks are C (bpfring._fastring): say what is missing when they cannot be built."""
 
-setup(cmdclass={"build_py": build_py_with_bpf}, ext_modules=[fastring])
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:
+            raise SystemExit(
+                f"bpfring: cannot compile its C extension (src/bpfring/_fastring.c): {exc}\n"
+                "bpfring needs a C compiler and Python's headers to build: on Debian/Ubuntu, "
+                "apt-get install gcc python3-dev (scripts/setup installs them)"
+            ) from exc
+
+
+# Every read and write of shared ring memory is in C: the extension is required.
+fastring = Extension("bpfring._fastring", ["src/bpfring/_fastring.c"], extra_compile_args=["-O2"])
+
+setup(cmdclass={"build_py": build_py_with_bpf, "build_ext": build_ext_required}, ext_modules=[fastring])

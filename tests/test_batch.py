@@ -25,12 +25,6 @@ def nothing(data: bytes) -> None:
     raise AssertionError("the callback is bypassed by batches")
 
 
-@pytest.fixture(autouse=True)
-def both_walks(walk):
-    """Every test here runs on the C walks and on numpy alone (conftest's walk fixture)."""
-    return walk
-
-
 def address(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0]
 
@@ -84,12 +78,11 @@ def test_discarded_records_of_other_sizes_do_not_end_a_batch(producer):
     assert records.tobytes() == expected_array(first.first_seq, 6).tobytes()
 
 
-def test_large_batches_reuse_memory_only_once_no_array_is_on_it(make_producer, walk):
+def test_large_batches_reuse_memory_only_once_no_array_is_on_it(make_producer):
     """A batch of 1 MiB or more is built on memory bpfring keeps for the next large batch once
     every array on it (views included) is gone, so batch after batch does not fault pages in."""
     producer = make_producer(ring_size=4 << 20)
     n = 20000  # 1.28 MB of records; three batches wrap the end of the 4 MiB ring
-    native = walk == "native"
     bpfring.release_batch_memory()
     with RingBuffer(producer.ring, nothing) as rb:
         first = producer.produce(n, fixed=True).first_seq
@@ -105,11 +98,10 @@ def test_large_batches_reuse_memory_only_once_no_array_is_on_it(make_producer, w
         producer.produce(n, fixed=True)
         c = rb.consume_batch(FIXED)  # ...and this one is built on it
         assert not np.shares_memory(b, c) and c.flags.writeable
-        if native:
-            assert address(c) == a_address
+        assert address(c) == a_address
         assert bpfring.release_batch_memory() == 0  # c holds what was kept
         del b
-        assert bpfring.release_batch_memory() >= (n * FIXED.itemsize if native else 0)
+        assert bpfring.release_batch_memory() >= n * FIXED.itemsize
         assert bpfring.release_batch_memory() == 0
         producer.produce(n, fixed=True)
         d = rb.consume_batch(FIXED)

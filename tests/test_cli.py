@@ -10,6 +10,7 @@ import contextlib
 import errno
 import io
 import json
+import mmap
 import os
 import re
 import shlex
@@ -407,10 +408,17 @@ def test_maps_lists_rings_with_their_pending_bytes(pinned_producer):
     assert done.returncode == 0 and text.returncode == 0, done.stderr + text.stderr
     rows = {row["id"]: row for row in map(json.loads, done.stdout.splitlines())}
     assert rows[producer.ring.id] == {
-        "id": producer.ring.id, "name": "rb", "type": "ringbuf", "size": 65536, "unit": "bytes", "pending": 5 * 32
+        "id": producer.ring.id, "name": "rb", "type": "ringbuf", "size": 65536, "unit": "bytes", "pending": 5 * 32,
+        "corrupt": None,
     }
-    assert rows[perf.id] == {"id": perf.id, "name": "bpfr_perf", "type": "perf_event_array", "size": ncpu, "unit": "cpus", "pending": None}
-    assert rows[user.id] == {"id": user.id, "name": "bpfr_user", "type": "user_ringbuf", "size": 8192, "unit": "bytes", "pending": 0}
+    assert rows[perf.id] == {
+        "id": perf.id, "name": "bpfr_perf", "type": "perf_event_array", "size": ncpu, "unit": "cpus", "pending": None,
+        "corrupt": None,
+    }
+    assert rows[user.id] == {
+        "id": user.id, "name": "bpfr_user", "type": "user_ringbuf", "size": 8192, "unit": "bytes", "pending": 0,
+        "corrupt": None,
+    }
     assert hash_map.id not in rows
     assert {row["type"] for row in rows.values()} <= {"ringbuf", "user_ringbuf", "perf_event_array"}
     lines = text.stdout.splitlines()
@@ -536,3 +544,21 @@ def test_not_root_tail_of_a_pin_is_one_line_and_exit_1(pinned_producer):
     _, path = pinned_producer
     said = fork_call(as_nobody(in_process("tail", path)))
     assert said == f"ok: 1 bpfring: error: no permission to open the map pinned at {path!r}: run bpfring tail with sudo\n"
+
+
+@pytest.mark.parametrize(
+    "consumer_pos, why",
+    [(1 << 40, "is past producer_pos"), (3, "is not 8-byte aligned")],
+    ids=["past-the-producer", "unaligned"],
+)
+def test_maps_marks_an_impossible_fill_level_instead_of_printing_it(bpf, consumer_pos, why):
+    """Another process wrote consumer_pos: no negative or oversized PENDING, the word corrupt."""
+    with bpfring.Map.create(bpfring.MapType.RINGBUF, 8192, name="bpfr_bad") as m:
+        with mmap.mmap(m.fd, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE) as page:
+            page[:8] = consumer_pos.to_bytes(8, "little")
+        done = bpfring_cmd("maps", "--json")
+        text = bpfring_cmd("maps")
+    assert done.returncode == 0 and text.returncode == 0, done.stderr + text.stderr
+    row = next(row for row in map(json.loads, done.stdout.splitlines()) if row["id"] == m.id)
+    assert row["pending"] is None and why in row["corrupt"]
+    assert f"{m.id} ringbuf bpfr_bad 8192 corrupt" in [" ".join(line.split()) for line in text.stdout.splitlines()]

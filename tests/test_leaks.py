@@ -67,12 +67,21 @@ def wrong_type(open_it: Callable[[], object]) -> Callable[[], None]:
 
 
 def test_ring_buffers_opened_and_closed_many_times_leak_nothing(producer):
+    other = Map.create(MapType.RINGBUF, 4096)
+
     def cycle() -> None:
         with RingBuffer(producer.ring, lambda d: None) as rb:
-            rb.add(producer.ring, lambda d: None)
+            rb.add(other, lambda d: None)
             rb.poll(0)
 
-    assert_no_leak("RingBuffer", cycle)
+    def claimed() -> None:
+        with pytest.raises(bpfring.BPFError, match="already consumed by a RingBuffer in this process"):
+            RingBuffer(other, lambda d: None)
+
+    with other:
+        assert_no_leak("RingBuffer", cycle)
+        with RingBuffer(other):
+            assert_no_leak("RingBuffer refused: the ring is claimed", claimed)
     with Map.create(MapType.ARRAY, 1, 4, 4) as array:
         assert_no_leak("RingBuffer refused", wrong_type(lambda: RingBuffer(array, lambda d: None)))
 

@@ -122,14 +122,3 @@ def test_without_privileges_the_error_says_so(bpf):
     said = fork_call(as_nobody(lambda: bpfring.Map.create(MapType.RINGBUF, 4096)))
     assert said.startswith("BPFPermissionError: [Errno 1] BPF_MAP_CREATE BPF_MAP_TYPE_RINGBUF")
     assert "needs root" in said
-
-
-def test_rings_refuse_to_map_where_the_memory_model_is_not_x86_64(bpf, monkeypatch):
-    import platform
-
-    with Map.create(MapType.RINGBUF, 4096) as m:
-        monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-        before = open_fds()
-        with pytest.raises(bpfring.BPFError, match="relies on x86-64 memory ordering; aarch64 is not supported yet"):
-            bpfring.RingBuffer(m, lambda d: None)
-        assert open_fds() == before

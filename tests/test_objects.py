@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
+import os
 import resource
+import shutil
 import struct
 import subprocess
+import threading
 
 import pytest
 from conftest import as_nobody, fork_call, open_fds
@@ -151,3 +155,108 @@ def test_memlock_is_raised_only_on_kernels_that_charge_bpf_to_it():
         assert soft == hard  # unlimited where the process may, else up to the hard limit
     finally:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, saved)
+
+
+# -- edges of Object() (issue 13) ----------------------------------------------------------------
+
+
+def in_thread(func, timeout: float = 5.0):
+    """``func()`` in a thread, so a call that hangs fails the test instead of hanging it."""
+    result: list = []
+
+    def run():
+        try:
+            result.append(("ok", func()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result.append(("raised", exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert result, f"still running after {timeout} s"
+    return result[0]
+
+
+def test_a_fifo_or_a_directory_is_refused_before_libbpf_reads_it(bpf, tmp_path):
+    fifo = tmp_path / "prog.bpf.o"
+    os.mkfifo(fifo)
+    before = open_fds()
+    outcome, exc = in_thread(lambda: Object(fifo))  # libbpf would block opening a FIFO
+    assert outcome == "raised" and isinstance(exc, bpfring.BPFError)
+    assert exc.errno == errno.EINVAL
+    assert exc.strerror == f"opening BPF object '{fifo}': it is a FIFO, not a regular file"
+    with pytest.raises(bpfring.BPFError, match="it is a directory, not a regular file"):
+        Object(tmp_path)
+    with pytest.raises(bpfring.BPFError, match="it is a character device, not a regular file"):
+        Object("/dev/zero")
+    assert open_fds() == before
+
+
+def test_a_file_name_that_is_not_utf8_opens_and_loads(bpf_object, tmp_path):
+    raw = os.fsencode(tmp_path) + b"/\xff\xfeprog.bpf.o"
+    shutil.copy(bpf_object("producer"), raw)
+    for path in (raw, os.fsdecode(raw)):
+        with Object(path) as obj:
+            assert obj.path == os.fsdecode(raw)
+            assert obj.name == os.fsdecode(b"\xff\xfeprog")
+            obj.load()
+            assert "rb" in obj.map_names and repr(obj)
+    junk = os.fsencode(tmp_path) + b"/\xffjunk.bpf.o"
+    with open(junk, "wb") as f:
+        f.write(b"not an ELF file")
+    with pytest.raises(bpfring.BPFError, match="opening BPF object .*junk.bpf.o"):
+        Object(junk)
+
+
+def test_libbpf_error_codes_become_libbpfs_messages(bpf, tmp_path):
+    not_bpf = tmp_path / "true.o"
+    shutil.copy("/bin/true", not_bpf)  # an ELF file, but not a BPF object
+    with pytest.raises(bpfring.BPFError) as info:
+        Object(not_bpf)
+    assert info.value.errno == 4001  # LIBBPF_ERRNO__FORMAT
+    assert info.value.strerror.endswith(": BPF object format invalid")
+    assert "Unknown error" not in str(info.value)
+    assert bpfring.objects.libbpf_error(4007, "loading x").strerror == "loading x: Kernel verifier blocks program loading"
+    assert bpfring.objects.libbpf_error(errno.ENOENT, "x").strerror == "x: No such file or directory"
+
+
+def test_struct_with_an_empty_or_invalid_name_is_refused(bpf_object):
+    with Object(bpf_object("types")) as obj:
+        assert obj.struct("demo").itemsize > 0
+        for bad in ("", "struct demo", "1x"):
+            with pytest.raises(ValueError, match=f"a struct name is a C identifier such as 'event', got {bad!r}"):
+                obj.struct(bad)
+        with pytest.raises(KeyError, match="declares no struct 'nope'"):
+            obj.struct("nope")
+
+
+def test_a_missing_map_is_named_as_missing_before_load_too(bpf_object):
+    with Object(bpf_object("producer")) as obj:
+        with pytest.raises(KeyError, match=r"object 'producer' has no map 'nope' \(it has: rb, "):
+            obj.map("nope")
+        with pytest.raises(ValueError, match="call load\\(\\) first"):
+            obj.map("rb")  # it exists: it is only not loaded yet
+
+
+def test_unpin_removes_only_this_maps_pin(bpf_object):
+    mounts.ensure_bpffs()
+    base = f"/sys/fs/bpf/bpfring-unpin-{os.getpid()}"
+    with Object(bpf_object("producer")) as obj, Object(bpf_object("producer")) as other:
+        obj.load()
+        other.load()
+        rb, other_rb = obj.map("rb"), other.map("rb")
+        rb.pin(base + "-a")
+        other_rb.pin(base + "-b")
+        try:
+            with pytest.raises(ValueError, match=r"pins map 'rb' \(id \d+\), not this map 'rb' \(id \d+\)"):
+                rb.unpin(base + "-b")
+            assert os.path.exists(base + "-b")  # someone else's pin stays
+            rb.unpin(base + "-a")
+            assert not os.path.exists(base + "-a")
+            with pytest.raises(bpfring.BPFNotFoundError):
+                rb.unpin(base + "-a")
+            assert rb.max_entries and not rb.closed  # the map lives on
+        finally:
+            for suffix in ("-a", "-b"):
+                if os.path.exists(base + suffix):
+                    os.unlink(base + suffix)

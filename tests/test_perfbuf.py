@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import resource
 import signal
@@ -64,12 +65,6 @@ def check_sample(cpu: int, data: bytes, size: int | tuple[int, int]) -> int:
     assert len(data) == padded_size(want), f"sample {seq}: {len(data)} bytes for a {want}-byte sample"
     assert data[:want] == expected_record(seq, cpu, want), f"sample {seq} of cpu {cpu} corrupt"
     return seq
-
-
-@pytest.fixture(autouse=True)
-def both_walks(walk):
-    """Every test here runs on both perf walks (conftest's walk fixture)."""
-    return walk
 
 
 def test_samples_from_both_cpus_arrive_once_intact_and_in_order(perf_producer, two_cpus):
@@ -462,15 +457,25 @@ def test_a_failure_at_any_step_of_construction_leaves_nothing_open(perf_producer
 # -- a ring someone else writes into ---------------------------------------------------------------
 
 
-def test_a_tail_past_the_head_reads_as_caught_up_not_forever(perf_producer):
-    """data_tail is the one word of a perf mapping user space can write (its data pages fault on
-    a write): a bogus one written by a process sharing the mapping must not hang the walk."""
-    from bpfring.perfbuf import _TAIL
-
-    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0]) as pb:
-        buf = pb._buffers[0]
-        buf._words[_TAIL] = 1 << 40  # another process sharing the mapping wrote a bogus data_tail
-        assert pb.consume() == 0
+def test_a_tail_past_the_head_is_refused_until_resync_then_reading_goes_on(perf_producer):
+    """data_tail is writable by every process that maps the event: a bogus one must neither hang
+    the walk nor read as caught up (the kernel would drop every sample). It raises RingCorruptError
+    naming the CPU; resync() skips to data_head and the samples after it arrive once."""
+    got: list[int] = []
+    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: got.append(parse(data)[0]), cpus=[0]) as pb:
+        ring = pb.rings[0]
+        perf_producer.output(3, 16, cpu=0)
+        with mmap.mmap(ring.fd, mmap.PAGESIZE + ring.size, prot=mmap.PROT_READ | mmap.PROT_WRITE) as page:
+            page[1032:1040] = (1 << 40).to_bytes(8, "little")  # another process wrote data_tail
+        for call in (pb.consume, lambda: pb.poll(0), lambda: pb.consume_batch(), lambda: pb.consume_batch("V16")):
+            with pytest.raises(bpfring.RingCorruptError, match="perf ring of cpu 0 .* data_tail is 1099511627776, this reader left it at 0: another process wrote it") as info:
+                call()
+            assert info.value.cpu == 0 and info.value.values["data_tail"] == 1 << 40
+        assert got == [] and ring.data_tail == 1 << 40  # left as found
+        assert ring.resync() == 3 * 32
+        perf_producer.output(2, 16, cpu=0)
+        assert pb.consume() == 2
+    assert got == [3, 4]
 
 
 def test_a_read_stopped_at_its_limit_leaves_the_rest_for_the_next(perf_producer):

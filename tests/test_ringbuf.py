@@ -15,12 +15,6 @@ import bpfring
 from bpfring import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RingBuffer
 
 
-@pytest.fixture(autouse=True)
-def both_walks(walk):
-    """Every test here runs on both consumer walks (conftest's walk fixture)."""
-    return walk
-
-
 def check_records(got: list[bytes], first_seq: int, size: int | tuple[int, int], producer: int = 0) -> None:
     """Every record is the one the BPF program wrote for its sequence number, in order."""
     lo, hi = (size, size) if isinstance(size, int) else size
@@ -385,8 +379,10 @@ def test_a_ring_kept_past_close_says_it_is_closed(producer):
 
 def test_close_releases_every_fd_and_mapping(producer):
     before = open_fds()
+    other = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
     rb = RingBuffer(producer.ring, lambda d: None)
-    rb.add(producer.ring, lambda d: None)
+    rb.add(other, lambda d: None)
+    other.close()
     assert open_fds() - before  # epoll, eventfd, the rings' fds (and the dups Python's mmap keeps)
     rb.close()
     rb.close()  # idempotent
@@ -417,9 +413,20 @@ def test_bad_fd_and_missing_pin_and_non_callable(bpf, tmp_path):
     with bpfring.Map.create(bpfring.MapType.RINGBUF, 4096) as m:
         with pytest.raises(TypeError, match="callback must be callable"):
             RingBuffer(m, 42)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="a callback is needed"):
-            RingBuffer(m)
     assert open_fds() == before
+
+
+def test_a_ring_buffer_without_a_callback_serves_batches_and_refuses_poll_and_consume(producer):
+    """Batch and async users need no callback; the callback calls say it is missing, and take nothing."""
+    with RingBuffer(producer.ring) as rb:
+        r = producer.produce(3)
+        for call in (rb.consume, lambda: rb.poll(0), rb.rings[0].consume):
+            with pytest.raises(TypeError, match="has no callback"):
+                call()
+        assert rb.rings[0].avail_data_size > 0
+        got = rb.consume_batch()
+        assert len(got) == 3
+        check_records(got, r.first_seq, 16)
 
 
 def test_a_pinned_ring_by_path(bpf, tmp_path):
@@ -434,3 +441,53 @@ def test_a_pinned_ring_by_path(bpf, tmp_path):
             assert rb.rings[0].size == 8192
     finally:
         os.unlink(path)
+
+
+# -- a ring another process writes into ------------------------------------------------------------
+
+
+def write_consumer_pos(ring: bpfring.Ring, value: int) -> None:
+    """What any process holding the map can do: map the consumer page read-write and store."""
+    import mmap
+
+    with mmap.mmap(ring.map_fd, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE) as page:
+        page[:8] = value.to_bytes(8, "little")
+
+
+def test_a_corrupt_ring_does_not_stop_the_healthy_ones_and_resync_resumes_it(make_producer):
+    """One of two rings gets a consumer_pos past its producer: the other's records are delivered
+    by the same calls, the error names the bad ring, poll() stops waking for it (no spin), and
+    after resync() its new records arrive exactly once."""
+    bad, good = make_producer(ring_size=4096), make_producer(ring_size=4096)
+    got: dict[str, list[bytes]] = {"bad": [], "good": []}
+    with RingBuffer() as rb:
+        rb.add(bad.ring, got["bad"].append)
+        rb.add(good.ring, got["good"].append)
+        bad.produce(2)
+        write_consumer_pos(rb.rings[0], 1 << 40)
+        r = good.produce(3)
+        with pytest.raises(bpfring.RingCorruptError, match="ring 0 of map 'rb'") as info:
+            rb.consume()
+        assert info.value.ring == 0 and info.value.map_id == rb.rings[0].map.id
+        assert len(got["good"]) == 3 and got["bad"] == []
+        check_records(got["good"], r.first_seq, 16)
+        # Left out of the epoll: a poll() loop that logs the error and goes on waits, not spins.
+        start = time.monotonic()
+        assert rb.poll(200) == 0
+        assert time.monotonic() - start >= 0.15
+        assert rb.rings[0].consumer_pos == 1 << 40  # left as found
+        # Batches: the healthy ring's records come with the next call, once.
+        r = good.produce(2)
+        with pytest.raises(bpfring.RingCorruptError):
+            rb.consume_batch()
+        batch = rb.consume_batch()
+        assert len(batch) == 2
+        with pytest.raises(bpfring.RingCorruptError):
+            rb.consume_batch()  # still corrupt: it says so again, and the healthy ring is empty
+        assert rb.consume_batch() == []
+        check_records(batch, r.first_seq, 16)
+        assert rb.rings[0].resync() == 2 * 24  # two 16-byte records and their headers
+        r = bad.produce(4)
+        assert rb.poll(1000) == 4 and rb.consume() == 0
+        assert len(got["bad"]) == 4
+        check_records(got["bad"], r.first_seq, 16)

@@ -6,14 +6,17 @@ maps each ring and walks its records itself, with libbpf's semantics, one callba
 or in numpy batches. :class:`PerfBuffer` reads ``bpf_perf_event_output()``'s per-CPU perf
 rings the same way. :class:`UserRingBuffer` is the reverse channel: Python produces records
 that a BPF program drains with ``bpf_user_ringbuf_drain()``. :class:`Object` loads
-and attaches BPF programs through libbpf; :class:`Map` is any BPF map by fd, pin or id.
+and attaches BPF programs through libbpf (globals by name, attach by target); :func:`compile`
+builds your own ``.bpf.c`` for this kernel; :class:`Map` is any BPF map by fd, pin or id.
 """
 
 from ._sys.bpf import MapType
-from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingFullError
+from ._sys.libbpf import LibbpfUnavailableError
+from .build import BuildError, compile
+from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingCorruptError, RingFullError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
-from .perfbuf import PerfBuffer
+from .perfbuf import PerfBuffer, PerfRing
 from .ringbuf import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, Ring, RingBuffer, release_batch_memory
 from .userbuf import Sample, UserRingBuffer
 
@@ -23,20 +26,25 @@ __all__ = [
     "BPFError",
     "BPFNotFoundError",
     "BPFPermissionError",
+    "BuildError",
     "BPF_RB_FORCE_WAKEUP",
     "BPF_RB_NO_WAKEUP",
+    "LibbpfUnavailableError",
     "Link",
     "Map",
     "MapType",
     "Object",
     "PerfBuffer",
+    "PerfRing",
     "Program",
     "RecordSizeError",
+    "RingCorruptError",
     "Ring",
     "RingBuffer",
     "RingFullError",
     "Sample",
     "UserRingBuffer",
     "bundled_object",
+    "compile",
     "release_batch_memory",
 ]

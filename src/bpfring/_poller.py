@@ -3,6 +3,14 @@
 Both consumers poll many fds on one epoll, let ``close()`` from another thread wake a blocked
 ``poll()`` (an eventfd on the epoll), refuse ``close()`` from their own callback, and wait for
 data from asyncio. That machinery lives here once.
+
+Waiting and consuming are separate: a thread blocked in ``wait()`` holds no lock, so
+``consume()`` and batches in other threads (and async iteration) never wait behind it. The
+consumer lock is held only while records are walked.
+
+Every Poller remembers the process that made it. In a fork() child it refuses to be used, and
+its ``close()`` releases only the child's own descriptors: the epoll, the eventfd and the rings
+are shared with the parent, and a lock another thread held at the fork is held forever there.
 """
 
 from __future__ import annotations
@@ -15,15 +23,26 @@ import threading
 from typing import Any, AsyncIterator, Callable
 
 
+def forked_error(owner: str, pid: int) -> RuntimeError:
+    return RuntimeError(
+        f"this {owner} was opened in process {pid}, and this is process {os.getpid()} (a fork() child): "
+        f"its rings, epoll and wake-up eventfd are shared with the parent. Open a new {owner} in the child; "
+        "close() here releases only the child's copies of the descriptors"
+    )
+
+
 class Poller:
     """An epoll set with a wake-up eventfd, a consumer lock, and asyncio waiting."""
 
     def __init__(self, owner: str) -> None:
         self._owner = owner
+        self.pid = os.getpid()
         # The consumer lock: an RLock, as it knows its owner thread (see consuming() and close()).
         self._lock = threading.RLock()
-        self._close_lock = threading.Lock()
+        # Guards _closing and _waiting; close() waits on it for the threads in epoll to leave.
+        self._state = threading.Condition(threading.Lock())
         self._closing = False
+        self._waiting = 0
         # Per event loop: the fd its reader watches, and the waiters that reader wakes.
         self._async_waiters: dict[asyncio.AbstractEventLoop, tuple[int, set[asyncio.Future[None]]]] = {}
         self._epoll: select.epoll | None = select.epoll()
@@ -39,10 +58,21 @@ class Poller:
         is reported again."""
         self.check_open().register(fd, events)
 
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd`` (a corrupt ring, until it is resynced)."""
+        self.check_open().unregister(fd)
+
     def check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:
             raise ValueError(f"{self._owner} is closed")
+        if os.getpid() != self.pid:
+            raise forked_error(self._owner, self.pid)
         return self._epoll
+
+    @property
+    def forked(self) -> bool:
+        """True in a fork() child of the process that made this Poller."""
+        return os.getpid() != self.pid
 
     @property
     def closed(self) -> bool:
@@ -64,6 +94,8 @@ class Poller:
         ``with`` costs a fraction of a generator-based context manager, and takes the lock
         signal-safely.
         """
+        if os.getpid() != self.pid:
+            raise forked_error(self._owner, self.pid)
         if self._lock._is_owned():  # type: ignore[attr-defined]
             raise RuntimeError(
                 f"{self._owner}: this thread is already consuming (in a callback or a batch() block); "
@@ -72,32 +104,57 @@ class Poller:
         return self._lock
 
     def wait(self, timeout_ms: int) -> list[int]:
-        """The fds epoll reports ready within ``timeout_ms`` (-1: forever); a consumer calls it
-        inside consuming()."""
-        epoll = self.check_open()
-        ready = epoll.poll(-1 if timeout_ms < 0 else timeout_ms / 1000)
+        """The fds epoll reports ready within ``timeout_ms`` (-1: forever); called outside
+        consuming(), so a blocked wait delays no consumer. close() wakes it (and returns [])."""
+        with self._state:
+            epoll = self.check_open()
+            self._waiting += 1
+        try:
+            ready = epoll.poll(-1 if timeout_ms < 0 else timeout_ms / 1000)
+        finally:
+            with self._state:
+                self._waiting -= 1
+                if not self._waiting:
+                    self._state.notify_all()
         return [] if self._closing else [fd for fd, _ in ready if fd != self._wake_fd]
 
-    def close(self, release: object) -> None:
+    def close(self, release: Callable[[], None], release_in_child: Callable[[], None] | None = None) -> None:
         """Run ``release()`` under the consumer lock and close the epoll; idempotent.
 
-        A poll() blocked in another thread is woken first, and asyncio waiters end.
+        A poll() blocked in another thread is woken first (and left before the epoll closes),
+        and asyncio waiters end. In a fork() child, ``release_in_child()`` runs instead, no lock
+        is taken and nothing shared is touched: only the child's descriptors close.
         """
-        with self._close_lock:  # two close() calls at once: one closes, the other returns
+        if os.getpid() != self.pid:
+            self._close_in_child(release_in_child or release)
+            return
+        with self._state:  # two close() calls at once: one closes, the other returns
             if self._epoll is None or self._closing:
                 return
             if self._lock._is_owned():  # type: ignore[attr-defined]
                 raise RuntimeError(f"{self._owner}.close() called from its own callback: return a negative value to stop")
             self._closing = True
-        os.eventfd_write(self._wake_fd, 1)
+            os.eventfd_write(self._wake_fd, 1)  # level-triggered: every wait returns, now and later
+            self._state.wait_for(lambda: self._waiting == 0)
         self._end_async_waits()
         with self._lock:
             try:
-                release()  # type: ignore[operator]
+                release()
             finally:
                 epoll, self._epoll = self._epoll, None
                 epoll.close()
                 os.close(self._wake_fd)
+
+    def _close_in_child(self, release: Callable[[], None]) -> None:
+        if self._epoll is None:
+            return
+        epoll, self._epoll = self._epoll, None
+        self._closing = True
+        try:
+            release()
+        finally:
+            epoll.close()
+            os.close(self._wake_fd)
 
     async def drain(
         self, pending: Any, refill: Callable[[], None], interval: float | None
@@ -113,6 +170,8 @@ class Poller:
             if self.closed or self._closing:
                 return
             with self.consuming():
+                if self.closed or self._closing:  # closed from another thread meanwhile: the end
+                    return
                 refill()
             if not pending:
                 await self.wait_readable(interval)
@@ -121,7 +180,12 @@ class Poller:
         """Yield each batch ``take()`` returns that is not ``empty``, waiting between them; nothing
         is taken while waiting, so cancelling loses nothing."""
         while not (self.closed or self._closing):
-            batch = take()
+            try:
+                batch = take()
+            except ValueError:
+                if self.closed or self._closing:
+                    return  # closed from another thread between the check and take(): the end
+                raise
             if not empty(batch):
                 yield batch
             else:
@@ -154,7 +218,12 @@ class Poller:
         An event loop has one reader per fd, so the waiters of a loop share one: it wakes them all.
         """
         loop = asyncio.get_running_loop()
-        fd = self.fileno()
+        try:
+            fd = self.fileno()
+        except ValueError:
+            if self.closed or self._closing:
+                return  # closed meanwhile: the caller's loop sees it and ends
+            raise
         waiter: asyncio.Future[None] = loop.create_future()
         entry = self._async_waiters.get(loop)
         if entry is None:

@@ -15,7 +15,7 @@ from ._sys.libbpf import lib
 # include/uapi/linux/btf.h: BTF_KIND_*
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
 KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 8, 9, 10, 11
-KIND_FLOAT, KIND_TYPE_TAG, KIND_ENUM64 = 16, 18, 19
+KIND_VAR, KIND_DATASEC, KIND_FLOAT, KIND_TYPE_TAG, KIND_ENUM64 = 14, 15, 16, 18, 19
 _MODIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
 _KIND_NAMES = {KIND_STRUCT: "struct", KIND_UNION: "union", KIND_ENUM: "enum", KIND_TYPEDEF: "typedef"}
 
@@ -39,6 +39,12 @@ class _Array(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("index_type", ctypes.c_uint32), ("nelems", ctypes.c_uint32)]
 
 
+class _VarSecinfo(ctypes.Structure):
+    """struct btf_var_secinfo: one variable of a DATASEC (its VAR type id, offset and size)."""
+
+    _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
 class BTFTypes:
     """Read access to one ``struct btf`` owned by libbpf (valid while its object is open)."""
 
@@ -60,6 +66,27 @@ class BTFTypes:
 
     def _name(self, offset: int) -> str:
         return (lib.btf__name_by_offset(self._btf, offset) or b"").decode()
+
+    def kind_and_name(self, type_id: int) -> tuple[int, str]:
+        t, _ = self._type(type_id)
+        return (t.info >> 24) & 0x1F, self._name(t.name_off)
+
+    def variables(self, datasec_id: int) -> list[tuple[str, int, int, int]]:
+        """The variables of a DATASEC (a global-data section): (name, type id, offset, size) each.
+
+        libbpf fills in the offsets and sizes (clang leaves them zero) when it opens the object.
+        """
+        t, ptr = self._type(datasec_id)
+        if (t.info >> 24) & 0x1F != KIND_DATASEC:
+            raise ValueError(f"{self._owner}: BTF type id {datasec_id} is not a DATASEC")
+        out = []
+        for i in range(t.info & 0xFFFF):
+            info = _VarSecinfo.from_address(ptr + ctypes.sizeof(_Type) + i * ctypes.sizeof(_VarSecinfo))
+            var, _ = self._type(info.type)
+            if (var.info >> 24) & 0x1F != KIND_VAR:  # a DATASEC may also hold FUNCs (extern ksyms)
+                continue
+            out.append((self._name(var.name_off), var.size_or_type, info.offset, info.size))
+        return out
 
     def dtype(self, type_id: int, where: str) -> Any:
         """The numpy dtype of BTF type ``type_id``; ``where`` names it in errors."""

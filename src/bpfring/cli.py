@@ -15,7 +15,9 @@ import signal
 import sys
 from typing import Callable, Sequence
 
-from .tools import execsnoop, maps, tail
+from ._sys.libbpf import LibbpfUnavailableError
+from .build import BuildError
+from .tools import build, doctor, execsnoop, maps, tail
 from .tools.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -46,6 +48,8 @@ examples:
   sudo bpfring maps
   sudo bpfring tail /sys/fs/bpf/events --count 5
   sudo bpfring bench --quick
+  bpfring build prog.bpf.c
+  sudo bpfring doctor
   python -m bpfring execsnoop --help
 
 exit codes: 0 ok, 1 error, 2 usage, 130 Ctrl-C, 143 SIGTERM
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for tool in (execsnoop, tail, maps):
+    for tool in (execsnoop, tail, maps, build, doctor):
         tool.add_parser(sub, [debug])
     # Listed here for --help; main() hands `bpfring bench ...` to bpfring.bench, which has its own options.
     sub.add_parser("bench", help="consumer throughput side by side (see bpfring bench --help)", add_help=False)
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt as exc:  # before a command's loop started: nothing counted yet
         return exit_code_of(exc)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, BuildError, LibbpfUnavailableError) as exc:
         if debug:
             raise
         print(f"bpfring: error: {_message(exc)}", file=sys.stderr)

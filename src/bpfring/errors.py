@@ -48,3 +48,36 @@ def bpf_error(err: int, what: str) -> BPFError:
 
 class RecordSizeError(ValueError):
     """A record's size does not match the dtype it is read as; the record stays in the ring."""
+
+
+class RingCorruptError(BPFError):
+    """A ring's shared memory holds a position or a header that cannot be right (EBADMSG).
+
+    Another process that has the map (or the perf event) mapped can write the consumer page of a
+    ring buffer and the control page of a perf ring. Nothing is delivered from the bad region and
+    the ring is left as found; ``resync()`` on the ring skips to the producer's position.
+    ``map_name``/``map_id`` name the map, ``ring`` is the ring's index in its RingBuffer (None for
+    a perf ring), ``cpu`` the perf ring's CPU (None for a ring buffer), ``values`` what was read.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        map_name: str,
+        map_id: int,
+        ring: int | None = None,
+        cpu: int | None = None,
+        values: dict[str, int] | None = None,
+    ) -> None:
+        where = f"perf ring of cpu {cpu}" if cpu is not None else "ring" + ("" if ring is None else f" {ring}")
+        super().__init__(
+            _errno.EBADMSG,
+            f"{where} of map {map_name!r} (id {map_id}) is corrupt: {detail}; nothing was read from it "
+            "(resync() skips to the producer's position)",
+        )
+        self.map_name = map_name
+        self.map_id = map_id
+        self.ring = ring
+        self.cpu = cpu
+        self.values = dict(values or {})

@@ -22,7 +22,13 @@ _MMAP_OPTIONS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 def map_shared(fd: int, length: int, prot: int, offset: int = 0) -> mmap.mmap:
-    """mmap(MAP_SHARED) of ``fd``; OSError as mmap raises it."""
+    """mmap(MAP_SHARED) of ``fd``; OSError as mmap raises it.
+
+    A length past ssize_t is EOVERFLOW too, rather than the OverflowError Python's mmap raises,
+    so callers that close their fd on OSError also close it then.
+    """
+    if length > sys.maxsize:
+        raise OSError(errno.EOVERFLOW, f"mmap of {length} bytes: {os.strerror(errno.EOVERFLOW)}")
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset, **_MMAP_OPTIONS)
 
 # Ring maps whose max_entries is a byte size: a power of two and a multiple of the page size
@@ -77,12 +83,16 @@ class Map:
         name: str | None = None,
         map_flags: int = 0,
     ) -> Map:
-        """BPF_MAP_CREATE. Ring maps take their size in bytes: a power of two, page-aligned."""
+        """BPF_MAP_CREATE. Ring maps take their size in bytes: a power of two, page-aligned.
+
+        Every number must fit the kernel's u32 fields: a ValueError names the one that does not.
+        """
+        type = sys_bpf.check_u32("map type", type)
         if type in _RING_TYPES:
             check_ring_size(max_entries)
             if key_size or value_size:
                 raise ValueError(f"{map_type_name(type)} takes key_size=0 and value_size=0")
-        fd = sys_bpf.map_create(int(type), key_size, value_size, max_entries, map_flags, name or "")
+        fd = sys_bpf.map_create(type, key_size, value_size, max_entries, map_flags, name or "")
         return cls(fd)
 
     @classmethod
@@ -90,6 +100,8 @@ class Map:
         """A new Map on a duplicate of ``fd``; the caller keeps its own fd."""
         if not isinstance(fd, int) or isinstance(fd, bool):
             raise TypeError(f"a map fd must be an int, got {type(fd).__name__}")
+        if fd > sys_bpf.INT_MAX:  # os.dup would raise OverflowError; negative fds are EBADF below
+            raise ValueError(f"a map fd must be from 0 to {sys_bpf.INT_MAX} (a file descriptor), got {fd}")
         try:
             dup = os.dup(fd)
         except OSError as exc:
@@ -105,7 +117,10 @@ class Map:
         try:
             fd = sys_bpf.obj_get(path)
         except BPFError as exc:
-            # The kernel answers EACCES for an existing path that is not on bpffs.
+            # The kernel answers EACCES for an existing path that is not on bpffs, and for a
+            # directory on it: neither is about privileges.
+            if exc.errno in (errno.EACCES, errno.EPERM) and os.path.isdir(path):
+                raise BPFError(errno.EISDIR, f"{path!r} is a directory, not a BPF object pinned on bpffs") from None
             if exc.errno in (errno.EACCES, errno.EPERM) and os.path.exists(path) and not is_mounted_bpffs(path):
                 raise BPFError(errno.EINVAL, f"{path!r} is not a BPF object pinned on bpffs") from None
             raise
@@ -135,6 +150,22 @@ class Map:
     def pin(self, path: str | os.PathLike[str]) -> None:
         """Pin the map on bpffs so it outlives this process (BPF_OBJ_PIN)."""
         sys_bpf.obj_pin(self.fd, os.fspath(path))
+
+    def unpin(self, path: str | os.PathLike[str]) -> None:
+        """Remove the pin of this map at ``path`` (the map lives on while anyone holds it).
+
+        Refused if ``path`` pins another map, so a stale path never removes someone else's pin.
+        """
+        path = os.fspath(path)
+        with Map.from_pinned(path) as pinned:
+            if pinned.id != self.id:
+                raise ValueError(
+                    f"{path!r} pins map {pinned.name!r} (id {pinned.id}), not this map {self.name!r} (id {self.id})"
+                )
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise BPFError(exc.errno, f"can't unpin map {self.name!r} (id {self.id}) at {path!r}: {exc.strerror}") from None
 
     def lookup(self, key: bytes) -> bytes:
         """The value stored at ``key`` (raw bytes of value_size)."""

@@ -11,20 +11,37 @@ import errno
 import logging
 import os
 import resource
+import stat
 from typing import Any, Iterator
 
+from . import attach as _attach
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType
-from ._sys.libbpf import capture_log, lib
+from ._sys.libbpf import LIBBPF_ERRNO_END, LIBBPF_ERRNO_START, capture_log, lib, strerror
 from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
+from .build import cached_object
 from .errors import BPFError, bpf_error
+from .globals import GlobalData, Section, sections
 from .maps import Map, check_ring_size
 
 log = logging.getLogger("bpfring")
 
 # Section prefixes whose auto-attach goes through tracefs (tracepoint ids, legacy k/uprobes).
 _TRACEFS_SECTIONS = ("tp/", "tracepoint/", "kprobe/", "kretprobe/", "ksyscall/", "kretsyscall/", "uprobe", "uretprobe")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _kernel_version() -> tuple[int, int]:
@@ -62,12 +79,26 @@ def bundled_object(name: str) -> str:
     return path
 
 
+def libbpf_error(err: int, what: str) -> BPFError:
+    """:func:`bpf_error` that also knows libbpf's own error codes (4000 and up: "BPF object format invalid"...)."""
+    if LIBBPF_ERRNO_START <= err < LIBBPF_ERRNO_END:
+        first, _, details = what.partition("\n")
+        return BPFError(err, f"{first}: {strerror(err)}" + (f"\n{details}" if details else ""))
+    return bpf_error(err, what)
+
+
+def _decode(name: bytes | None) -> str:
+    """A name from an ELF file or a path: not necessarily UTF-8 (undecodable bytes are kept as escapes)."""
+    return os.fsdecode(name or b"")
+
+
 class Link:
     """An attachment of a program (a ``struct bpf_link``); destroying it detaches."""
 
-    def __init__(self, ptr: int, program: Program) -> None:
+    def __init__(self, ptr: int, program: Program, target: str = "") -> None:
         self._ptr: int | None = ptr
         self.program = program
+        self.target = target or f"section {program.section!r}"
 
     def destroy(self) -> None:
         """Detach; idempotent."""
@@ -88,7 +119,7 @@ class Link:
         self.destroy()
 
     def __repr__(self) -> str:
-        return f"<Link {self.program.name} {'attached' if self._ptr else 'detached'}>"
+        return f"<Link {self.program.name} -> {self.target} {'attached' if self._ptr else 'detached'}>"
 
 
 class Program:
@@ -97,8 +128,8 @@ class Program:
     def __init__(self, ptr: int, obj: Object) -> None:
         self._ptr = ptr
         self._obj = obj
-        self.name: str = lib.bpf_program__name(ptr).decode()
-        self.section: str = lib.bpf_program__section_name(ptr).decode()
+        self.name: str = _decode(lib.bpf_program__name(ptr))
+        self.section: str = _decode(lib.bpf_program__section_name(ptr))
 
     @property
     def fd(self) -> int:
@@ -130,10 +161,64 @@ class Program:
         if not ptr:
             err = ctypes.get_errno()
             detail = f" ({lines[-1]})" if lines else ""
-            raise bpf_error(err, f"attaching program {self.name!r} (section {self.section!r}){detail}")
-        link = Link(ptr, self)
+            raise libbpf_error(err, f"attaching program {self.name!r} (section {self.section!r}){detail}")
+        return self._link(ptr)
+
+    def _link(self, ptr: int, target: str = "") -> Link:
+        link = Link(ptr, self, target)
         self._obj._links.append(link)
         return link
+
+    def _check_loaded(self, what: str) -> None:
+        self._obj._check_open()
+        if lib.bpf_program__fd(self._ptr) < 0:
+            raise ValueError(f"cannot {what}: program {self.name!r} is not loaded (call load() on its object first)")
+
+    def attach_kprobe(self, function: str, retprobe: bool = False, offset: int = 0) -> Link:
+        """Attach to the entry (or, with ``retprobe``, the return) of kernel ``function``, at ``offset``.
+
+        Raises :class:`BPFError` (EOPNOTSUPP) on kernels built without kprobes.
+        """
+        self._check_loaded("attach a kprobe")
+        ptr = _attach.kprobe(self, function, retprobe, offset)
+        return self._link(ptr, f"{'kretprobe' if retprobe else 'kprobe'}:{function}" + (f"+{offset:#x}" if offset else ""))
+
+    def attach_tracepoint(self, category: str, name: str) -> Link:
+        """Attach to the tracepoint ``category/name`` (as in /sys/kernel/tracing/events/CATEGORY/NAME)."""
+        self._check_loaded("attach a tracepoint")
+        return self._link(_attach.tracepoint(self, category, name), f"tracepoint:{category}/{name}")
+
+    def attach_raw_tracepoint(self, name: str) -> Link:
+        """Attach a ``raw_tp`` program to the raw tracepoint ``name`` (``"sys_enter"``, ``"sched_switch"``...)."""
+        self._check_loaded("attach a raw tracepoint")
+        return self._link(_attach.raw_tracepoint(self, name), f"raw_tracepoint:{name}")
+
+    def attach_uprobe(
+        self,
+        binary: str | os.PathLike[str],
+        symbol: str | None = None,
+        offset: int = 0,
+        pid: int = -1,
+        retprobe: bool = False,
+    ) -> Link:
+        """Attach to a function of a user-space ``binary`` (an executable or a shared library).
+
+        The probe sits at ``symbol`` plus ``offset``, or at the file ``offset`` alone without a
+        symbol; ``pid`` -1 traces every process that runs the binary. A binary without a ``/`` is
+        looked up as libbpf does (``"libc.so.6"``).
+        """
+        self._check_loaded("attach a uprobe")
+        ptr = _attach.uprobe(self, binary, symbol, offset, pid, retprobe)
+        where = f"{os.fsdecode(os.fspath(binary))}:{symbol or hex(offset)}" + (f"+{offset:#x}" if symbol and offset else "")
+        return self._link(ptr, f"{'uretprobe' if retprobe else 'uprobe'}:{where}")
+
+    def attach_perf_event(self, fd: int) -> Link:
+        """Run the program on each overflow of the perf event ``fd`` (a sampling event, say).
+
+        The link holds its own duplicate of ``fd``: closing yours does not detach it.
+        """
+        self._check_loaded("attach to a perf event")
+        return self._link(_attach.perf_event(self, fd), f"perf_event:fd {fd}")
 
     def test_run(
         self, ctx: bytes | bytearray = b"", data: bytes = b"", repeat: int = 0, cpu: int | None = None
@@ -158,20 +243,36 @@ class Object:
                 ...
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise bpf_error(errno.ENOENT, f"opening BPF object {self.path!r}")
+    def __init__(self, path: str | bytes | os.PathLike[str]) -> None:
+        """Open a ``.bpf.o`` file, or a ``.bpf.c`` source built first (cached: see :func:`bpfring.build.cached_object`)."""
+        self._ptr: int | None = None
+        self.path: str = os.fsdecode(os.fspath(path))
+        self.source: str | None = None
+        if self.path.endswith(".c"):
+            self.source = self.path
+            self.path = os.fspath(cached_object(self.source))
+        try:
+            mode = os.stat(self.path).st_mode
+        except FileNotFoundError:
+            raise bpf_error(errno.ENOENT, f"opening BPF object {self.path!r}") from None
+        except OSError as exc:
+            raise bpf_error(exc.errno or errno.EINVAL, f"opening BPF object {self.path!r}") from None
+        if not stat.S_ISREG(mode):  # libbpf would block on a FIFO, or read a device forever
+            raise BPFError(
+                errno.EINVAL, f"opening BPF object {self.path!r}: it is {_file_kind(mode)}, not a regular file"
+            )
         with capture_log() as lines:
             ptr = lib.bpf_object__open_file(os.fsencode(self.path), None)
         if not ptr:
             detail = f" ({lines[-1]})" if lines else ""
-            raise bpf_error(ctypes.get_errno(), f"opening BPF object {self.path!r}{detail}")
-        self._ptr: int | None = ptr
+            raise libbpf_error(ctypes.get_errno(), f"opening BPF object {self.path!r}{detail}")
+        self._ptr = ptr
         self._loaded = False
         self._links: list[Link] = []
         self._maps: dict[str, Map] = {}
-        self.name: str = lib.bpf_object__name(ptr).decode()
+        self._sections_found: dict[str, Section] | None = None
+        self._global_maps: dict[str, Any] = {}  # section -> its live mapping (globals._Live), made on first use
+        self.name: str = _decode(lib.bpf_object__name(ptr))
 
     # -- before load ----------------------------------------------------------------------------
 
@@ -191,14 +292,14 @@ class Object:
             ptr = lib.bpf_object__next_map(self._check_open(), ptr)
             if not ptr:
                 raise KeyError(f"object {self.name!r} has no map {name!r} (it has: {', '.join(self.map_names)})")
-            if lib.bpf_map__name(ptr).decode() == name:
+            if _decode(lib.bpf_map__name(ptr)) == name:
                 return ptr
 
     @property
     def map_names(self) -> list[str]:
         names, ptr = [], None
         while ptr := lib.bpf_object__next_map(self._check_open(), ptr):
-            names.append(lib.bpf_map__name(ptr).decode())
+            names.append(_decode(lib.bpf_map__name(ptr)))
         return names
 
     @property
@@ -216,6 +317,7 @@ class Object:
 
     def set_max_entries(self, map_name: str, max_entries: int) -> None:
         """Override a map's size before load (libbpf's ``bpf_map__set_max_entries``)."""
+        max_entries = sys_bpf.check_u32("max_entries", max_entries)  # libbpf would cut it to 32 bits
         self._check_not_loaded(f"resize map {map_name!r}")
         ptr = self._map_ptr(map_name)
         if lib.bpf_map__type(ptr) in (MapType.RINGBUF, MapType.USER_RINGBUF):
@@ -235,8 +337,15 @@ class Object:
     def set_initial_value(self, map_name: str, data: bytes) -> None:
         """Set a global-data map's contents before load (e.g. ``const volatile`` settings in .rodata)."""
         self._check_not_loaded(f"set the initial value of {map_name!r}")
+        ptr = self._map_ptr(self._resolve(map_name))
+        size = ctypes.c_size_t()
+        if lib.bpf_map__initial_value(ptr, ctypes.byref(size)) and size.value != len(data):
+            raise ValueError(
+                f"map {map_name!r} takes an initial value of {size.value} bytes, got {len(data)} "
+                "(obj.rodata.NAME = value sets one variable by name)"
+            )
         buf = ctypes.create_string_buffer(bytes(data), len(data))
-        ret = lib.bpf_map__set_initial_value(self._map_ptr(self._resolve(map_name)), buf, len(data))
+        ret = lib.bpf_map__set_initial_value(ptr, buf, len(data))
         if ret < 0:
             raise bpf_error(-ret, f"setting the initial value of map {map_name!r} ({len(data)} bytes)")
 
@@ -252,7 +361,7 @@ class Object:
             tail = "\n".join(lines[-20:])
             if "PROG LOAD LOG" in tail:  # EACCES/EINVAL here is the verifier's verdict, not a privilege problem
                 raise BPFError(-ret, f"loading BPF object {self.path!r}: the verifier rejected a program\n{tail}")
-            raise bpf_error(-ret, f"loading BPF object {self.path!r}" + (f"\n{tail}" if tail else ""))
+            raise libbpf_error(-ret, f"loading BPF object {self.path!r}" + (f"\n{tail}" if tail else ""))
         self._loaded = True
         return self
 
@@ -266,10 +375,11 @@ class Object:
         Global-data maps may be named by their section alone (``".bss"``), since libbpf prefixes
         them with a truncated object name.
         """
+        ptr = self._map_ptr(self._resolve(name))  # a missing map is named as missing, loaded or not
         if not self._loaded:
             raise ValueError(f"map {name!r} has no fd before load(): call load() first")
         if name not in self._maps:
-            self._maps[name] = Map.from_fd(lib.bpf_map__fd(self._map_ptr(self._resolve(name))))
+            self._maps[name] = Map.from_fd(lib.bpf_map__fd(ptr))
         return self._maps[name]
 
     def _resolve(self, name: str) -> str:
@@ -306,11 +416,48 @@ class Object:
         bytes (``S{N}``). Use it with :meth:`RingBuffer.consume_batch`, or ``np.frombuffer`` in a
         callback, so a consumer never restates a C struct in Python.
         """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"a struct name is a C identifier such as 'event', got {name!r}")
         btf = lib.bpf_object__btf(self._check_open())
         if not btf:
             raise ValueError(f"{self.path!r} has no BTF: compile it with clang -g")
         types = BTFTypes(btf, f"BPF object {self.name!r}")
         return types.dtype(types.find(name, KIND_STRUCT), f"struct {name}")
+
+    # -- global variables -----------------------------------------------------------------------
+
+    def _sections(self) -> dict[str, Section]:
+        if self._sections_found is None:
+            self._sections_found = sections(self._check_open(), f"BPF object {self.name!r}")
+        return self._sections_found
+
+    @property
+    def global_sections(self) -> list[str]:
+        """The object's global-data sections (``".rodata"``, ``".bss"``, ``".data.custom"``...)."""
+        return list(self._sections())
+
+    def global_data(self, section: str) -> GlobalData:
+        """The variables of one global-data section by name and type (see :mod:`bpfring.globals`)."""
+        found = self._sections()
+        if section not in found:
+            known = ", ".join(found) or "none"
+            raise KeyError(f"object {self.name!r} has no global-data section {section!r} (it has: {known})")
+        return GlobalData(self, found[section])
+
+    @property
+    def rodata(self) -> GlobalData:
+        """``const volatile`` globals: ``obj.rodata.targ_pid = 1234`` before load, read-only after."""
+        return self.global_data(".rodata")
+
+    @property
+    def data(self) -> GlobalData:
+        """Initialised globals: initial values before load, the live values after."""
+        return self.global_data(".data")
+
+    @property
+    def bss(self) -> GlobalData:
+        """Zero-initialised globals: initial values before load, the live values after."""
+        return self.global_data(".bss")
 
     @property
     def links(self) -> list[Link]:
@@ -325,6 +472,9 @@ class Object:
         for link in self._links:
             link.destroy()
         self._links.clear()
+        for live in self._global_maps.values():
+            live.close()
+        self._global_maps.clear()
         for m in self._maps.values():
             m.close()
         self._maps.clear()

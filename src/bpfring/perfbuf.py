@@ -13,58 +13,34 @@ import errno
 import mmap
 import os
 import sys
+import warnings
 from typing import Any, AsyncIterator, Callable, Iterable, Optional
 
+from ._claim import Claim
 from ._poller import Poller
+from ._protocol import Corrupt, _fastring
 from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
-from .errors import BPFError, RecordSizeError
+from .errors import BPFError, RecordSizeError, RingCorruptError
 from .maps import PAGE_SIZE, Map, MapLike, map_shared, open_map
-from .ringbuf import (
-    _NO_LIMIT,
-    ASYNC_REFILL,
-    DTypeLike,
-    _batch_dtype,
-    _native,
-    _new_records,
-    _numpy,
-    check_positive_int,
-    require_tso,
-)
-
-# include/uapi/linux/perf_event.h, struct perf_event_mmap_page: the kernel advances data_head
-# as it writes, the reader advances data_tail as it reads; both are free-running byte counters.
-# The data area starts one page into the mapping (data_offset) and is page_cnt pages long.
-PERF_DATA_HEAD_OFFSET = 1024
-PERF_DATA_TAIL_OFFSET = 1032
-
-# include/uapi/linux/perf_event.h, enum perf_event_type. Records start with
-# struct perf_event_header {u32 type; u16 misc; u16 size}, size counting the header itself.
-# A sample with sample_type = PERF_SAMPLE_RAW is {header; u32 raw_size; u8 raw[raw_size]};
-# a lost record is {header; u64 id; u64 lost}.
-PERF_RECORD_LOST = 2
-PERF_RECORD_SAMPLE = 9
-PERF_HEADER_SIZE = 8
+from .ringbuf import _NO_LIMIT, ASYNC_REFILL, DTypeLike, _batch_dtype, _new_records, _numpy, check_positive_int
 
 SampleCallback = Callable[[int, bytes], Optional[int]]
 LostCallback = Callable[[int, int], Optional[int]]
-
-# Word indexes into the mapping seen as u64s (and u32s for raw_size).
-_HEAD = PERF_DATA_HEAD_OFFSET // 8
-_TAIL = PERF_DATA_TAIL_OFFSET // 8
-_DATA_W = PAGE_SIZE // 8
-_DATA_I = PAGE_SIZE // 4
 
 
 def _ignore(cpu: int, value: object) -> None:
     return None
 
 
-class _CpuBuffer:
-    """One CPU's BPF output event: its fd, its mapping, and the reader's walk over its records."""
+class PerfRing:
+    """One CPU's BPF output event: its fd, its mapping, and the reader's state (in C).
 
-    def __init__(self, cpu: int, page_cnt: int, wakeup_events: int) -> None:
-        require_tso()
+    Obtain them from :attr:`PerfBuffer.rings`; the PerfBuffer consumes them
+    (:meth:`PerfBuffer.consume_buffer` reads one).
+    """
+
+    def __init__(self, m: Map, cpu: int, page_cnt: int, wakeup_events: int) -> None:
         self.cpu = cpu
         self.size = page_cnt * PAGE_SIZE
         self.fd = sys_perf.open_bpf_output(cpu, wakeup_events)
@@ -75,21 +51,36 @@ class _CpuBuffer:
         except OSError as exc:
             os.close(self.fd)
             raise BPFError(exc.errno, f"can't mmap the perf buffer of cpu {cpu} ({page_cnt} pages)") from None
-        # Aligned 8- and 4-byte loads and stores through native-format memoryviews are single
-        # instructions; on x86-64 (TSO) they carry the ordering the kernel asks of the reader:
-        # read data_head, then the records (smp_rmb), then store data_tail (smp_mb before it).
-        self._words = memoryview(self._mm).cast("Q")
-        self._u32 = memoryview(self._mm).cast("I")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
+            self._state = _fastring.PerfRingState(self._mm, self.size, cpu, Corrupt(m, cpu=cpu))
+        except BaseException:
+            self._mm.close()
+            os.close(self.fd)
+            raise
 
     @property
-    def head(self) -> int:
-        """data_head: where the kernel will write next."""
-        return self._words[_HEAD]
+    def data_head(self) -> int:
+        """Where the kernel will write next (as the shared page says now)."""
+        return self._state.positions()[0]
 
     @property
-    def tail(self) -> int:
-        """data_tail: where the reader will read next."""
-        return self._words[_TAIL]
+    def data_tail(self) -> int:
+        """Where the reader will read next (as the shared page says now)."""
+        return self._state.positions()[1]
+
+    # The names of libbpf's perf_buffer code, kept for callers of earlier releases.
+    head = data_head
+    tail = data_tail
+
+    def resync(self) -> int:
+        """Move data_tail to data_head, skipping whatever is there; returns the bytes skipped.
+
+        The way out of a :class:`RingCorruptError` on this CPU's ring.
+        """
+        return self._state.resync()
 
     def consume(
         self,
@@ -107,93 +98,17 @@ class _CpuBuffer:
         taking a sample and keeping it, as it can at the entry of a Python callback. ``limit``:
         stop after that many samples.
         """
-        if _native is not None:
-            lo, hi = (expect.start, expect.stop - 1) if expect is not None else (0, 0)
-            return _native.perf_consume(
-                self._mm, PAGE_SIZE, self.size, self.cpu, sample_cb, lost_cb, into, lo, hi, limit
-            )
-        return self._consume_python(sample_cb, lost_cb, expect, into, limit)
-
-    def _consume_python(
-        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None, into: Any, limit: int
-    ) -> int:
-        """The walk record by record (the fallback for _fastring.c's perf_consume)."""
-        words = self._words
-        u32 = self._u32
-        mm = self._mm
-        size = self.size
-        mask = size - 1
-        cpu = self.cpu
-        base, base_w, base_i = PAGE_SIZE, _DATA_W, _DATA_I
-        sample_type = PERF_RECORD_SAMPLE
-        tail = words[_TAIL]
-        count = 0
-        while True:
-            head = words[_HEAD]
-            if tail >= head:  # a tail past the head (written by someone else) reads as caught up
-                return count
-            while tail < head:
-                off = tail & mask
-                # Record sizes are multiples of 8 (perf_prepare_header), so a header never
-                # straddles the end of the data area, and neither does an aligned field.
-                header = words[base_w + (off >> 3)]
-                rec_size = header >> 48
-                if rec_size < PERF_HEADER_SIZE or rec_size & 7 or rec_size > size or tail + rec_size > head:
-                    raise BPFError(
-                        errno.EBADMSG, f"perf buffer of cpu {cpu}: record at {tail} of {rec_size} bytes, head {head}"
-                    )
-                tail += rec_size
-                if header & 0xFFFFFFFF == sample_type:
-                    if off + rec_size <= size:  # the common case: the record is contiguous
-                        raw_size = u32[base_i + ((off + 8) >> 2)]
-                        start = base + off + 12
-                        data = mm[start : start + raw_size]
-                    else:  # wraps the end: the data area is mapped once, copy both pieces
-                        raw_size = u32[base_i + (((off + 8) & mask) >> 2)]
-                        start = (off + 12) & mask
-                        if start + raw_size <= size:
-                            data = mm[base + start : base + start + raw_size]
-                        else:
-                            data = mm[base + start : base + size] + mm[base : base + start + raw_size - size]
-                    if raw_size + 12 > rec_size:
-                        raise BPFError(
-                            errno.EBADMSG, f"perf buffer of cpu {cpu}: sample of {rec_size} bytes claims {raw_size}"
-                        )
-                    if expect is not None and raw_size not in expect:
-                        raise RecordSizeError(
-                            f"sample at {tail - rec_size} of the perf buffer of cpu {cpu} is {raw_size} bytes, "
-                            f"the dtype expects {expect.start} (up to {expect.stop - 1} with the kernel's padding); "
-                            "it stays in the ring (read it with consume())"
-                        )
-                    # Give the space back before the callback runs: the sample counts as consumed
-                    # once the callback is entered, so an exception or Ctrl-C never redelivers it.
-                    words[_TAIL] = tail
-                    count += 1
-                    if into is not None:
-                        into.append((cpu, data))
-                        if count >= limit:
-                            return count
-                        continue
-                    ret = sample_cb(cpu, data)
-                elif header & 0xFFFFFFFF == PERF_RECORD_LOST:
-                    lost = words[base_w + (((off + 16) & mask) >> 3)]
-                    words[_TAIL] = tail
-                    ret = lost_cb(cpu, lost)
-                else:  # no other type is written for a BPF output event; skip what we don't know
-                    words[_TAIL] = tail
-                    continue
-                if ret and ret < 0:
-                    return ret
-                if count >= limit:
-                    return count
-            # Caught up with the head read above: read it again, so records written meanwhile
-            # are delivered by this call rather than waiting for a wakeup.
+        lo, hi = (expect.start, expect.stop - 1) if expect is not None else (0, 0)
+        return self._state.consume(sample_cb, lost_cb, into, lo, hi, limit)
 
     def close(self) -> None:
-        self._words.release()
-        self._u32.release()
+        self._state.release()
         self._mm.close()
         os.close(self.fd)
+
+    def __repr__(self) -> str:
+        head, tail = self._state.positions()
+        return f"<PerfRing cpu={self.cpu} size={self.size} data_head={head} data_tail={tail}>"
 
 
 class PerfBuffer:
@@ -212,6 +127,11 @@ class PerfBuffer:
     either callback stops consumption and is returned by :meth:`poll`/:meth:`consume` (that record
     counts as consumed). An exception propagates; its record counts as consumed and the rest stay
     for the next call, so no sample is delivered twice. Without ``sample_cb`` samples are dropped.
+
+    One reader per array: an array another PerfBuffer (in this process or any other) reads is
+    refused with an error naming that process. ``shared=True`` opts out: this buffer then takes
+    over the slots of the CPUs it opens (the other gets nothing more from them), and its close()
+    clears only the slots it still holds in this process (another process cannot be asked).
 
     Notification is sampled: the kernel wakes the reader every ``wakeup_events`` samples, so with
     ``wakeup_events=N`` the last N-1 samples of a burst wait for the N-th. :meth:`poll` only
@@ -234,11 +154,13 @@ class PerfBuffer:
         *,
         wakeup_events: int = 1,
         cpus: Iterable[int] | None = None,
+        shared: bool = False,
     ) -> None:
         check_positive_int("page_cnt", page_cnt)
         if page_cnt & (page_cnt - 1):
             raise ValueError(f"page_cnt must be a power of two, got {page_cnt}")
         check_positive_int("wakeup_events", wakeup_events)
+        sys_perf.check_buffer_args(page_cnt, wakeup_events)  # before any perf event is opened
         for name, cb in (("sample_cb", sample_cb), ("lost_cb", lost_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
@@ -246,21 +168,26 @@ class PerfBuffer:
         self.wakeup_events = wakeup_events
         self._sample_cb: SampleCallback = sample_cb or _ignore
         self._lost_cb: LostCallback = lost_cb or _ignore
-        self._buffers: list[_CpuBuffer] = []
-        self._by_fd: dict[int, _CpuBuffer] = {}
+        self._buffers: list[PerfRing] = []
+        self._by_fd: dict[int, PerfRing] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
-        self._unfinished: set[_CpuBuffer] = set()  # woken, not yet read to the end
+        self._unfinished: set[PerfRing] = set()  # woken, not yet read to the end
         # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data).
         self._taken: list[tuple[int, bytes]] = []
         # The same for one with a dtype in C: its array and (cpu, samples, lost) per ring read.
         self._partial: tuple[Any, list[tuple[int, int, int]]] | None = None
         # Samples an async iteration took but has not yielded yet (see records()).
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._claim: Claim | None = None
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
         try:
             chosen = self._choose_cpus(cpus)
+            if not shared:
+                self._claim = Claim(self._map, "PerfBuffer")
             self._poller = Poller("PerfBuffer")
         except BaseException:
+            if self._claim is not None:
+                self._claim.release()
             self._map.close()
             raise
         try:
@@ -294,7 +221,7 @@ class PerfBuffer:
         return chosen
 
     def _open_cpu(self, cpu: int) -> None:
-        buf = _CpuBuffer(cpu, self.page_cnt, self.wakeup_events)
+        buf = PerfRing(self._map, cpu, self.page_cnt, self.wakeup_events)
         self._buffers.append(buf)
         self._by_fd[buf.fd] = buf
         # perf_poll reports a wakeup once (it clears rb->poll), so a ring is read to its end
@@ -303,6 +230,7 @@ class PerfBuffer:
         # The array holds u32 keys and values in host byte order.
         self._map.update(cpu.to_bytes(4, sys.byteorder), buf.fd.to_bytes(4, sys.byteorder))
         self._slots.append(cpu)
+        _slot_owner[(self._map.id, cpu)] = id(self)
         sys_perf.enable(buf.fd)
 
     # -- accessors ------------------------------------------------------------------------------
@@ -315,6 +243,12 @@ class PerfBuffer:
     def buffer_fd(self, i: int) -> int:
         """The perf event fd of ring ``i`` (libbpf's ``perf_buffer__buffer_fd``), e.g. to poll it alone."""
         return self._buffer(i).fd
+
+    @property
+    def rings(self) -> tuple[PerfRing, ...]:
+        """The per-CPU rings, in ring order (as :attr:`cpus`): positions and :meth:`PerfRing.resync`."""
+        self._poller.check_open()
+        return tuple(self._buffers)
 
     @property
     def cpus(self) -> tuple[int, ...]:
@@ -338,7 +272,7 @@ class PerfBuffer:
         """
         return self._poller.fileno()
 
-    def _buffer(self, i: int) -> _CpuBuffer:
+    def _buffer(self, i: int) -> PerfRing:
         self._poller.check_open()
         if not 0 <= i < len(self._buffers):
             raise IndexError(f"buffer index {i} out of range: this PerfBuffer has {len(self._buffers)} buffers")
@@ -352,28 +286,44 @@ class PerfBuffer:
         Returns samples delivered (0 on timeout) or a callback's negative return value. Rings
         whose reading a callback cut short are read first, without waiting.
         """
+        self._poller.consuming()  # refused at once from a callback, rather than after the wait
+        unfinished = self._unfinished
+        try:
+            # Holding no lock: consume() and batches in other threads go on meanwhile.
+            ready = self._poller.wait(0 if unfinished else timeout_ms)
+            # Reported once, so remembered until read to the end (see _consume).
+            unfinished.update(self._by_fd.get(fd) for fd in ready)
+            unfinished.discard(None)
+        except BaseException:
+            # Interrupted (Ctrl-C) after epoll may have taken wakeups it will not report again:
+            # a full ring would never wake us. Read every ring next time instead.
+            unfinished.update(self._buffers)
+            raise
         with self._poller.consuming():
-            unfinished = self._unfinished
+            if self._poller.closing or self._poller.closed:
+                return 0  # closed from another thread while this one waited
+            # At most a ring's worth of samples (16 bytes at least each) per poll: a producer as
+            # fast as the callback cannot keep poll(), and a close() waiting for it, going.
+            return self._each_ring(list(unfinished), lambda buf: buf.size // 16)
+
+    def _each_ring(self, bufs: list[PerfRing], limit: Callable[[PerfRing], int], into: Any = None) -> int:
+        """Read ``bufs`` in turn; a corrupt one does not stop the others: its RingCorruptError is
+        raised once every healthy ring has delivered. A negative callback return stops at once."""
+        total = 0
+        error: RingCorruptError | None = None
+        for buf in bufs:
             try:
-                ready = self._poller.wait(0 if unfinished else timeout_ms)
-                if self._poller.closing:
-                    return 0
-                # Reported once, so remembered until read to the end (see _consume).
-                unfinished.update(self._by_fd[fd] for fd in ready)
-            except BaseException:
-                # Interrupted (Ctrl-C) after epoll may have taken wakeups it will not report again:
-                # a full ring would never wake us. Read every ring next time instead.
-                unfinished.update(self._buffers)
-                raise
-            total = 0
-            for buf in list(unfinished):
-                # At most a ring's worth of samples (16 bytes at least each) per poll: a producer
-                # as fast as the callback cannot keep poll(), and a close() waiting for it, going.
-                n = self._consume(buf, limit=buf.size // 16)
-                if n < 0:
-                    return n
-                total += n
-            return total
+                n = self._consume(buf, into=into, limit=limit(buf))
+            except RingCorruptError as exc:
+                self._unfinished.discard(buf)  # wait for its next wakeup: no poll() spins on it
+                error = error or exc
+                continue
+            if n < 0:
+                return n
+            total += n
+        if error is not None:
+            raise error
+        return total
 
     def consume(self) -> int:
         """Read every ring without waiting (libbpf's ``perf_buffer__consume``).
@@ -383,19 +333,12 @@ class PerfBuffer:
         """
         self._poller.check_open()
         with self._poller.consuming():
-            total = 0
-            for buf in self._buffers:
-                n = self._consume(buf)
-                if n < 0:
-                    return n
-                total += n
-            return total
+            return self._each_ring(self._buffers, lambda buf: _NO_LIMIT)
 
     def consume_buffer(self, i: int) -> int:
         """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``)."""
-        buf = self._buffer(i)
         with self._poller.consuming():
-            return self._consume(buf)
+            return self._consume(self._buffer(i))  # checked under the lock: close() may race it
 
     def consume_batch(
         self, dtype: DTypeLike | None = None, max_records: int | None = None, *, out: Any = None, with_cpus: bool = False
@@ -428,7 +371,7 @@ class PerfBuffer:
         with self._poller.consuming():
             if self._partial is not None:
                 self._settle_partial()
-            if dt is not None and _native is not None and not self._taken:
+            if dt is not None and not self._taken:
                 return self._take_native(np, dt, limit, out, with_cpus)
             return self._take_samples(np, dt, limit, out, with_cpus)
 
@@ -439,7 +382,9 @@ class PerfBuffer:
         # Samples land in a list kept on self as they are taken: if Ctrl-C interrupts the call,
         # they wait there and the next call returns them first.
         taken = self._taken
-        for buf in self._buffers:
+        error: RingCorruptError | None = None
+        # What an earlier call kept (interrupted, or raising for a corrupt ring) is returned alone.
+        for buf in self._buffers if not taken else ():
             want = limit - len(taken)
             if want <= 0:
                 break
@@ -450,8 +395,14 @@ class PerfBuffer:
                 if not taken:
                     raise
                 break  # deliver what came before it; the next call raises
+            except RingCorruptError as exc:
+                self._unfinished.discard(buf)
+                error = error or exc
+                continue
             if 0 <= n < want:
                 self._unfinished.discard(buf)  # read to its head
+        if error is not None:
+            raise error  # what the healthy rings gave waits in self._taken for the next call
         handed = taken[:limit]
         cpus = [cpu for cpu, _ in handed]
         samples = [data for _, data in handed]
@@ -481,7 +432,7 @@ class PerfBuffer:
         """consume_batch with a dtype in C: each ring's samples copied straight into one array."""
         slot = (12 + dt.itemsize + 7) & ~7  # the smallest record a fitting sample makes
         # At least one slot, so a ring holding only lost records is still read (and reported).
-        room = min(limit, max(1, sum(max(0, buf.head - buf.tail) // slot for buf in self._buffers)))
+        room = min(limit, max(1, sum(_avail(buf) // slot for buf in self._buffers)))
         records = out[:room] if out is not None else _new_records(np, dt, room)
         taken: list[tuple[int, int, int]] = []  # (cpu, samples, lost) per ring, as each is read
         # If Ctrl-C interrupts the call, what it took waits here for the next call (perf_take
@@ -489,15 +440,23 @@ class PerfBuffer:
         # those samples are in out until then.
         self._partial = (records, taken)
         at = 0
+        error: RingCorruptError | None = None
         for buf in self._buffers:
             self._unfinished.add(buf)
-            n, stop = _native.perf_take(buf._mm, PAGE_SIZE, buf.size, buf.cpu, dt.itemsize, records[at:], taken, at == 0)
+            try:
+                n, stop = buf._state.take(dt.itemsize, records[at:], taken, at == 0)
+            except RingCorruptError as exc:
+                self._unfinished.discard(buf)
+                error = error or exc
+                continue
             at += n
-            if stop == _native.PERF_TAKE_HEAD:
+            if stop == _fastring.PERF_TAKE_HEAD:
                 self._unfinished.discard(buf)
             else:
                 break  # full (the rest waits), or a misfit: what came before it now, the next call raises
         self._report_lost(taken)
+        if error is not None:
+            raise error  # what the healthy rings gave waits in _partial for the next call
         records = records[:at]
         if with_cpus:
             cpus = np.repeat(np.array([cpu for cpu, _, _ in taken], dtype=np.int32), [n for _, n, _ in taken])
@@ -531,7 +490,7 @@ class PerfBuffer:
         self._report_lost(unreported)
         self._partial = None
 
-    def _consume(self, buf: _CpuBuffer, into: Any = None, limit: int = _NO_LIMIT) -> int:
+    def _consume(self, buf: PerfRing, into: Any = None, limit: int = _NO_LIMIT) -> int:
         # Marked unfinished until it is read to the end: after an exception, a negative return or
         # a read stopped at ``limit``, the rest of the ring will not be reported by epoll again
         # (perf reports a wakeup once), so the next poll() reads it without waiting.
@@ -557,8 +516,7 @@ class PerfBuffer:
         pending = self._pending
 
         def refill() -> None:
-            for buf in self._buffers:
-                self._consume(buf, into=pending, limit=ASYNC_REFILL)
+            self._each_ring(self._buffers, lambda buf: ASYNC_REFILL, pending)
 
         async for sample in self._poller.drain(pending, refill, interval):
             yield sample
@@ -589,26 +547,47 @@ class PerfBuffer:
             for buf in self._buffers:
                 sys_perf.disable(buf.fd)
             for cpu in self._slots:
+                # Only slots this buffer still holds: a PerfBuffer opened later on the same array
+                # (shared=True) took over the others.
+                if _slot_owner.get((self._map.id, cpu)) != id(self):
+                    continue
+                del _slot_owner[(self._map.id, cpu)]
                 try:
                     self._map.delete(cpu.to_bytes(4, sys.byteorder))
                 except BPFError as exc:
                     if exc.errno != errno.ENOENT:  # already cleared (the map file was released)
                         raise
         finally:
-            self._slots.clear()
+            self._release_own()
+
+    def _release_own(self) -> None:
+        """Close this process's descriptors and mappings; what the kernel shares (the events'
+        state, the array's slots) is left alone. All a fork() child may do."""
+        self._slots.clear()
+        try:
             for buf in self._buffers:
                 buf.close()
+        finally:
             self._buffers.clear()
             self._by_fd.clear()
             self._unfinished.clear()
+            if self._claim is not None:
+                self._claim.release()
             self._map.close()
 
     def close(self) -> None:
-        """Disable the events, clear the array slots this buffer set, unmap and close; idempotent.
+        """Disable the events, clear the array slots this buffer still holds, unmap and close;
+        idempotent. A poll() blocked in another thread returns first.
 
-        A poll() blocked in another thread returns first.
-        """
-        self._poller.close(self._release)
+        In a fork() child it releases only the child's copies of the descriptors and mappings:
+        the events stay enabled and the slots set, for the parent."""
+        self._poller.close(self._release, self._release_own)
+
+    def __del__(self) -> None:
+        poller = self.__dict__.get("_poller")
+        if poller is not None and not poller.closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
 
     @property
     def closed(self) -> bool:
@@ -624,6 +603,18 @@ class PerfBuffer:
         if self.closed:
             return "<PerfBuffer closed>"
         return f"<PerfBuffer map={self._map.name!r} cpus={list(self.cpus)} page_cnt={self.page_cnt}>"
+
+
+# (array map id, cpu) -> id() of the PerfBuffer whose event fd that slot holds, in this process.
+_slot_owner: dict[tuple[int, int], int] = {}
+
+
+def _avail(buf: PerfRing) -> int:
+    """Bytes waiting in ``buf``; 0 for a corrupt ring (its read raises)."""
+    try:
+        return buf._state.avail()
+    except RingCorruptError:
+        return 0
 
 
 def _cpu_list(cpus: list[int]) -> str:

@@ -14,13 +14,14 @@ import os
 import select
 import threading
 import time
+import warnings
 from types import TracebackType
 
-from ._poller import Poller
+from ._poller import Poller, forked_error
 from ._sys.bpf import MapType
 from .errors import RingFullError
-from .maps import Map, MapLike, open_map
-from .ringbuf import BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT, BPF_RINGBUF_HDR_SZ, _MappedRing, roundup_len
+from .maps import PAGE_SIZE, Map, MapLike, open_map
+from ._protocol import BPF_RINGBUF_HDR_SZ, MappedRing, roundup_len
 
 # The drain hands each record to the BPF callback as a dynptr, and bpf_dynptr_check_size()
 # (kernel/bpf/helpers.c, DYNPTR_MAX_SIZE) refuses more than 2^24 - 1 bytes: a bigger record makes
@@ -112,7 +113,7 @@ class Sample:
         return f"<Sample {self._size} bytes at pos {self._pos} {self._state}>"
 
 
-class UserRingBuffer(_MappedRing):
+class UserRingBuffer(MappedRing):
     """libbpf's ``user_ring_buffer`` in Python: the producer side of a BPF_MAP_TYPE_USER_RINGBUF.
 
     ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path; the buffer works on its own
@@ -176,19 +177,20 @@ class UserRingBuffer(_MappedRing):
     def consumer_pos(self) -> int:
         """Bytes the BPF side has drained so far (a free-running counter)."""
         self._check_open()
-        return self._consumer_pos[0]
+        return self._state.positions()[0]
 
     @property
     def producer_pos(self) -> int:
         """Bytes reserved so far, committed or not (a free-running counter)."""
         self._check_open()
-        return self._producer_pos[0]
+        return self._state.positions()[1]
 
     @property
     def avail_space(self) -> int:
         """Free bytes in the ring; a record of n bytes needs ``(n + 8 + 7) & ~7`` of them."""
         self._check_open()
-        return self.size - (self._producer_pos[0] - self._consumer_pos[0])
+        cons, prod = self._state.positions()
+        return self.size - (prod - cons)
 
     # -- producing ------------------------------------------------------------------------------
 
@@ -197,27 +199,17 @@ class UserRingBuffer(_MappedRing):
         total = self._check_size(size)
         with self._lock:
             self._check_open()
-            # Load consumer_pos first (acquire): pairs with the smp_store_release() in
-            # __bpf_user_ringbuf_sample_release(), so the kernel is done reading the space we reuse.
-            cons_pos = self._consumer_pos[0]
-            prod_pos = self._producer_pos[0]
-            free = self.size - (prod_pos - cons_pos)
-            if total > free:
+            # In C: consumer_pos loaded with acquire, the BUSY header stored before producer_pos
+            # (release), both checked against what this producer last stored.
+            prod_pos, free = self._state.reserve(size)
+            if prod_pos < 0:
                 raise RingFullError(
                     errno.ENOSPC,
                     f"user ring buffer of map {self._map.name!r} has no room for a sample of {size} bytes "
                     f"({total} with its header): {free} of {self.size} bytes free",
                 )
-            off = prod_pos & self._mask
-            word = off >> 2  # records are 8-byte aligned: the header is two aligned u32 words
-            self._headers[word + 1] = 0  # pg_off: unused for user rings
-            # The header, BUSY, is stored before producer_pos (release: x86-64 never reorders two
-            # stores), pairing with the smp_load_acquire(&rb->producer_pos) in
-            # __bpf_user_ringbuf_peek(): the kernel never sees a position past a header it can't read.
-            self._headers[word] = size | BPF_RINGBUF_BUSY_BIT
-            self._producer_pos[0] = prod_pos + total
-            start = off + BPF_RINGBUF_HDR_SZ
-            sample = Sample(self, prod_pos, size, self._data[start : start + size])
+            start = PAGE_SIZE + (prod_pos & self._mask) + BPF_RINGBUF_HDR_SZ
+            sample = Sample(self, prod_pos, size, memoryview(self._producer_mm)[start : start + size])
             self._pending[prod_pos] = sample
         return sample
 
@@ -371,11 +363,9 @@ class UserRingBuffer(_MappedRing):
             self._publish(sample, discard)
 
     def _publish(self, sample: Sample, discard: bool) -> None:
-        # One aligned 4-byte store clears BUSY (and sets DISCARD). On x86-64 it is a release: the
-        # record's bytes, written before it, are visible first. It pairs with the
-        # smp_load_acquire(hdr) in __bpf_user_ringbuf_peek(); libbpf uses an atomic exchange.
-        length = (sample._size | BPF_RINGBUF_DISCARD_BIT) if discard else sample._size
-        self._headers[(sample._pos & self._mask) >> 2] = length
+        # One release store clears BUSY (and sets DISCARD): the record's bytes, written before it,
+        # are visible first. It pairs with the smp_load_acquire(hdr) in __bpf_user_ringbuf_peek().
+        self._state.commit(sample._pos, sample._size, discard)
         sample._state = _DISCARDED if discard else _SUBMITTED
         del self._pending[sample._pos]
 
@@ -395,22 +385,26 @@ class UserRingBuffer(_MappedRing):
     def _check_open(self) -> select.epoll:
         if self._epoll is None or self._closing:
             raise ValueError(f"user ring buffer of map {self._map.name!r} is closed")
+        if os.getpid() != self._pid:
+            raise forked_error("UserRingBuffer", self._pid)
         return self._epoll
 
-    def _release(self) -> None:
-        for sample in list(self._pending.values()):
+    def _release(self, in_child: bool = False) -> None:
+        """Discard what is still reserved and close everything; in a fork() child only the
+        child's descriptors and mappings (the parent's reserved samples are its own)."""
+        for sample in list(self._pending.values()) if not in_child else ():
             # A record left BUSY would stop the kernel there for good (the map may outlive us):
             # discard what was never submitted.
             try:
                 sample._buf.release()
             except BufferError:
                 pass  # still exported: the mapping lives until that export goes
-            if self._headers is not None:
+            if self._state is not None:
                 self._publish(sample, discard=True)
         self._unmap_ring()
         if self._aio is not None:  # wakes reserve_async() waits: their next reserve() says "closed"
             aio, self._aio = self._aio, None
-            aio.close(lambda: None)
+            aio.close(lambda: None)  # (in a child, Poller.close touches nothing shared)
         if self._epoll is not None:
             epoll, self._epoll = self._epoll, None
             epoll.close()
@@ -425,6 +419,11 @@ class UserRingBuffer(_MappedRing):
         A ``reserve_blocking()`` waiting in another thread, or a ``reserve_async()``, raises
         ValueError ("closed").
         """
+        if os.getpid() != self._pid:  # a fork() child: no lock (one may be held forever), nothing shared
+            if self._epoll is not None:
+                self._closing = True
+                self._release(in_child=True)
+            return
         with self._lock:
             if self._epoll is None or self._closing:
                 return
@@ -441,6 +440,7 @@ class UserRingBuffer(_MappedRing):
 
     def __del__(self) -> None:
         if getattr(self, "_epoll", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()  # the eventfd is a bare fd: nothing else would close it
 
     def __enter__(self) -> UserRingBuffer:

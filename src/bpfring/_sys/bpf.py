@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import operator
 import os
 import platform
 
@@ -44,6 +45,7 @@ class Cmd(enum.IntEnum):
     OBJ_PIN = 6
     OBJ_GET = 7
     PROG_TEST_RUN = 10
+    RAW_TRACEPOINT_OPEN = 17
     MAP_GET_NEXT_ID = 12
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
@@ -109,6 +111,55 @@ BPF_OBJ_NAME_LEN = 16
 
 _u32 = ctypes.c_uint32
 _u64 = ctypes.c_uint64
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+INT_MAX = (1 << 31) - 1  # fds, cpus and pids are C ints
+
+
+def check_int(field: str, value: int, low: int, high: int, kind: str) -> int:
+    """``value`` as an int if it lies in [low, high], else a TypeError or ValueError naming ``field``.
+
+    ctypes keeps only the low bits of what it packs, so an unchecked 2**32 + 27 reaches the
+    kernel as 27: every integer bound is checked here before a structure is built.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{field} must be an int, got bool")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{field} must be an int, got {type(value).__name__}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{field} must be from {low} to {high} ({kind}), got {number}")
+    return number
+
+
+def check_u32(field: str, value: int) -> int:
+    return check_int(field, value, 0, U32_MAX, "a u32 for the kernel")
+
+
+def check_u64(field: str, value: int) -> int:
+    return check_int(field, value, 0, U64_MAX, "a u64 for the kernel")
+
+
+def check_fd(field: str, value: int) -> int:
+    return check_int(field, value, 0, INT_MAX, "a file descriptor")
+
+
+def c_string(field: str, text: str | bytes) -> bytes:
+    """``text`` as bytes for a NUL-terminated C string; an embedded NUL would cut it short unseen."""
+    data = os.fsencode(text) if isinstance(text, str) else bytes(text)
+    if b"\0" in data:
+        raise ValueError(f"{field} must not contain a NUL byte, got {text!r}")
+    return data
+
+
+def obj_name(field: str, name: str) -> bytes:
+    """A map or program name for the kernel: at most BPF_OBJ_NAME_LEN - 1 bytes, not cut to fit."""
+    data = c_string(field, name)
+    if len(data) > BPF_OBJ_NAME_LEN - 1:
+        raise ValueError(f"{field} must be at most {BPF_OBJ_NAME_LEN - 1} bytes, got {name!r} ({len(data)} bytes)")
+    return data
 
 
 class MapCreateAttr(ctypes.Structure):
@@ -183,7 +234,20 @@ class ProgLoadAttr(ctypes.Structure):
         ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
         ("prog_ifindex", _u32),
         ("expected_attach_type", _u32),
+        ("prog_btf_fd", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("func_info_cnt", _u32),
+        ("line_info_rec_size", _u32),
+        ("line_info", _u64),
+        ("line_info_cnt", _u32),
+        ("attach_btf_id", _u32),
+        ("attach_prog_fd", _u32),
     ]
+
+
+class RawTracepointAttr(ctypes.Structure):
+    _fields_ = [("name", _u64), ("prog_fd", _u32)]
 
 
 class MapInfo(ctypes.Structure):
@@ -225,49 +289,52 @@ def map_create(
     map_type: int, key_size: int, value_size: int, max_entries: int, map_flags: int = 0, name: str = ""
 ) -> int:
     attr = MapCreateAttr(
-        map_type=map_type,
-        key_size=key_size,
-        value_size=value_size,
-        max_entries=max_entries,
-        map_flags=map_flags,
-        map_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
+        map_type=check_u32("map type", map_type),
+        key_size=check_u32("key_size", key_size),
+        value_size=check_u32("value_size", value_size),
+        max_entries=check_u32("max_entries", max_entries),
+        map_flags=check_u32("map_flags", map_flags),
+        map_name=obj_name("map name", name),
     )
     what = f"BPF_MAP_CREATE {map_type_name(map_type)} max_entries={max_entries}"
     return bpf(Cmd.MAP_CREATE, attr, what)
 
 
 def map_lookup_elem(fd: int, key: ctypes.Array, value: ctypes.Array) -> None:
-    attr = MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value))
+    attr = MapElemAttr(map_fd=check_fd("map fd", fd), key=_addr(key), value=_addr(value))
     bpf(Cmd.MAP_LOOKUP_ELEM, attr, f"BPF_MAP_LOOKUP_ELEM on map fd {fd}")
 
 
 def map_update_elem(fd: int, key: ctypes.Array, value: ctypes.Array, flags: int = BPF_ANY) -> None:
-    attr = MapElemAttr(map_fd=fd, key=_addr(key), value=_addr(value), flags=flags)
+    attr = MapElemAttr(map_fd=check_fd("map fd", fd), key=_addr(key), value=_addr(value), flags=check_u64("flags", flags))
     bpf(Cmd.MAP_UPDATE_ELEM, attr, f"BPF_MAP_UPDATE_ELEM on map fd {fd}")
 
 
 def map_delete_elem(fd: int, key: ctypes.Array) -> None:
-    attr = MapElemAttr(map_fd=fd, key=_addr(key))
+    attr = MapElemAttr(map_fd=check_fd("map fd", fd), key=_addr(key))
     bpf(Cmd.MAP_DELETE_ELEM, attr, f"BPF_MAP_DELETE_ELEM on map fd {fd}")
 
 
 def obj_pin(fd: int, path: str) -> None:
-    cpath = ctypes.create_string_buffer(os.fsencode(path))
-    bpf(Cmd.OBJ_PIN, ObjAttr(pathname=_addr(cpath), bpf_fd=fd), f"BPF_OBJ_PIN of fd {fd} at {path!r}")
+    cpath = ctypes.create_string_buffer(c_string("pin path", path))
+    attr = ObjAttr(pathname=_addr(cpath), bpf_fd=check_fd("fd", fd))
+    bpf(Cmd.OBJ_PIN, attr, f"BPF_OBJ_PIN of fd {fd} at {path!r}")
 
 
 def obj_get(path: str, file_flags: int = 0) -> int:
-    cpath = ctypes.create_string_buffer(os.fsencode(path))
-    return bpf(Cmd.OBJ_GET, ObjAttr(pathname=_addr(cpath), file_flags=file_flags), f"BPF_OBJ_GET {path!r}")
+    cpath = ctypes.create_string_buffer(c_string("pin path", path))
+    attr = ObjAttr(pathname=_addr(cpath), file_flags=check_u32("file_flags", file_flags))
+    return bpf(Cmd.OBJ_GET, attr, f"BPF_OBJ_GET {path!r}")
 
 
 def map_get_fd_by_id(map_id: int) -> int:
-    return bpf(Cmd.MAP_GET_FD_BY_ID, GetIdAttr(id=map_id), f"BPF_MAP_GET_FD_BY_ID id={map_id}")
+    attr = GetIdAttr(id=check_u32("map id", map_id))
+    return bpf(Cmd.MAP_GET_FD_BY_ID, attr, f"BPF_MAP_GET_FD_BY_ID id={map_id}")
 
 
 def map_get_next_id(start_id: int) -> int | None:
     """The id of the next map after ``start_id``, or None at the end of the list."""
-    attr = GetIdAttr(id=start_id)
+    attr = GetIdAttr(id=check_u32("map id", start_id))
     ret = _libc.syscall(NR_BPF, int(Cmd.MAP_GET_NEXT_ID), ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
@@ -279,25 +346,37 @@ def map_get_next_id(start_id: int) -> int | None:
 
 def map_get_info(fd: int) -> MapInfo:
     info = MapInfo()
-    attr = InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info))
+    attr = InfoAttr(bpf_fd=check_fd("fd", fd), info_len=ctypes.sizeof(info), info=_addr(info))
     bpf(Cmd.OBJ_GET_INFO_BY_FD, attr, f"BPF_OBJ_GET_INFO_BY_FD on fd {fd}")
     return info
 
 
-def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = "") -> int:
+def prog_load(
+    prog_type: int,
+    insns: bytes,
+    license: str = "GPL",
+    name: str = "",
+    expected_attach_type: int = 0,
+    attach_btf_id: int = 0,
+) -> int:
     """Load raw instructions; on a verifier rejection the error carries the verifier log."""
+    if len(insns) % 8:
+        raise ValueError(f"insns must be whole 8-byte instructions, got {len(insns)} bytes")
+    insn_cnt = check_u32("instruction count", len(insns) // 8)
     code = ctypes.create_string_buffer(insns, len(insns))
-    lic = ctypes.create_string_buffer(license.encode())
+    lic = ctypes.create_string_buffer(c_string("license", license))
     log = ctypes.create_string_buffer(1 << 16)
     attr = ProgLoadAttr(
-        prog_type=prog_type,
-        insn_cnt=len(insns) // 8,
+        prog_type=check_u32("prog_type", prog_type),
+        insn_cnt=insn_cnt,
         insns=_addr(code),
         license=_addr(lic),
         log_level=1,
         log_size=len(log),
         log_buf=_addr(log),
-        prog_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
+        prog_name=obj_name("program name", name),
+        expected_attach_type=check_u32("expected_attach_type", expected_attach_type),
+        attach_btf_id=check_u32("attach_btf_id", attach_btf_id),
     )
     ret = _libc.syscall(NR_BPF, int(Cmd.PROG_LOAD), ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
@@ -305,6 +384,14 @@ def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = ""
         verifier = log.value.decode(errors="replace").strip()
         raise bpf_error(err, f"BPF_PROG_LOAD type={prog_type}" + (f"\n{verifier}" if verifier else ""))
     return ret
+
+
+def raw_tracepoint_open(prog_fd: int, name: str | None = None) -> int:
+    """BPF_RAW_TRACEPOINT_OPEN: attach a raw tracepoint program to ``name``, or a tracing
+    (fentry/fexit) program to the function it was loaded for (``name`` None); a link fd."""
+    cname = ctypes.create_string_buffer(c_string("tracepoint name", name)) if name is not None else None
+    attr = RawTracepointAttr(name=_addr(cname), prog_fd=check_fd("program fd", prog_fd))
+    return bpf(Cmd.RAW_TRACEPOINT_OPEN, attr, f"BPF_RAW_TRACEPOINT_OPEN of program fd {prog_fd}")
 
 
 class TestRunResult:
@@ -326,6 +413,13 @@ def prog_test_run(
     cpu: int | None = None,
 ) -> TestRunResult:
     """BPF_PROG_TEST_RUN; ``ctx_out`` carries what the program wrote into its context."""
+    check_fd("program fd", prog_fd)
+    check_u32("repeat", repeat)
+    check_u32("data_out_size", data_out_size)
+    check_u32("data_in size", len(data_in))
+    check_u32("ctx_in size", len(ctx_in))
+    if cpu is not None:
+        check_u32("cpu", cpu)
     din = ctypes.create_string_buffer(bytes(data_in), len(data_in)) if data_in else None
     dout = ctypes.create_string_buffer(data_out_size) if data_out_size else None
     cin = ctypes.create_string_buffer(bytes(ctx_in), len(ctx_in)) if ctx_in else None

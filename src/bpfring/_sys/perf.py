@@ -11,7 +11,7 @@ import ctypes
 import fcntl
 
 from ..errors import bpf_error
-from .bpf import NR_PERF_EVENT_OPEN, _libc
+from .bpf import INT_MAX, NR_PERF_EVENT_OPEN, _libc, check_int, check_u32
 
 # include/uapi/linux/perf_event.h
 PERF_TYPE_SOFTWARE = 1  # enum perf_type_id
@@ -28,6 +28,10 @@ _u32 = ctypes.c_uint32
 _u64 = ctypes.c_uint64
 
 ONLINE_CPUS = "/sys/devices/system/cpu/online"
+
+# The kernel counts a perf ring's data pages in an int (kernel/events/ring_buffer.c, rb_alloc),
+# and page_cnt is a power of two: 2**30 is the largest that can reach it intact.
+MAX_PAGE_CNT = 1 << 30
 
 
 class PerfEventAttr(ctypes.Structure):
@@ -48,6 +52,9 @@ class PerfEventAttr(ctypes.Structure):
 
 def perf_event_open(attr: PerfEventAttr, pid: int, cpu: int, group_fd: int, flags: int, what: str) -> int:
     """perf_event_open(&attr, pid, cpu, group_fd, flags); the new fd, or raise for ``what``."""
+    check_int("pid", pid, -1, INT_MAX, "a process id, or -1 for any")
+    check_int("cpu", cpu, -1, INT_MAX, "a CPU number, or -1 for any")
+    check_int("group_fd", group_fd, -1, INT_MAX, "a file descriptor, or -1 for none")
     attr.size = ctypes.sizeof(attr)
     args = (ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(group_fd), ctypes.c_ulong(flags))
     ret = _libc.syscall(NR_PERF_EVENT_OPEN, ctypes.byref(attr), *args)
@@ -56,12 +63,24 @@ def perf_event_open(attr: PerfEventAttr, pid: int, cpu: int, group_fd: int, flag
     return ret
 
 
+def check_buffer_args(page_cnt: int, wakeup_events: int) -> None:
+    """Range-check a perf buffer's sizes before any event is opened, so a refusal leaks nothing.
+
+    page_cnt pages (plus the header page) are mmapped per CPU; wakeup_events is a u32 in
+    struct perf_event_attr, where 2**32 would arrive as 0.
+    """
+    check_int("page_cnt", page_cnt, 1, MAX_PAGE_CNT, "pages per CPU, a power of two")
+    check_int("wakeup_events", wakeup_events, 1, (1 << 32) - 1, "a u32 for the kernel")
+
+
 def open_bpf_output(cpu: int, wakeup_events: int) -> int:
     """A disabled PERF_COUNT_SW_BPF_OUTPUT event on ``cpu`` that records raw samples.
 
     sample_period=1 makes every bpf_perf_event_output() a sample; the reader is woken every
     ``wakeup_events`` samples. It starts disabled so nothing is written before it is mapped.
     """
+    check_int("cpu", cpu, 0, INT_MAX, "a CPU number")
+    check_u32("wakeup_events", wakeup_events)
     attr = PerfEventAttr(
         type=PERF_TYPE_SOFTWARE,
         config=PERF_COUNT_SW_BPF_OUTPUT,
@@ -75,6 +94,7 @@ def open_bpf_output(cpu: int, wakeup_events: int) -> int:
 
 
 def _ioctl(fd: int, request: int, what: str) -> None:
+    check_int("perf event fd", fd, 0, INT_MAX, "a file descriptor")
     try:
         fcntl.ioctl(fd, request, 0)
     except OSError as exc:

@@ -3,7 +3,7 @@
 Each round produces N records of 8 or 64 bytes into a BPF ring buffer (bench.bpf.c, run with
 BPF_PROG_TEST_RUN, BPF_RB_NO_WAKEUP), then times one consumer draining them all. Consumers:
 
-  (a) bpfring per-event callback (the C walk; and the pure-Python fallback, for reference)
+  (a) bpfring per-event callback (the C walk)
   (b) bpfring batch with a numpy dtype: consume_batch() copying into a new array (copy) or into
       an array reused across calls (into, out=), and batch() (a zero-copy view)
   (c) libbpf ring_buffer__consume() with a ctypes Python callback, as Python tools do today
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .. import ringbuf
+
 from .._sys import libbpf
 from ..objects import Object, bundled_object
 from ..ringbuf import BPF_RB_NO_WAKEUP, RingBuffer
@@ -92,20 +92,9 @@ class Bench:
 # -- consumers: each returns (set up, drain, tear down) --------------------------------------
 
 
-def bpfring_callback(bench: Bench, native: bool = True):
-    saved = ringbuf._native
-    if not native:
-        ringbuf._native = None
+def bpfring_callback(bench: Bench):
     rb = RingBuffer(bench.map, _empty)
-
-    def drain() -> int:
-        return rb.consume()
-
-    def close() -> None:
-        rb.close()
-        ringbuf._native = saved
-
-    return drain, close
+    return rb.consume, rb.close
 
 
 def bpfring_batch_copy(bench: Bench):
@@ -171,15 +160,12 @@ def _libbpf_ring(bench: Bench, fn: ctypes.c_void_p, ctx: object, keep: object):
 def consumers(helper: ctypes.CDLL) -> dict[str, Callable]:
     found = {
         "bpfring-callback": bpfring_callback,
-        "bpfring-callback-py": lambda b: bpfring_callback(b, native=False),
         "bpfring-batch-copy": bpfring_batch_copy,
         "bpfring-batch-into": bpfring_batch_into,
         "bpfring-batch-view": bpfring_batch_view,
         "libbpf-ctypes": libbpf_ctypes,
         BASELINE: lambda b: libbpf_native(b, helper),
     }
-    if ringbuf._native is None:
-        del found["bpfring-callback"]  # only the fallback exists in this install
     return found
 
 

@@ -11,7 +11,7 @@ from typing import IO, Optional
 
 import numpy as np
 
-from .. import __version__, ringbuf
+from .. import __version__
 from .._sys import libbpf
 from .runner import BASELINE, Outcome
 from .workload import Scenario
@@ -109,7 +109,6 @@ def machine() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "bpfring": __version__,
-        "bpfring_native_walk": ringbuf._native is not None,
         "libbpf": "%d.%d" % libbpf.VERSION,
         "go": go,
         "loadavg_at_end": os.getloadavg(),

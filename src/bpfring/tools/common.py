@@ -108,6 +108,19 @@ def positive_int(what: str = "a positive number") -> Callable[[str], int]:
     return parse
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds above zero (``--duration``)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds above 0, got {text!r} (leave it out to run until Ctrl-C)"
+        )
+    return seconds
+
+
 def paragraphs(*texts: str) -> str:
     """A --help description wrapped by hand (the raw formatter keeps the examples' layout as is)."""
     return "\n\n".join(textwrap.fill(text, 88) for text in texts)
@@ -159,7 +172,8 @@ def poll_until(reader: Reader, deadline: float | None) -> int:
             if left <= 0:
                 with deferred_signals():
                     return min(reader.consume(), 0)
-            timeout = min(POLL_MS, math.ceil(left * 1000))
+            # Compared before ceil(): left * 1000 of a deadline centuries away is no int (inf).
+            timeout = POLL_MS if left * 1000 >= POLL_MS else math.ceil(left * 1000)
         with deferred_signals():
             n = reader.poll(timeout)
             if n == 0:

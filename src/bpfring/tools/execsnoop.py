@@ -21,6 +21,7 @@ from .common import (
     follow,
     paragraphs,
     positive_int,
+    positive_seconds,
     require_tracing_privileges,
 )
 
@@ -211,7 +212,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         metavar="adaptive|every:N",
         help="when the BPF program wakes us (default: adaptive; see below)",
     )
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="stop after this many seconds")
     p.add_argument(
         "--ring-size",
         type=_positive_power_of_two,

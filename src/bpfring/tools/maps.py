@@ -35,12 +35,13 @@ def ring_maps() -> Iterator[Map]:
             m.close()
 
 
-def pending_bytes(m: Map) -> int | None:
-    """producer_pos - consumer_pos of a ringbuf or user ringbuf, None if it cannot be mapped.
+def ring_positions(m: Map) -> tuple[int, int] | None:
+    """(consumer_pos, producer_pos) of a ringbuf or user ringbuf, None if it cannot be mapped.
 
     kernel/bpf/ringbuf.c lays out the consumer page (consumer_pos at offset 0) and then the
     producer page (producer_pos at offset 0); both may be mapped read-only, which is all we need
-    to look without disturbing anyone. consumer_pos is read first: it never passes producer_pos.
+    to look without disturbing anyone. A snapshot: consumer_pos is read first, so a healthy ring
+    never shows it past producer_pos.
     """
     try:
         mm = map_shared(m.fd, 2 * PAGE_SIZE, mmap.PROT_READ)
@@ -53,19 +54,37 @@ def pending_bytes(m: Map) -> int | None:
             producer_pos = view[PAGE_SIZE // 8]
         finally:
             view.release()
-    return producer_pos - consumer_pos
+    return consumer_pos, producer_pos
+
+
+def fill_level(m: Map) -> tuple[int | None, str | None]:
+    """(pending bytes, None), or (None, what is impossible about the positions): a consumer_pos
+    another process wrote can be unaligned, past producer_pos, or more than a ring behind it."""
+    positions = ring_positions(m)
+    if positions is None:
+        return None, None
+    cons, prod = positions
+    if cons & 7:
+        return None, f"consumer_pos {cons} is not 8-byte aligned"
+    if cons > prod:
+        return None, f"consumer_pos {cons} is past producer_pos {prod}"
+    if prod - cons > m.max_entries:
+        return None, f"producer_pos {prod} is {prod - cons} bytes ahead of consumer_pos {cons}, more than the ring"
+    return prod - cons, None
 
 
 def describe(m: Map) -> dict[str, object]:
     """What the listing shows of one map; sizes of rings in bytes, of perf arrays in CPU slots."""
     is_ring = m.type != MapType.PERF_EVENT_ARRAY
+    pending, corrupt = fill_level(m) if is_ring else (None, None)
     return {
         "id": m.id,
         "name": m.name,
         "type": RING_TYPES[MapType(m.type)],
         "size": m.max_entries,
         "unit": "bytes" if is_ring else "cpus",
-        "pending": pending_bytes(m) if is_ring else None,
+        "pending": pending,
+        "corrupt": corrupt,
     }
 
 
@@ -82,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             out.write(json.dumps(row) + "\n")
         else:
             size = row["size"] if row["unit"] == "bytes" else f"{row['size']} cpus"
-            pending = "-" if row["pending"] is None else row["pending"]
+            pending = "corrupt" if row["corrupt"] else "-" if row["pending"] is None else row["pending"]
             out.write(f"{row['id']:<7} {row['type']:<17} {row['name'] or '-':<16} {size:>10} {pending:>10}\n")
     out.flush()
     return EXIT_OK
@@ -97,13 +116,14 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
             "List the ring-type BPF maps on the system: ID, TYPE, NAME, SIZE (bytes for rings, CPU "
             "slots for perf event arrays) and, for rings, PENDING: the bytes produced and not yet "
             "consumed (producer_pos - consumer_pos), read from a read-only mapping of the ring, so "
-            "looking disturbs no one.",
+            "looking disturbs no one. A ring whose positions cannot be right (another process wrote "
+            "its consumer_pos) shows PENDING as corrupt; --json says why in \"corrupt\".",
             "Needs root: map ids are system-wide.",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  bpfring maps          # a table\n"
-        "  bpfring maps --json   # one JSON object per map: id, name, type, size, unit, pending\n",
+        "  bpfring maps --json   # one JSON object per map: id, name, type, size, unit, pending, corrupt\n",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per map")
     p.set_defaults(func=run)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
 import json
+import os
 import struct
 import sys
 import time
@@ -12,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._sys.bpf import MapType
+from .._sys.bpf import U32_MAX, MapType
 from ..errors import BPFError
 from ..maps import Map
 from ..objects import Object
@@ -22,13 +24,16 @@ from .common import (
     follow,
     paragraphs,
     positive_int,
+    positive_seconds,
     require_admin,
 )
 
 
 def open_map(target: str) -> Map:
     """The map named by a bpffs path or by a map id (all digits), in words when it is not there."""
-    if target.isdigit():
+    if target.isascii() and target.isdigit():
+        if int(target) > U32_MAX:  # Map.from_id would refuse it as a ValueError; here it is just absent
+            raise BPFError(errno.ENOENT, f"no BPF map has id {target}: map ids are u32, at most {U32_MAX}")
         require_admin("bpfring tail", "to open a map by id")
         try:
             return Map.from_id(int(target))
@@ -39,8 +44,17 @@ def open_map(target: str) -> Map:
     except FileNotFoundError:
         raise BPFError(errno.ENOENT, f"nothing is pinned at {target!r} (give a path on bpffs or a map id)") from None
     except PermissionError:
+        if os.geteuid() == 0:  # sudo would change nothing: say what the kernel said
+            raise
         raise PermissionError(
             errno.EACCES, f"no permission to open the map pinned at {target!r}: run bpfring tail with sudo"
+        ) from None
+    except BPFError as exc:
+        if exc.errno != errno.EISDIR:
+            raise
+        raise BPFError(
+            errno.EISDIR,
+            f"{target!r} is a directory: give the path of a map pinned in it, or a map id ('bpfring maps' lists the rings)",
         ) from None
 
 
@@ -82,9 +96,11 @@ class Decoder:
 
 
 def _plain(v: Any) -> object:
-    """A numpy field as a plain value: char arrays as C strings, arrays as lists."""
+    """A numpy field as a plain value: char arrays as C strings, arrays as lists, times as text."""
     if isinstance(v, (bytes, np.bytes_)):
         return _value(bytes(v))
+    if isinstance(v, (np.datetime64, np.timedelta64)):
+        return str(v)  # .item() would give a datetime, an int or a timedelta depending on the unit
     if isinstance(v, np.void) and v.dtype.names:
         return {name: _plain(v[name]) for name in v.dtype.names}
     if isinstance(v, np.ndarray):
@@ -102,10 +118,23 @@ def formatter(fmt: Decoder | None, as_json: bool) -> Callable[[bytes], str]:
             return f"{len(data)} {data.hex()}"
         values = fmt.values(data)
         if as_json:
-            return json.dumps({"len": len(data), "values": values})
-        return " ".join(json.dumps(v) if isinstance(v, (str, dict)) else str(v) for v in values)
+            return json.dumps({"len": len(data), "values": values}, default=_json_value)
+        return " ".join(json.dumps(v, default=_json_value) if isinstance(v, (str, dict)) else str(v) for v in values)
 
     return line
+
+
+def _json_value(v: object) -> object:
+    """What JSON has no type for: a complex number as [real, imag], anything else as its text."""
+    if isinstance(v, complex):
+        return [v.real, v.imag]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (datetime.date, datetime.time, datetime.timedelta)):
+        return str(v)
+    return repr(v)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,10 +156,10 @@ def run(args: argparse.Namespace) -> int:
     with open_map(args.target) as m:
         check_ring(m)
         if m.type == MapType.PERF_EVENT_ARRAY:
-            reader: Any = PerfBuffer(m, PERF_PAGES, lambda cpu, data: on_record(data))
+            reader: Any = PerfBuffer(m, PERF_PAGES, lambda cpu, data: on_record(data), shared=args.shared)
             about = f"perf event array {m.name!r} (id {m.id}, {reader.buffer_cnt} CPUs)"
         else:
-            reader = RingBuffer(m, on_record)
+            reader = RingBuffer(m, on_record, shared=args.shared)
             ring = reader.rings[0]
             about = f"ring {m.name!r} (id {m.id}, {ring.size} bytes, {ring.avail_data_size} pending)"
     with reader:
@@ -146,7 +175,10 @@ def _decoder(args: argparse.Namespace) -> Decoder | None:
         if not args.object:
             raise ValueError("--struct needs --object FILE.bpf.o, the BPF object whose BTF declares it")
         with Object(args.object) as obj:
-            return Decoder(dtype=obj.struct(args.struct))
+            try:
+                return Decoder(dtype=obj.struct(args.struct))
+            except TypeError as exc:  # a C type numpy cannot hold (a bitfield, a pointer...)
+                raise ValueError(f"--struct {args.struct} can't be decoded: {exc}") from None
     if args.object:
         raise ValueError("--object goes with --struct NAME")
     return args.format
@@ -182,7 +214,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
             "and its bytes in hex, or the values --format decodes, or JSON lines.",
             "tail TAKES the records: a ring has a single consumer position, so what tail prints, "
             "the ring's own consumer will not see. The producer is not disturbed otherwise. Use it "
-            "on rings nobody else reads, or when you mean to take over.",
+            "on rings nobody else reads: a ring another bpfring consumer (any process) is reading is "
+            "refused, naming that process, unless --shared, where each record goes to whichever "
+            "consumer takes it first.",
             "A perf event array is read by putting tail's own perf events in the array's CPU slots, "
             "which replaces any other reader's; tail clears them on exit.",
         ),
@@ -207,5 +241,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p.add_argument("--object", metavar="FILE.bpf.o", help="the BPF object whose BTF declares --struct")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
     p.add_argument("--count", type=positive_int(), metavar="N", help="stop after N records")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument(
+        "--shared", action="store_true", help="read a ring another consumer is reading too (each record goes to one of them)"
+    )
     p.set_defaults(func=run)
