@@ -119,6 +119,10 @@ class _PerfTarget(_Target):
     def producer(self) -> int:
         return self._words[PERF_DATA_HEAD // 8]
 
+    def set_producer(self, value: int) -> None:
+        """data_head sits on the same writable page (the kernel rewrites it at its next output)."""
+        self._words[PERF_DATA_HEAD // 8] = value
+
 
 def _random_value(rng: random.Random, target: _Target, kind: str) -> int:
     """Garbage of ``kind`` that stays recognizable while the producer goes on.
@@ -184,6 +188,9 @@ def main(argv: list[str]) -> int:
                 old = target.get()
                 target.set(cmd["value"] % U64)
                 reply = {"old": old, "pos": target.get(), "prod": target.producer()}
+            elif op == "set_head":
+                target.set_producer(cmd["value"] % U64)  # type: ignore[attr-defined]
+                reply = {"pos": target.get(), "prod": target.producer()}
             elif op == "random":
                 reply = _run_random(target, cmd["seconds"], cmd["seed"], cmd.get("max_pause_us", 2000))
             else:
@@ -233,6 +240,10 @@ class HostileWriter:
     def set(self, value: int) -> int:
         """Store ``value`` (mod 2**64) in the attacked word; returns what the writer reads back."""
         return self._ask(op="set", value=value)["pos"]
+
+    def set_head(self, value: int) -> int:
+        """Store ``value`` in a perf ring's data_head; returns what the writer reads back."""
+        return self._ask(op="set_head", value=value)["prod"]
 
     def get(self) -> tuple[int, int]:
         """(the attacked word, the producer's word) as the writer sees them."""

@@ -49,9 +49,10 @@ U64 = 1 << 64
 class Consumer:
     """What the API table needs: the buffer, its first ring, the callback's sink and an out= array."""
 
-    def __init__(self, buf: Any, sink: list[bytes]) -> None:
+    def __init__(self, buf: Any, sink: list[bytes], apis: dict[str, Callable[[Consumer], Any]]) -> None:
         self.buf = buf
         self.sink = sink
+        self.apis = apis
         self.out = np.zeros(4096, FIXED)
 
     @property
@@ -190,12 +191,26 @@ RING_GARBAGE: dict[str, Callable[[int, int, int], int]] = {
 }
 
 
-def ring_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
+def refused_twice(c: Consumer, api: Callable[[Consumer], Any], api_name: str, check: Callable[[Any], None]) -> None:
+    """The call raises RingCorruptError having delivered nothing, and so does the next one: the
+    ring is refused, not skipped. poll() is the exception by design: it stops waking for a corrupt
+    ring (a poll() loop that logs the error would spin) until resync(), so its second call
+    returns nothing at once, and consume() still raises."""
+    for attempt in ("first", "second"):
+        if attempt == "second" and api_name == "poll(0)":
+            assert deliver(c, api, "poll(0) (second call)") == []
+            api, api_name = c.apis["consume"], "consume after poll(0)"
+        exc = expect_corrupt(c, api, f"{api_name} ({attempt} call)")
+        assert exc.delivered == [], f"{api_name} delivered {len(exc.delivered)} records from a corrupt ring"
+        check(exc)
+
+
+def ring_garbage_scenario(path: str, garbage: str, api_name: str, shared: bool) -> None:
     api = RING_APIS[api_name]
     producer = Producer(path, ring_size=RING_SIZE)
     sink: list[bytes] = []
-    with RingBuffer(producer.ring, sink.append) as rb, HostileWriter.ring(producer.ring.id) as writer:
-        c = Consumer(rb, sink)
+    with RingBuffer(producer.ring, sink.append, shared=shared) as rb, HostileWriter.ring(producer.ring.id) as writer:
+        c = Consumer(rb, sink, RING_APIS)
         ring = rb.rings[0]
         lap(producer, rb)
         sink.clear()
@@ -203,11 +218,12 @@ def ring_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
         cons, prod = ring.consumer_pos, ring.producer_pos
         planted = writer.set(RING_GARBAGE[garbage](cons, prod, ring.size) % U64)
         assert ring.consumer_pos == planted
-        for attempt in ("first", "second"):  # refused again, not skipped silently
-            exc = expect_corrupt(c, api, f"{api_name} ({attempt} call)")
-            assert exc.delivered == [], f"{api_name} delivered {len(exc.delivered)} records from a corrupt ring"
+
+        def check(exc: Any) -> None:
             check_error(exc, producer.ring, ring=0, found=planted)
             assert ring.consumer_pos == planted and writer.get() == (planted, prod), "the ring was not left as found"
+
+        refused_twice(c, api, api_name, check)
         skipped = bounded("resync", ring.resync)
         assert isinstance(skipped, int) and skipped >= 0, skipped
         assert ring.consumer_pos == ring.producer_pos == prod
@@ -217,11 +233,19 @@ def ring_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
         assert deliver(c, api, api_name) == []
 
 
-@pytest.mark.parametrize("api", list(RING_APIS))
+# Every API on the ring of its own (the default); with shared=True (another consumer may move
+# consumer_pos too, so only the positions' values are checked), the walk's entry points.
+SHARED_APIS = ("consume", "consume_batch(dtype)", "batch(dtype)", "records()")
+
+
+@pytest.mark.parametrize(
+    "shared, api", [(False, api) for api in RING_APIS] + [(True, api) for api in SHARED_APIS],
+    ids=[api for api in RING_APIS] + [f"shared-{api}" for api in SHARED_APIS],
+)
 @pytest.mark.parametrize("garbage", list(RING_GARBAGE))
-def test_garbage_consumer_pos_raises_delivers_nothing_and_resync_recovers(bpf_object, garbage, api):
+def test_garbage_consumer_pos_raises_delivers_nothing_and_resync_recovers(bpf_object, garbage, shared, api):
     path = str(bpf_object("producer"))
-    isolated(lambda: ring_garbage_scenario(path, garbage, api))
+    isolated(lambda: ring_garbage_scenario(path, garbage, api, shared))
 
 
 def test_resync_skips_the_pending_bytes_and_says_how_many(bpf_object):
@@ -233,6 +257,7 @@ def test_resync_skips_the_pending_bytes_and_says_how_many(bpf_object):
         with RingBuffer(producer.ring, got.append) as rb:
             ring = rb.rings[0]
             lap(producer, rb)
+            got.clear()
             producer.produce(20, fixed=True)
             assert ring.resync() == 20 * 72 and ring.avail_data_size == 0
             assert rb.consume() == 0 and got == []
@@ -243,21 +268,28 @@ def test_resync_skips_the_pending_bytes_and_says_how_many(bpf_object):
     isolated(scenario)
 
 
-def test_a_consumer_pos_exactly_one_ring_behind_is_corrupt_not_a_full_ring(bpf_object):
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_a_consumer_pos_exactly_one_ring_behind_is_corrupt_not_a_full_ring(bpf_object, shared):
     """The kernel never lets producer_pos get a whole ring ahead (it refuses a record once
-    producer_pos - consumer_pos would pass the mask): a full ring's size of pending bytes means
-    consumer_pos went back a lap, and walking it hands out a ring of stale records as new."""
+    producer_pos - consumer_pos would pass the mask): a ring's size of pending bytes means
+    consumer_pos went back a lap. With records that tile the ring (56 bytes: 64 in the ring), it
+    lands on the header of a record consumed a lap ago, and walking from there hands out a ring
+    of stale records as new (and the kernel, seeing a full ring, drops everything meanwhile)."""
     path = str(bpf_object("producer"))
 
     def scenario() -> None:
         producer = Producer(path, ring_size=RING_SIZE)
         got: list[bytes] = []
-        with RingBuffer(producer.ring, got.append) as rb, HostileWriter.ring(producer.ring.id) as writer:
-            lap(producer, rb)
+        with RingBuffer(producer.ring, got.append, shared=shared) as rb, HostileWriter.ring(producer.ring.id) as writer:
+            ring = rb.rings[0]
+            while ring.producer_pos < 3 * RING_SIZE:
+                producer.produce(100, 56)
+                rb.consume()
             got.clear()
-            prod = rb.rings[0].producer_pos
+            prod = ring.producer_pos
+            assert prod % 64 == 0
             planted = writer.set(prod - RING_SIZE)
-            exc = expect_corrupt(Consumer(rb, got), RING_APIS["consume"], "consume")
+            exc = expect_corrupt(Consumer(rb, got, RING_APIS), RING_APIS["consume"], "consume")
             assert exc.delivered == [], f"{len(exc.delivered)} stale records delivered as new"
             check_error(exc, producer.ring, ring=0, found=planted)
 
@@ -280,7 +312,7 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int) -> d
         return out.first_seq
 
     with RingBuffer(producer.ring, sink.append) as rb, HostileWriter.ring(producer.ring.id) as writer:
-        c = Consumer(rb, sink)
+        c = Consumer(rb, sink, RING_APIS)
         ring = rb.rings[0]
         writer.start_random(seconds, seed, max_pause_us=20000)
         end = time.monotonic() + seconds
@@ -353,7 +385,7 @@ def multi_ring_scenario(path: str, api_name: str, garbage: str) -> None:
             first = p.produce(50, fixed=True, producer=i).first_seq
             if i != 1:
                 healthy |= {(i, s) for s in range(first, first + 50)}
-        c = Consumer(rb, sink)
+        c = Consumer(rb, sink, RING_APIS)
         ledger = Ledger()
         with HostileWriter.ring(producers[1].ring.id) as writer:
             planted = writer.set(RING_GARBAGE[garbage](bad.consumer_pos, bad.producer_pos, RING_SIZE) % U64)
@@ -471,39 +503,64 @@ def plant_perf_record(pp: PerfProducer, writer: HostileWriter, cpu: int, garbage
     return writer.set(tail + 32)
 
 
-def perf_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
+# A hostile data_head (it shares the writable control page; the kernel rewrites it at its next
+# output): values the reader can tell are wrong. data_tail == data_head when it lands.
+PERF_HEAD_GARBAGE: dict[str, Callable[[int, int], int]] = {
+    "head-unaligned": lambda tail, size: tail + 3,
+    "head-behind-the-tail": lambda tail, size: tail - 80,
+    "head-far-ahead": lambda tail, size: tail + (1 << 40),
+    "head-more-than-a-ring-ahead": lambda tail, size: tail + size + 80,
+}
+
+
+def perf_garbage_scenario(path: str, garbage: str, api_name: str, shared: bool) -> None:
     api = PERF_APIS[api_name]
     cpu = 0
     pp = PerfProducer(path)
     sink: list[bytes] = []
     lost: list[int] = []
     guarded = GuardedPerf(
-        pp.array, cpu, PERF_PAGES, sample_cb=lambda cpu, data: sink.append(data), lost_cb=lambda cpu, n: lost.append(n)
+        pp.array,
+        cpu,
+        PERF_PAGES,
+        sample_cb=lambda cpu, data: sink.append(data),
+        lost_cb=lambda cpu, n: lost.append(n),
+        shared=shared,
     )
     pb = guarded.pb
     size = PERF_PAGES * 4096
     try:
         with HostileWriter.perf(pb.buffer_fd(0), size) as writer:
-            c = Consumer(pb, sink)
+            c = Consumer(pb, sink, PERF_APIS)
             perf_lap(pp, pb, cpu)
             sink.clear()
+            tail, head = writer.get()
             if garbage in PERF_RECORD_GARBAGE:
                 planted = plant_perf_record(pp, writer, cpu, garbage)
+                head = writer.get()[1]
+            elif garbage in PERF_HEAD_GARBAGE:
+                writer.set_head(PERF_HEAD_GARBAGE[garbage](tail, size) % U64)
+                planted = None
             else:
                 pp.output(20, SAMPLE, cpu=cpu)  # pending when the garbage lands
                 tail, head = writer.get()
                 assert head - tail == 20 * PERF_REC
                 planted = writer.set(perf_tail_value(garbage, tail, head, size) % U64)
             found = writer.get()
-            head = found[1]
-            for attempt in ("first", "second"):
-                exc = expect_corrupt(c, api, f"{api_name} ({attempt} call)")
-                assert exc.delivered == [], f"{api_name} delivered {len(exc.delivered)} samples from a corrupt ring"
+
+            def check(exc: Any) -> None:
                 assert lost == [], f"{api_name} reported lost counts {lost} read from a corrupt ring"
                 check_error(exc, pp.array, cpu=cpu, found=planted)
                 assert writer.get() == found, "the ring was not left as found"
+
+            refused_twice(c, api, api_name, check)
             ring = pb.rings[0]
             assert (ring.cpu, ring.size) == (cpu, size)
+            if garbage in PERF_HEAD_GARBAGE:
+                # data_head is not ours to repair: the kernel rewrites it with its next output,
+                # which resync() then skips to.
+                pp.output(1, SAMPLE, cpu=cpu)
+                head = writer.get()[1]
             skipped = bounded("resync", ring.resync)
             assert isinstance(skipped, int) and skipped >= 0, skipped
             assert writer.get() == (head, head) and (ring.data_tail, ring.data_head) == (head, head)
@@ -516,11 +573,72 @@ def perf_garbage_scenario(path: str, garbage: str, api_name: str) -> None:
         pp.close()
 
 
-@pytest.mark.parametrize("api", list(PERF_APIS))
-@pytest.mark.parametrize("garbage", PERF_TAIL_GARBAGE + tuple(PERF_RECORD_GARBAGE))
-def test_garbage_in_a_perf_ring_raises_delivers_nothing_and_resync_recovers(bpf_object, garbage, api):
+PERF_SHARED_APIS = ("consume", "consume_batch(dtype)", "records()")
+
+
+@pytest.mark.parametrize(
+    "shared, api",
+    [(False, api) for api in PERF_APIS] + [(True, api) for api in PERF_SHARED_APIS],
+    ids=[api for api in PERF_APIS] + [f"shared-{api}" for api in PERF_SHARED_APIS],
+)
+@pytest.mark.parametrize("garbage", PERF_TAIL_GARBAGE + tuple(PERF_RECORD_GARBAGE) + tuple(PERF_HEAD_GARBAGE))
+def test_garbage_in_a_perf_ring_raises_delivers_nothing_and_resync_recovers(bpf_object, garbage, shared, api):
     path = str(bpf_object("perf_producer"))
-    isolated(lambda: perf_garbage_scenario(path, garbage, api))
+    isolated(lambda: perf_garbage_scenario(path, garbage, api, shared))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_a_data_tail_exactly_one_ring_behind_is_corrupt_not_a_full_ring(bpf_object, shared):
+    """perf never fills its ring to the last byte (it keeps data_head - data_tail below the size),
+    so a data_tail a whole ring behind went back a lap. With samples that tile the ring (52 bytes:
+    64 in the ring) it lands on a sample read a lap ago: a ring of stale samples."""
+    path = str(bpf_object("perf_producer"))
+
+    def scenario() -> None:
+        pp = PerfProducer(path)
+        got: list[bytes] = []
+        size = PERF_PAGES * 4096
+        with PerfBuffer(pp.array, PERF_PAGES, lambda cpu, data: got.append(data), cpus=[0], shared=shared) as pb:
+            with HostileWriter.perf(pb.buffer_fd(0), size) as writer:
+                assert record_bytes(52) == 64
+                while writer.get()[1] < 3 * size:
+                    pp.output(100, 52, cpu=0)
+                    pb.consume()
+                got.clear()
+                tail, head = writer.get()
+                planted = writer.set(head - size)
+                exc = expect_corrupt(Consumer(pb, got, PERF_APIS), PERF_APIS["consume"], "consume")
+                assert exc.delivered == [], f"{len(exc.delivered)} stale samples delivered as new"
+                check_error(exc, pp.array, cpu=0, found=planted)
+        pp.close()
+
+    isolated(scenario)
+
+
+def test_a_data_head_exactly_one_ring_ahead_is_corrupt_not_a_full_ring(bpf_object):
+    """data_head shares data_tail's writable page. A data_head a whole ring ahead of data_tail is
+    one the kernel never publishes; with samples that tile the ring, the walk from data_tail would
+    read a ring of samples consumed a lap ago as new ones."""
+    path = str(bpf_object("perf_producer"))
+
+    def scenario() -> None:
+        pp = PerfProducer(path)
+        got: list[bytes] = []
+        size = PERF_PAGES * 4096
+        with PerfBuffer(pp.array, PERF_PAGES, lambda cpu, data: got.append(data), cpus=[0]) as pb:
+            with HostileWriter.perf(pb.buffer_fd(0), size) as writer:
+                while writer.get()[1] < 3 * size:
+                    pp.output(100, 52, cpu=0)
+                    pb.consume()
+                got.clear()
+                tail, head = writer.get()
+                writer.set_head(tail + size)
+                exc = expect_corrupt(Consumer(pb, got, PERF_APIS), PERF_APIS["consume"], "consume")
+                assert exc.delivered == [], f"{len(exc.delivered)} stale samples delivered as new"
+                check_error(exc, pp.array, cpu=0, found=tail + size)
+        pp.close()
+
+    isolated(scenario)
 
 
 def perf_random_scenario(path: str, seconds: float, seed: int) -> dict[str, Any]:
@@ -535,7 +653,7 @@ def perf_random_scenario(path: str, seconds: float, seed: int) -> dict[str, Any]
     error = corrupt_error()
     try:
         with HostileWriter.perf(pb.buffer_fd(0), PERF_PAGES * 4096) as writer:
-            c = Consumer(pb, sink)
+            c = Consumer(pb, sink, PERF_APIS)
             writer.start_random(seconds, seed, max_pause_us=20000)
             end = time.monotonic() + seconds
             while time.monotonic() < end:
@@ -586,7 +704,7 @@ def multi_perf_scenario(path: str, api_name: str) -> None:
         sink.clear()
         healthy = {(0, s) for s in range(pp.output(40, SAMPLE, cpu=0).first_seq, pp._next_seq[0])}
         pp.output(40, SAMPLE, cpu=1)
-        c = Consumer(pb, sink)
+        c = Consumer(pb, sink, PERF_APIS)
         ledger = Ledger(perf=True)
         with HostileWriter.perf(pb.buffer_fd(1), PERF_PAGES * 4096) as writer:
             tail, head = writer.get()
