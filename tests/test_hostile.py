@@ -296,7 +296,7 @@ def test_a_consumer_pos_exactly_one_ring_behind_is_corrupt_not_a_full_ring(bpf_o
     isolated(scenario)
 
 
-def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int) -> dict[str, Any]:
+def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int, shared: bool = False) -> dict[str, Any]:
     """Garbage at random for ``seconds`` while every API runs in turn; records are produced between
     the calls (the kernel side never races a walk, so only the writer can spoil what it reads)."""
     apis = {name: RING_APIS[name] for name in (RING_APIS if fixed else BYTES_APIS)}
@@ -311,7 +311,7 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int) -> d
         out = producer.produce(n, fixed=True) if fixed else producer.produce(n, (16, 1000))
         return out.first_seq
 
-    with RingBuffer(producer.ring, sink.append) as rb, HostileWriter.ring(producer.ring.id) as writer:
+    with RingBuffer(producer.ring, sink.append, shared=shared) as rb, HostileWriter.ring(producer.ring.id) as writer:
         c = Consumer(rb, sink, RING_APIS)
         ring = rb.rings[0]
         writer.start_random(seconds, seed, max_pause_us=20000)
@@ -341,11 +341,15 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int) -> d
     return {"stats": stats, "writes": writes}
 
 
-@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-size-every-api", "any-size-bytes-apis"])
-def test_random_consumer_pos_for_seconds_under_every_api(bpf_object, fixed):
+@pytest.mark.parametrize(
+    "fixed, shared",
+    [(True, False), (False, False), (True, True)],
+    ids=["fixed-size-every-api", "any-size-bytes-apis", "shared-fixed-size-every-api"],
+)
+def test_random_consumer_pos_for_seconds_under_every_api(bpf_object, fixed, shared):
     path = str(bpf_object("producer"))
     seconds = hostile_seconds()
-    result = isolated(lambda: ring_random_scenario(path, fixed, seconds, seed=12 + fixed))
+    result = isolated(lambda: ring_random_scenario(path, fixed, seconds, seed=12 + fixed + 2 * shared, shared=shared))
     stats, writes = result["stats"], result["writes"]
     print({"writes": writes, "stats": stats})
     assert sum(writes.values()) > 100, writes
