@@ -388,3 +388,21 @@ def test_two_bpfring_tails_on_one_pinned_ring_the_second_is_refused_unless_share
         first.terminate()
         first.wait(10)
         os.unlink(path)
+
+
+@pytest.mark.parametrize("kind", ["Map", "Object"])
+def test_maps_and_objects_dropped_without_close_release_their_fds_with_a_resource_warning(bpf_object, kind):
+    before = open_fds()
+    if kind == "Map":
+        obj = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+    else:
+        obj = bpfring.Object(bpf_object("producer"))
+        obj.load()
+        obj.map("rb")
+    assert open_fds() - before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del obj
+        gc.collect()
+    assert open_fds() == before
+    assert [w for w in caught if issubclass(w.category, ResourceWarning) and kind in str(w.message)]

@@ -50,6 +50,7 @@
 #define SIGNAL_CHECK_INTERVAL 4096
 
 static PyObject *record_size_error; /* bpfring.errors.RecordSizeError */
+static long page_size;               /* the kernel lays rings out in pages */
 
 static inline uint64_t roundup_len(uint32_t len)
 {
@@ -115,6 +116,30 @@ static int as_limit(PyObject *obj, Py_ssize_t *limit)
 	return 0;
 }
 
+/* A ring's data size from Python: a power of two of at least a page (kernel/bpf/ringbuf.c and
+ * perf_mmap both refuse anything else), small enough that twice it fits a Py_ssize_t. */
+static int check_size(unsigned long long size, const char *what)
+{
+	if (size < (unsigned long long)page_size || (size & (size - 1)) || size > ((unsigned long long)PY_SSIZE_T_MAX >> 2)) {
+		PyErr_Format(PyExc_ValueError, "%s size must be a power of two of at least a page, got %llu", what, size);
+		return -1;
+	}
+	return 0;
+}
+
+/* A record size from Python for a batch: 1 to max bytes. */
+static int as_itemsize(PyObject *obj, Py_ssize_t max, Py_ssize_t *itemsize)
+{
+	*itemsize = PyLong_AsSsize_t(obj);
+	if (*itemsize == -1 && PyErr_Occurred())
+		return -1;
+	if (*itemsize <= 0 || *itemsize > max) {
+		PyErr_Format(PyExc_ValueError, "itemsize must be 1 to %zd, got %zd", max, *itemsize);
+		return -1;
+	}
+	return 0;
+}
+
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t need, const char *what)
 {
 	if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
@@ -174,8 +199,6 @@ static inline void copy_done(enum copy_mode mode)
 		_mm_sfence(); /* the streamed stores are visible before the caller reads the array */
 #endif
 }
-
-static long page_size;
 
 /* ------------------------------------------------------------------------------------------------
  * RingState: the consumer of a BPF_MAP_TYPE_RINGBUF.
@@ -297,10 +320,8 @@ static PyObject *ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOKO|p:RingState", kwlist, &cons_obj, &prod_obj, &size, &corrupt,
 					 &shared))
 		return NULL;
-	if (size < (unsigned long long)page_size || (size & (size - 1)) || size > ((unsigned long long)PY_SSIZE_T_MAX >> 2)) {
-		PyErr_Format(PyExc_ValueError, "ring size must be a power of two of at least a page, got %llu", size);
+	if (check_size(size, "ring") < 0)
 		return NULL;
-	}
 	if (!PyCallable_Check(corrupt)) {
 		PyErr_SetString(PyExc_TypeError, "corrupt must be callable");
 		return NULL;
@@ -483,13 +504,8 @@ static PyObject *ring_take(RingState *s, PyObject *const *args, Py_ssize_t nargs
 		PyErr_SetString(PyExc_TypeError, "take(itemsize, out, taken, dtype) takes an int, a buffer, a list and a dtype");
 		return NULL;
 	}
-	itemsize = PyLong_AsSsize_t(args[0]);
-	if (itemsize == -1 && PyErr_Occurred())
+	if (as_itemsize(args[0], LEN_MASK, &itemsize) < 0)
 		return NULL;
-	if (itemsize <= 0 || (size_t)itemsize > LEN_MASK) {
-		PyErr_Format(PyExc_ValueError, "take(): itemsize must be 1 to %u, got %zd", LEN_MASK, itemsize);
-		return NULL;
-	}
 	if (PyObject_GetBuffer(args[1], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
 		return NULL;
 	if (ring_begin(s, &cons, &prod) < 0)
@@ -559,13 +575,8 @@ static PyObject *ring_scan(RingState *s, PyObject *const *args, Py_ssize_t nargs
 		PyErr_SetString(PyExc_TypeError, "scan(itemsize, limit, dtype) takes 3 arguments");
 		return NULL;
 	}
-	itemsize = PyLong_AsSsize_t(args[0]);
-	if (itemsize == -1 && PyErr_Occurred())
+	if (as_itemsize(args[0], LEN_MASK, &itemsize) < 0)
 		return NULL;
-	if (itemsize <= 0 || (size_t)itemsize > LEN_MASK) {
-		PyErr_Format(PyExc_ValueError, "scan(): itemsize must be 1 to %u, got %zd", LEN_MASK, itemsize);
-		return NULL;
-	}
 	if (as_limit(args[1], &limit) < 0 || ring_begin(s, &cons, &prod) < 0)
 		return NULL;
 	while (cons < prod) {
@@ -659,7 +670,7 @@ typedef struct {
 	uint64_t size, mask;
 	uint64_t last; /* data_tail as this reader last stored (or found) it */
 	PyObject *cpu, *corrupt;
-	int open, walking, shared;
+	int open, walking;
 } PerfRingState;
 
 static int perf_check_open(PerfRingState *s)
@@ -704,7 +715,7 @@ static int perf_begin(PerfRingState *s, uint64_t *tail, uint64_t *head)
 	*tail = __atomic_load_n(s->tail_ptr, __ATOMIC_RELAXED);
 	/* Pairs with the smp_wmb() before the kernel publishes data_head (perf_output_put_handle). */
 	*head = __atomic_load_n(s->head_ptr, __ATOMIC_ACQUIRE);
-	if (*tail != s->last && !s->shared) {
+	if (*tail != s->last) {
 		raise_corrupt(s->corrupt,
 			      Py_BuildValue("{s:K,s:K,s:K}", "data_tail", *tail, "data_head", *head, "expected", s->last),
 			      "data_tail is %llu, this reader left it at %llu: another process wrote it",
@@ -772,18 +783,15 @@ static void perf_copy(PerfRingState *s, uint8_t *dst, uint64_t pos, uint64_t len
 
 static PyObject *perf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-	static char *kwlist[] = { "mm", "size", "cpu", "corrupt", "shared", NULL };
+	static char *kwlist[] = { "mm", "size", "cpu", "corrupt", NULL };
 	PyObject *mm, *cpu, *corrupt;
 	unsigned long long size;
-	int shared = 0;
 	PerfRingState *s;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKOO|p:PerfRingState", kwlist, &mm, &size, &cpu, &corrupt, &shared))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OKOO:PerfRingState", kwlist, &mm, &size, &cpu, &corrupt))
 		return NULL;
-	if (size < (unsigned long long)page_size || (size & (size - 1)) || size > ((unsigned long long)PY_SSIZE_T_MAX >> 2)) {
-		PyErr_Format(PyExc_ValueError, "perf ring size must be a power of two of at least a page, got %llu", size);
+	if (check_size(size, "perf ring") < 0)
 		return NULL;
-	}
 	if (!PyCallable_Check(corrupt)) {
 		PyErr_SetString(PyExc_TypeError, "corrupt must be callable");
 		return NULL;
@@ -805,7 +813,6 @@ static PyObject *perf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	s->cpu = cpu;
 	Py_INCREF(corrupt);
 	s->corrupt = corrupt;
-	s->shared = shared;
 	s->open = 1;
 	return (PyObject *)s;
 }
@@ -1011,13 +1018,8 @@ static PyObject *perf_take(PerfRingState *s, PyObject *const *args, Py_ssize_t n
 		PyErr_SetString(PyExc_TypeError, "take(itemsize, out, taken, may_raise) takes an int, a buffer, a list, a bool");
 		return NULL;
 	}
-	itemsize = PyLong_AsSsize_t(args[0]);
-	if (itemsize == -1 && PyErr_Occurred())
+	if (as_itemsize(args[0], 0xFFFF, &itemsize) < 0) /* a perf record's size is a u16 */
 		return NULL;
-	if (itemsize <= 0 || itemsize > 0xFFFF) {
-		PyErr_Format(PyExc_ValueError, "take(): itemsize must be 1 to 65535, got %zd", itemsize);
-		return NULL;
-	}
 	if ((may_raise = PyObject_IsTrue(args[3])) < 0)
 		return NULL;
 	if (PyObject_GetBuffer(args[1], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
@@ -1133,10 +1135,8 @@ static PyObject *user_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 	if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOKO:UserRingState", kwlist, &cons_obj, &prod_obj, &size, &corrupt))
 		return NULL;
-	if (size < (unsigned long long)page_size || (size & (size - 1)) || size > ((unsigned long long)PY_SSIZE_T_MAX >> 2)) {
-		PyErr_Format(PyExc_ValueError, "ring size must be a power of two of at least a page, got %llu", size);
+	if (check_size(size, "ring") < 0)
 		return NULL;
-	}
 	if (!PyCallable_Check(corrupt)) {
 		PyErr_SetString(PyExc_TypeError, "corrupt must be callable");
 		return NULL;

@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 import sys
+import warnings
 from typing import Union
 
 from ._sys import bpf as sys_bpf
@@ -207,6 +208,7 @@ class Map:
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
     def __repr__(self) -> str:

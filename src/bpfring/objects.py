@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import stat
+import warnings
 from typing import Any, Iterator
 
 from . import attach as _attach
@@ -493,6 +494,7 @@ class Object:
 
     def __del__(self) -> None:
         if getattr(self, "_ptr", None):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
             self.close()
 
     def __iter__(self) -> Iterator[Program]:

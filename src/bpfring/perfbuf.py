@@ -23,7 +23,7 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RecordSizeError, RingCorruptError
 from .maps import PAGE_SIZE, Map, MapLike, map_shared, open_map
-from .ringbuf import _NO_LIMIT, ASYNC_REFILL, DTypeLike, _batch_dtype, _new_records, _numpy, check_positive_int
+from ._batch import ASYNC_REFILL, NO_LIMIT, DTypeLike, batch_dtype, check_positive_int, new_records, numpy_module
 
 SampleCallback = Callable[[int, bytes], Optional[int]]
 LostCallback = Callable[[int, int], Optional[int]]
@@ -88,7 +88,7 @@ class PerfRing:
         lost_cb: LostCallback,
         expect: range | None = None,
         into: Any = None,
-        limit: int = _NO_LIMIT,
+        limit: int = NO_LIMIT,
     ) -> int:
         """Deliver every record available now; samples delivered, or a negative callback return.
 
@@ -333,7 +333,7 @@ class PerfBuffer:
         """
         self._poller.check_open()
         with self._poller.consuming():
-            return self._each_ring(self._buffers, lambda buf: _NO_LIMIT)
+            return self._each_ring(self._buffers, lambda buf: NO_LIMIT)
 
     def consume_buffer(self, i: int) -> int:
         """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``)."""
@@ -360,13 +360,13 @@ class PerfBuffer:
         and batch, added up, after the samples are copied (its return value is not a stop);
         otherwise as each is read.
         """
-        limit = _NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
+        limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
         if dtype is None:
             if out is not None:
                 raise TypeError("out= needs a dtype")
             np = dt = None
         else:
-            np, dt, limit = _batch_dtype(dtype, limit, out)  # refused before anything is taken
+            np, dt, limit = batch_dtype(dtype, limit, out)  # refused before anything is taken
         self._poller.check_open()
         with self._poller.consuming():
             if self._partial is not None:
@@ -433,7 +433,7 @@ class PerfBuffer:
         slot = (12 + dt.itemsize + 7) & ~7  # the smallest record a fitting sample makes
         # At least one slot, so a ring holding only lost records is still read (and reported).
         room = min(limit, max(1, sum(_avail(buf) // slot for buf in self._buffers)))
-        records = out[:room] if out is not None else _new_records(np, dt, room)
+        records = out[:room] if out is not None else new_records(np, dt, room)
         taken: list[tuple[int, int, int]] = []  # (cpu, samples, lost) per ring, as each is read
         # If Ctrl-C interrupts the call, what it took waits here for the next call (perf_take
         # appends to taken and moves data_tail with no signal check in between). With out=,
@@ -477,7 +477,7 @@ class PerfBuffer:
         dtype's size (without the kernel's padding), for the next batch; its lost counts (those
         not reported yet) to lost_cb."""
         records, taken = self._partial
-        np = _numpy()
+        np = numpy_module()
         raw = records.view(np.dtype((np.void, records.dtype.itemsize)))
         samples = []
         at = 0
@@ -490,7 +490,7 @@ class PerfBuffer:
         self._report_lost(unreported)
         self._partial = None
 
-    def _consume(self, buf: PerfRing, into: Any = None, limit: int = _NO_LIMIT) -> int:
+    def _consume(self, buf: PerfRing, into: Any = None, limit: int = NO_LIMIT) -> int:
         # Marked unfinished until it is read to the end: after an exception, a negative return or
         # a read stopped at ``limit``, the rest of the ring will not be reported by epoll again
         # (perf reports a wakeup once), so the next poll() reads it without waiting.

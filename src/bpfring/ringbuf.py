@@ -12,7 +12,6 @@ import collections
 import contextlib
 import functools
 import os
-import sys
 import warnings
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
@@ -23,34 +22,28 @@ from ._protocol import (
     BPF_RB_NO_WAKEUP,
     BPF_RINGBUF_HDR_SZ,
     MappedRing,
-    _fastring,
     roundup_len,
 )
 from ._sys.bpf import MapType
-from .errors import RecordSizeError, RingCorruptError
+from ._batch import (
+    ASYNC_REFILL,
+    NO_LIMIT,
+    DTypeLike,
+    Taken,
+    batch_dtype,
+    check_limit,
+    join_parts,
+    new_records,
+    numpy_module,
+    record_dtype,
+    release_batch_memory,
+)
+from .errors import RingCorruptError
 from .maps import PAGE_SIZE, Map, MapLike, open_map
 
 __all__ = ["BPF_RB_FORCE_WAKEUP", "BPF_RB_NO_WAKEUP", "Ring", "RingBuffer", "release_batch_memory"]
 
 Callback = Callable[[bytes], Optional[int]]
-DTypeLike = Any  # numpy.typing.DTypeLike, without importing numpy for everyone
-
-
-def _numpy() -> Any:
-    import numpy
-
-    return numpy
-
-
-def _record_dtype(np: Any, dtype: DTypeLike) -> Any:
-    """``dtype`` as a numpy dtype that raw ring bytes can be read as: no Python objects in it."""
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        # Ring bytes copied into an object array would be taken for PyObject pointers.
-        raise TypeError(f"dtype {dt} holds Python objects: ring records can only be read as plain data")
-    if dt.itemsize == 0:
-        raise ValueError(f"dtype {dt} has no size: a record of 0 bytes cannot be read as it")
-    return dt
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,80 +53,8 @@ def _slot_dtype(np: Any, dt: Any) -> Any:
     return np.dtype({"names": ["record"], "formats": [dt], "offsets": [BPF_RINGBUF_HDR_SZ], "itemsize": stride})
 
 
-_NO_LIMIT = sys.maxsize
-
-
-def _new_records(np: Any, dt: Any, n: int) -> Any:
-    """An uninitialized array for ``n`` records of ``dt``; a large one on memory that is reused
-    once its arrays are gone (fresh pages fault on first write, which costs as much as the copy)."""
-    nbytes = n * dt.itemsize
-    if nbytes >= _fastring.LARGE_BATCH_BYTES:
-        return np.frombuffer(_fastring.batch_block(nbytes), dtype=dt, count=n)
-    return np.empty(n, dtype=dt)
-
-
-def _batch_dtype(dtype: DTypeLike, limit: int, out: Any) -> tuple[Any, Any, int]:
-    """numpy, ``dtype`` as a numpy dtype and the record limit of a batch with a dtype: ``out``
-    (when given) checked and bounding the limit."""
-    np = _numpy()
-    dt = _record_dtype(np, dtype)
-    if out is not None:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy array of {dt}, got {type(out).__name__}")
-        if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
-        limit = min(limit, len(out))
-    return np, dt, limit
-
-
-def release_batch_memory() -> int:
-    """Unmap the memory kept from the last large batch freed (see :meth:`Ring.consume_batch`);
-    returns the bytes unmapped."""
-    return _fastring.release_batch_memory()
-
-
-# Records an async iteration takes from a ring at a time: under sustained load its queue (and
-# the delay of the records in it) stays bounded; the rest waits in the ring.
-ASYNC_REFILL = 4096
-
-
 def _no_callback(what: str) -> TypeError:
     return TypeError(f"{what} has no callback: pass one to RingBuffer()/add(), or use consume_batch(), batch() or async for")
-
-
-class _Taken:
-    """Records a batch call took from a ring but has not returned yet, kept across a Ctrl-C.
-
-    Python raises KeyboardInterrupt between calls; a batch that is interrupted after records
-    left the ring would lose them. Collected here instead, they are handed to the next batch call.
-    """
-
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-
-    def __bool__(self) -> bool:
-        return bool(self.records)
-
-    def hand_over(self, dt: Any, limit: int, out: Any) -> Any:
-        """Up to ``limit`` kept records (as ``dt`` if given), removed from here with no signal check
-        between the removal and the return."""
-        records, rest = self.records[:limit], self.records[limit:]
-        if dt is not None:
-            np = _numpy()
-            if any(len(r) != dt.itemsize for r in records):
-                size = next(len(r) for r in records if len(r) != dt.itemsize)
-                raise RecordSizeError(
-                    f"a record an interrupted batch took is {size} bytes, dtype {dt} expects {dt.itemsize}: "
-                    "read it with consume_batch() without a dtype"
-                )
-            array = np.frombuffer(b"".join(records), dtype=dt).copy()  # writable, like every batch
-            if out is not None:
-                out[: len(array)] = array
-                array = out[: len(array)]
-            self.records = rest
-            return array
-        self.records = rest
-        return records
 
 
 class Ring(MappedRing):
@@ -156,7 +77,7 @@ class Ring(MappedRing):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
-        self._taken = _Taken()
+        self._taken = Taken()
         # What a dtype batch interrupted by Ctrl-C had taken: (array, [n]) until the next call.
         self._partial: tuple[Any, list[int]] | None = None
         self._claim: Claim | None = None
@@ -230,7 +151,7 @@ class Ring(MappedRing):
 
         Returns the number of records delivered, or the callback's negative return value.
         """
-        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        limit = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._consuming():
             return self._consume(limit)
 
@@ -253,18 +174,18 @@ class Ring(MappedRing):
             return self._consume_batch(dtype, max_records, out)
 
     def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> Any:
-        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        limit = NO_LIMIT if max_records is None else check_limit(max_records)
         if dtype is None:
             if out is not None:
                 raise TypeError("out= needs a dtype")
             self._settle_partial()
             # Records land in self._taken as they are taken: if Ctrl-C interrupts the walk, they
-            # wait there and this call's successor returns them first (see _Taken).
+            # wait there and this call's successor returns them first (see Taken).
             taken = self._taken.records
             if len(taken) < limit:
                 self._consume(limit - len(taken), taken.append)
             return self._taken.hand_over(None, limit, None)
-        np, dt, limit = _batch_dtype(dtype, limit, out)
+        np, dt, limit = batch_dtype(dtype, limit, out)
         self._settle_partial()
         if self._taken:
             return self._taken.hand_over(dt, limit, out)  # an interrupted call's records first
@@ -275,7 +196,7 @@ class Ring(MappedRing):
         # Room for every record up to producer_pos as read here (each fills a slot of stride
         # bytes; at least one, so discarded records and a misfit at the head are still met).
         room = min(limit, max(1, avail // roundup_len(dt.itemsize)))
-        records = out[:room] if out is not None else _new_records(np, dt, room)
+        records = out[:room] if out is not None else new_records(np, dt, room)
         taken: list[int] = []
         # take() appends its count to taken and then moves consumer_pos, with no signal check in
         # between: if a Ctrl-C lands after it returns, the records wait in _partial for the next call.
@@ -290,7 +211,7 @@ class Ring(MappedRing):
         if self._partial is None:
             return
         records, taken = self._partial
-        np = _numpy()
+        np = numpy_module()
         n = sum(taken)
         raw = records[:n].view(np.dtype((np.void, records.dtype.itemsize)))
         self._taken.records[:0] = [row.tobytes() for row in raw]
@@ -312,9 +233,9 @@ class Ring(MappedRing):
 
     @contextlib.contextmanager
     def _batch(self, dtype: DTypeLike, max_records: int | None) -> Iterator[Any]:
-        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
-        np = _numpy()
-        dt = _record_dtype(np, dtype)
+        limit = NO_LIMIT if max_records is None else check_limit(max_records)
+        np = numpy_module()
+        dt = record_dtype(np, dtype)
         pos, n = self._live_state().scan(dt.itemsize, limit, dt)
         yield self._records_view(np, dt, pos, n)
         if n and self._state is not None:  # (the block may have closed the ring)
@@ -450,7 +371,7 @@ class RingBuffer:
             return self._each_ring(rings, lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ)
 
     def _each_ring(
-        self, rings: list[Ring], limit: Callable[[Ring, int], int], left: int = _NO_LIMIT, callback: Callback | None = None
+        self, rings: list[Ring], limit: Callable[[Ring, int], int], left: int = NO_LIMIT, callback: Callback | None = None
     ) -> int:
         """Consume ``rings`` in turn (up to ``limit(ring, left)`` records each, ``left`` in all).
 
@@ -487,7 +408,7 @@ class RingBuffer:
     def consume(self, max_records: int | None = None) -> int:
         """Consume every ring without waiting, up to ``max_records`` in all (libbpf's consume_n)."""
         self._poller.check_open()
-        left = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        left = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._poller.consuming():
             return self._each_ring(self._rings, lambda ring, left: left, left)
 
@@ -499,16 +420,16 @@ class RingBuffer:
         ``out`` alone until that call).
         """
         self._poller.check_open()
-        limit = _NO_LIMIT if max_records is None else _check_limit(max_records)
+        limit = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._poller.consuming():
             if len(self._rings) == 1 and not self._taken_parts:
                 return self._rings[0]._consume_batch(dtype, limit, out)
             if dtype is None:
                 if out is not None:
                     raise TypeError("out= needs a dtype")
-                np, dt = _numpy(), None
+                np, dt = numpy_module(), None
             else:
-                np, dt, limit = _batch_dtype(dtype, limit, out)
+                np, dt, limit = batch_dtype(dtype, limit, out)
             # Each ring's part goes into self._taken_parts as it is taken: if Ctrl-C or a corrupt
             # ring interrupts the call, they are returned first (and alone) by the next one.
             parts = self._taken_parts
@@ -527,7 +448,7 @@ class RingBuffer:
                     have += len(parts[-1])
                 if error is not None:
                     raise error
-            records = _join_parts(np, dt, parts)
+            records = join_parts(np, dt, parts)
             rest = [records[limit:]] if len(records) > limit else []
             records = records[:limit]
             if out is not None:
@@ -561,7 +482,7 @@ class RingBuffer:
         pending = self._pending
 
         def refill() -> None:
-            self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, _NO_LIMIT, pending.append)
+            self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, NO_LIMIT, pending.append)
 
         async for record in self._poller.drain(pending, refill, interval):
             yield record
@@ -611,37 +532,3 @@ class RingBuffer:
 
     def __repr__(self) -> str:
         return f"<RingBuffer rings={len(self._rings)}{' closed' if self.closed else ''}>"
-
-
-def check_positive_int(name: str, value: int) -> int:
-    """``value`` if it is an int of at least 1; else a TypeError or ValueError naming ``name``."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
-
-
-def _check_limit(max_records: int) -> int:
-    return check_positive_int("max_records", max_records)
-
-
-def _join_parts(np: Any, dt: Any, parts: list[Any]) -> Any:
-    """The records of several batch parts (lists of bytes or arrays) as one list (``dt`` None) or
-    one array of ``dt``."""
-    if dt is None:
-        return [bytes(r) for part in parts for r in (part if isinstance(part, list) else _rows(np, part))]
-    if all(not isinstance(part, list) and part.dtype == dt for part in parts):
-        return np.concatenate(parts) if parts else np.empty(0, dtype=dt)
-    rows = [r for part in parts for r in (part if isinstance(part, list) else _rows(np, part))]
-    misfit = next((len(r) for r in rows if len(r) != dt.itemsize), None)
-    if misfit is not None:
-        raise RecordSizeError(
-            f"a record an earlier batch took is {misfit} bytes, dtype {dt} expects {dt.itemsize}: "
-            "read it with consume_batch() without a dtype"
-        )
-    return np.frombuffer(b"".join(rows), dtype=dt).copy()
-
-
-def _rows(np: Any, array: Any) -> list[bytes]:
-    return [row.tobytes() for row in array.view(np.dtype((np.void, array.dtype.itemsize)))]

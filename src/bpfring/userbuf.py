@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import select
 import threading
 import time
@@ -132,14 +131,8 @@ class UserRingBuffer(MappedRing):
 
     def __init__(self, map: MapLike) -> None:
         self._map = open_map(map, MapType.USER_RINGBUF)
-        self._epoll: select.epoll | None = None
-        self._wake_fd = -1
         self._lock = threading.Lock()
         self._pending: dict[int, Sample] = {}  # reserved samples by position, discarded on close()
-        # close() waits for reserve_blocking() calls in other threads to leave epoll before it
-        # closes the fds they wait on.
-        self._waiters = 0
-        self._no_waiters = threading.Condition(self._lock)
         # One reserve_blocking() waits in epoll, the others on _woken (see _wait_for_drain);
         # _wakeups counts the epoll waits that returned.
         self._epoll_waiter = False
@@ -148,19 +141,21 @@ class UserRingBuffer(MappedRing):
         self._aio: Poller | None = None  # reserve_async()'s epoll, made on first use
         self._closing = False
         try:
+            # The consumers' waiting code: an epoll that close() from another thread wakes (and
+            # waits for its waiters to leave before closing), refused in a fork() child.
+            self._poller = Poller("UserRingBuffer")
+        except BaseException:
+            self._map.close()
+            raise
+        try:
             self._map_ring(user=True)
             self.max_sample_size: int = min(self.size - BPF_RINGBUF_HDR_SZ, DYNPTR_MAX_SIZE)
-            fd = self._map.fd
             # ringbuf_map_poll_user: EPOLLOUT while any space is free. Edge-triggered, so a wait
             # for a record bigger than the free space sleeps until the next drain instead of
             # spinning; the drain wakes the fd whenever it consumed something.
-            self._epoll = select.epoll()
-            self._epoll.register(fd, select.EPOLLOUT | select.EPOLLET)
-            # close() from another thread writes this eventfd to end a reserve_blocking() wait.
-            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._epoll.register(self._wake_fd, select.EPOLLIN)
+            self._poller.register(self._map.fd, select.EPOLLOUT | select.EPOLLET)
         except BaseException:
-            self._release()
+            self._poller.close(self._release)
             raise
 
     # -- positions ------------------------------------------------------------------------------
@@ -225,31 +220,24 @@ class UserRingBuffer(MappedRing):
             raise ValueError(f"timeout_ms must be -1 (wait forever) or at least 0, got {timeout_ms}")
         deadline = None if timeout_ms == -1 else time.monotonic() + timeout_ms / 1000
         with self._lock:
-            epoll = self._check_open()
-            self._waiters += 1
-        try:
-            while True:
-                seen = self._wakeups  # before the attempt: a wakeup after it means try again
-                try:
-                    return self.reserve(size)  # raises "closed" once close() has begun
-                except RingFullError:
-                    pass
-                if deadline is None:
-                    wait = -1.0
-                else:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        break
-                self._wait_for_drain(epoll, wait, seen)
+            self._check_open()
+        while True:
+            seen = self._wakeups  # before the attempt: a wakeup after it means try again
             try:
-                return self.reserve(size)  # one last try at the deadline, as libbpf does
+                return self.reserve(size)  # raises "closed" once close() has begun
             except RingFullError:
                 pass
-        finally:
-            with self._lock:
-                self._waiters -= 1
-                self._no_waiters.notify_all()
-        raise self._timed_out(size, f"{timeout_ms} ms")
+            if deadline is None:
+                wait = -1.0
+            else:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+            self._wait_for_drain(wait, seen)
+        try:
+            return self.reserve(size)  # one last try at the deadline, as libbpf does
+        except RingFullError:
+            raise self._timed_out(size, f"{timeout_ms} ms") from None
 
     async def reserve_async(self, size: int, timeout: float | None = None) -> Sample:
         """:meth:`reserve_blocking` on the event loop: wait up to ``timeout`` seconds (None: no
@@ -305,7 +293,7 @@ class UserRingBuffer(MappedRing):
                 self._aio = aio
             return self._aio
 
-    def _wait_for_drain(self, epoll: select.epoll, wait: float, seen: int) -> None:
+    def _wait_for_drain(self, wait: float, seen: int) -> None:
         """Sleep until a wakeup newer than ``seen`` (a drain, or close()) or ``wait`` seconds
         (-1: no limit).
 
@@ -327,7 +315,10 @@ class UserRingBuffer(MappedRing):
                     self._woken.wait_for(lambda: self._wakeups != seen or not self._epoll_waiter, timeout)
                     return
                 self._epoll_waiter = leader = True
-            epoll.poll(wait)
+            try:
+                self._poller.wait(-1 if wait < 0 else wait * 1000)
+            except ValueError:
+                pass  # closed meanwhile: the next reserve() says so
         finally:
             if leader:
                 with self._lock:
@@ -382,66 +373,61 @@ class UserRingBuffer(MappedRing):
             )
         return roundup_len(size)
 
-    def _check_open(self) -> select.epoll:
-        if self._epoll is None or self._closing:
+    def _check_open(self) -> None:
+        if self._closing or self._poller.closed:
             raise ValueError(f"user ring buffer of map {self._map.name!r} is closed")
-        if os.getpid() != self._pid:
-            raise forked_error("UserRingBuffer", self._pid)
-        return self._epoll
+        if self._poller.forked:
+            raise forked_error("UserRingBuffer", self._poller.pid)
 
     def _release(self, in_child: bool = False) -> None:
-        """Discard what is still reserved and close everything; in a fork() child only the
+        """Discard what is still reserved, unmap and close the map; in a fork() child only the
         child's descriptors and mappings (the parent's reserved samples are its own)."""
-        for sample in list(self._pending.values()) if not in_child else ():
-            # A record left BUSY would stop the kernel there for good (the map may outlive us):
-            # discard what was never submitted.
-            try:
-                sample._buf.release()
-            except BufferError:
-                pass  # still exported: the mapping lives until that export goes
-            if self._state is not None:
-                self._publish(sample, discard=True)
-        self._unmap_ring()
+        if in_child:
+            self._unmap_ring()
+        else:
+            with self._lock:  # a reserve() in another thread finishes first; later ones say "closed"
+                for sample in list(self._pending.values()):
+                    # A record left BUSY would stop the kernel there for good (the map may
+                    # outlive us): discard what was never submitted.
+                    try:
+                        sample._buf.release()
+                    except BufferError:
+                        pass  # still exported: the mapping lives until that export goes
+                    if self._state is not None:
+                        self._publish(sample, discard=True)
+                self._unmap_ring()
         if self._aio is not None:  # wakes reserve_async() waits: their next reserve() says "closed"
             aio, self._aio = self._aio, None
             aio.close(lambda: None)  # (in a child, Poller.close touches nothing shared)
-        if self._epoll is not None:
-            epoll, self._epoll = self._epoll, None
-            epoll.close()
-        if self._wake_fd >= 0:
-            fd, self._wake_fd = self._wake_fd, -1
-            os.close(fd)
         self._map.close()
 
     def close(self) -> None:
         """Discard samples still reserved, unmap the ring and close its fds; idempotent.
 
         A ``reserve_blocking()`` waiting in another thread, or a ``reserve_async()``, raises
-        ValueError ("closed").
+        ValueError ("closed"). In a fork() child only the child's copies are released.
         """
-        if os.getpid() != self._pid:  # a fork() child: no lock (one may be held forever), nothing shared
-            if self._epoll is not None:
-                self._closing = True
-                self._release(in_child=True)
+        if self._poller.forked:  # no lock (one may be held forever), nothing shared
+            self._closing = True
+            self._poller.close(self._release, lambda: self._release(in_child=True))
             return
         with self._lock:
-            if self._epoll is None or self._closing:
+            if self._closing or self._poller.closed:
                 return
             self._closing = True
-            if self._waiters:
-                os.eventfd_write(self._wake_fd, 1)  # stays readable: the epoll waiter wakes and leaves
-                self._woken.notify_all()  # and the others
-                self._no_waiters.wait_for(lambda: self._waiters == 0)
-            self._release()
+            self._woken.notify_all()  # the waiters on the condition try again and see "closed"
+        # Wakes the waiter in epoll and lets it leave before the epoll closes.
+        self._poller.close(self._release)
 
     @property
     def closed(self) -> bool:
-        return self._epoll is None
+        return self._poller.closed
 
     def __del__(self) -> None:
-        if getattr(self, "_epoll", None) is not None:
+        poller = self.__dict__.get("_poller")
+        if poller is not None and not poller.closed:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            self.close()  # the eventfd is a bare fd: nothing else would close it
+            self.close()  # the epoll and eventfd are bare fds: nothing else would close them
 
     def __enter__(self) -> UserRingBuffer:
         return self

@@ -9,7 +9,6 @@ work (the bpf() system call, and a ring buffer a program writes and bpfring read
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import json
 import os
