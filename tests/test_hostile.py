@@ -370,7 +370,7 @@ MULTI_APIS = (
 )
 
 
-def multi_ring_scenario(path: str, api_name: str, garbage: str) -> None:
+def multi_ring_scenario(path: str, api_name: str, garbage: str, resync_at_once: bool) -> None:
     api = RING_APIS[api_name]
     producers = [Producer(path, ring_size=RING_SIZE) for _ in range(3)]
     sink: list[bytes] = []
@@ -401,14 +401,17 @@ def multi_ring_scenario(path: str, api_name: str, garbage: str) -> None:
                     raised += 1
                     got = exc.delivered
                     check_error(exc, producers[1].ring, ring=1, found=planted)
+                    if resync_at_once and raised == 1:  # before the healthy records kept for the next call come
+                        bounded("resync", bad.resync)
                 keys = ledger.check(got, api_name)
                 assert all(key[0] != 1 for key in keys), f"{api_name} delivered records of the corrupt ring"
                 if ledger.seen >= healthy:
                     break
             assert raised, f"{api_name} never reported the corrupt ring"
             assert ledger.seen == healthy, f"{api_name}: {len(healthy - ledger.seen)} records of the healthy rings not delivered"
-            assert bad.consumer_pos == planted
-            bounded("resync", bad.resync)
+            if not resync_at_once:
+                assert bad.consumer_pos == planted
+                bounded("resync", bad.resync)
         expected = set()
         for i, p in enumerate(producers):
             first = p.produce(10, fixed=True, producer=i).first_seq
@@ -419,11 +422,15 @@ def multi_ring_scenario(path: str, api_name: str, garbage: str) -> None:
         p.close()
 
 
-@pytest.mark.parametrize("garbage", ["unaligned-by-4", "back-one-lap", "past-the-producer"])
+@pytest.mark.parametrize(
+    "garbage, resync_at_once",
+    [("unaligned-by-4", False), ("back-one-lap", False), ("past-the-producer", False), ("unaligned-by-4", True)],
+    ids=["unaligned-by-4", "back-one-lap", "past-the-producer", "unaligned-by-4-resync-at-once"],
+)
 @pytest.mark.parametrize("api", MULTI_APIS)
-def test_one_corrupt_ring_does_not_stop_the_others(bpf_object, api, garbage):
+def test_one_corrupt_ring_does_not_stop_the_others(bpf_object, api, garbage, resync_at_once):
     path = str(bpf_object("producer"))
-    isolated(lambda: multi_ring_scenario(path, api, garbage))
+    isolated(lambda: multi_ring_scenario(path, api, garbage, resync_at_once))
 
 
 # -- a perf ring's data_tail and records ---------------------------------------------------------------------
@@ -697,38 +704,44 @@ def test_random_data_tail_for_seconds_under_every_api(bpf_object):
     assert sum(s["corrupt"] for s in stats.values()) > 0 and sum(s["records"] for s in stats.values()) > 0, stats
 
 
-def multi_perf_scenario(path: str, api_name: str) -> None:
-    api = PERF_APIS[api_name] if api_name != "consume_buffer(0)" else PERF_APIS["consume"]
+def multi_perf_scenario(path: str, api_name: str, bad_cpu: int, resync_at_once: bool) -> None:
+    api = PERF_APIS[api_name]
+    good_cpu = 1 - bad_cpu
     pp = PerfProducer(path)
     sink: list[bytes] = []
     error = corrupt_error()
     with PerfBuffer(pp.array, PERF_PAGES, lambda cpu, data: sink.append(data), cpus=[0, 1]) as pb:
+        bad = pb.rings[pb.cpus.index(bad_cpu)]
         for cpu in (0, 1):
             perf_lap(pp, pb, cpu, laps=2)
         sink.clear()
-        healthy = {(0, s) for s in range(pp.output(40, SAMPLE, cpu=0).first_seq, pp._next_seq[0])}
-        pp.output(40, SAMPLE, cpu=1)
+        first = pp.output(40, SAMPLE, cpu=good_cpu).first_seq
+        healthy = {(good_cpu, s) for s in range(first, first + 40)}
+        pp.output(40, SAMPLE, cpu=bad_cpu)
         c = Consumer(pb, sink, PERF_APIS)
         ledger = Ledger(perf=True)
-        with HostileWriter.perf(pb.buffer_fd(1), PERF_PAGES * 4096) as writer:
+        with HostileWriter.perf(bad.fd, PERF_PAGES * 4096) as writer:
             tail, head = writer.get()
             planted = writer.set(tail + 4)
             raised = 0
-            for attempt in range(3):
+            for attempt in range(3):  # the healthy ring's samples come with the error, or by the next call
                 try:
                     got = deliver(c, api, api_name)
                 except error as exc:
                     raised += 1
                     got = exc.delivered
-                    check_error(exc, pp.array, cpu=1, found=planted)
+                    check_error(exc, pp.array, cpu=bad_cpu, found=planted)
+                    if resync_at_once and raised == 1:  # before the samples kept for the next call come
+                        bounded("resync", bad.resync)
                 keys = ledger.check(got, api_name)
-                assert all(key[0] != 1 for key in keys), f"{api_name} delivered samples of the corrupt CPU"
+                assert all(key[0] != bad_cpu for key in keys), f"{api_name} delivered samples of the corrupt CPU"
                 if ledger.seen >= healthy:
                     break
             assert raised, f"{api_name} never reported the corrupt ring"
-            assert ledger.seen == healthy, f"{api_name}: {len(healthy - ledger.seen)} samples of cpu 0 not delivered"
-            assert writer.get() == (planted, head)
-            bounded("resync", pb.rings[1].resync)
+            assert ledger.seen == healthy, f"{api_name}: {len(healthy - ledger.seen)} samples of cpu {good_cpu} not delivered"
+            if not resync_at_once:
+                assert writer.get() == (planted, head)
+                bounded("resync", bad.resync)
         expected = set()
         for cpu in (0, 1):
             first = pp.output(10, SAMPLE, cpu=cpu).first_seq
@@ -738,7 +751,10 @@ def multi_perf_scenario(path: str, api_name: str) -> None:
     pp.close()
 
 
+@pytest.mark.parametrize(
+    "bad_cpu, resync_at_once", [(1, False), (0, False), (0, True)], ids=["cpu1", "cpu0", "cpu0-resync-at-once"]
+)
 @pytest.mark.parametrize("api", [name for name in PERF_APIS if name != "consume_buffer(0)"])
-def test_one_corrupt_cpu_does_not_stop_the_others(bpf_object, api):
+def test_one_corrupt_cpu_does_not_stop_the_others(bpf_object, api, bad_cpu, resync_at_once):
     path = str(bpf_object("perf_producer"))
-    isolated(lambda: multi_perf_scenario(path, api))
+    isolated(lambda: multi_perf_scenario(path, api, bad_cpu, resync_at_once))
