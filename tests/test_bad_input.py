@@ -327,13 +327,61 @@ def test_a_header_pointing_past_the_ring_raises_ebadmsg_on_both_walks(make_produ
             rb.poll(0)  # still refused, not skipped
 
 
-def test_batches_over_a_hostile_header_raise_instead_of_reading_it(make_producer, walk):
+def _fits(length: int) -> np.dtype:
+    """A dtype of exactly the planted length: the size check passes, only the bounds check is left."""
+    return np.dtype([("payload", "u1", (length,))])
+
+
+# A header bigger than the 4 KiB ring: 6000 bytes (its view would still fit in the double
+# mapping) and 64 KiB (it would not), with the ring lapped far enough that producer_pos is past it.
+OVERSIZE = pytest.mark.parametrize("length, laps_behind", [(6000, 3), (64 * 1024, 40)], ids=["6000", "64KiB"])
+
+
+@OVERSIZE
+def test_batches_over_a_hostile_header_raise_instead_of_reading_it(make_producer, walk, request, length, laps_behind):
+    if walk == "python":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="the pure-Python consume_batch(dtype) walk (_fixed_run) skips the bounds check: "
+                "numpy's ValueError, or a copy of a record bigger than the ring",
+            )
+        )
+    fits = _fits(length)
     producer = make_producer(ring_size=4096)
     with RingBuffer(producer.ring, lambda d: None) as rb:
-        plant_header(producer, rb, 64 * 1024, 40)
-        for take in (lambda: rb.consume_batch("<u8"), lambda: rb.batch("<u8").__enter__(), rb.consume_batch):
-            with pytest.raises((bpfring.RecordSizeError, BPFError)):
+        pos = plant_header(producer, rb, length, laps_behind)
+        takes = {
+            "consume_batch(dtype)": lambda: rb.consume_batch(fits),
+            "consume_batch(dtype, out=)": lambda: rb.consume_batch(fits, out=np.zeros(4, fits)),
+            "consume_batch()": rb.consume_batch,
+        }
+        for name, take in takes.items():
+            with pytest.raises(BPFError) as info:
                 take()
+            assert info.value.errno == errno.EBADMSG, (name, info.value)
+            assert f"{length} bytes" in str(info.value), (name, info.value)
+            assert rb.rings[0].consumer_pos == pos, f"{name} moved consumer_pos"
+
+
+@OVERSIZE
+@pytest.mark.xfail(
+    strict=True,
+    reason="batch(dtype) (scan_fixed in _fastring.c, _fixed_run in Python) checks a header's size "
+    "but not that the record fits in the ring: a 6000-byte record in a 4 KiB ring is returned as a "
+    "view and consumer_pos moves 6008 bytes; a 64 KiB one raises numpy's ValueError",
+)
+def test_a_zero_copy_batch_over_a_hostile_header_raises_instead_of_viewing_it(make_producer, walk, length, laps_behind):
+    producer = make_producer(ring_size=4096)
+    with RingBuffer(producer.ring, lambda d: None) as rb:
+        pos = plant_header(producer, rb, length, laps_behind)
+        try:
+            with pytest.raises(BPFError) as info:
+                with rb.batch(_fits(length)):
+                    pass
+            assert info.value.errno == errno.EBADMSG
+        finally:
+            assert rb.rings[0].consumer_pos == pos, "batch() moved consumer_pos"
 
 
 def test_user_ring_buffer_headers_are_always_accepted_by_the_kernel(bpf_object):
