@@ -386,27 +386,42 @@ def test_a_zero_copy_batch_over_a_hostile_header_raises_instead_of_viewing_it(ma
 
 def test_user_ring_buffer_headers_are_always_accepted_by_the_kernel(bpf_object):
     """Random sizes (1 byte to the largest), submitted or discarded, in and out of order, over many
-    laps: the kernel's drain never refuses a header bpfring wrote."""
-    from user_drain import UserDrain
+    laps: the kernel's drain never refuses a header bpfring wrote, takes exactly the submitted
+    records and reads back each one's bytes, in ring order."""
+    from user_drain import UserDrain, payload
 
     rng = random.Random(9)
+    seq = 0
     with UserDrain(bpf_object("user_drain"), urb_size=4096) as d, UserRingBuffer(d.urb) as urb:
-        drained = 0
+        drained = discarded = 0
         while urb.consumer_pos < 200 * urb.size:
             samples = []
             while True:
                 size = rng.choice([1, 7, 8, 9, rng.randint(1, 4088), 4088])
                 try:
-                    samples.append(urb.reserve(size))
+                    sample = urb.reserve(size)
                 except bpfring.RingFullError:
                     break
-            rng.shuffle(samples)
-            for s in samples:
-                s.submit() if rng.random() < 0.8 else s.discard()
+                sample.buf[:] = payload(seq, size)
+                samples.append((sample, payload(seq, size)))
+                seq += 1
+            submitted = []
+            for sample, data in rng.sample(samples, len(samples)):
+                if rng.random() < 0.8:
+                    sample.submit()
+                    submitted.append(sample)
+                else:
+                    sample.discard()
+            kept = {id(sample) for sample in submitted}
+            expected = [data for sample, data in samples if id(sample) in kept]  # ring (reserve) order
             result = d.drain()
             assert result.ret >= 0, f"the kernel refused a header bpfring wrote: {result.ret}"
+            assert result.ret == len(expected), f"the kernel took {result.ret} records, {len(expected)} were submitted"
+            assert (result.dropped, result.oversize) == (0, 0)
+            assert result.records == expected, "the kernel read back other bytes than bpfring wrote"
             drained += result.ret
-        assert drained > 0
+            discarded += len(samples) - len(expected)
+        assert drained > 200 and discarded > 0
 
 
 @pytest.mark.parametrize(
