@@ -113,18 +113,33 @@ def test_two_tasks_waiting_on_one_buffer_are_both_woken(producer):
 
 
 def test_interval_drains_no_wakeup_records(producer):
-    async def main() -> int:
+    """Records committed with BPF_RB_NO_WAKEUP while the iteration already waits: with
+    ``interval`` they arrive; without it, none arrives in the same time (no wakeup ever comes)."""
+
+    async def take(interval: float | None) -> list[bytes]:
+        got: list[bytes] = []
+        loop = asyncio.get_running_loop()
         with RingBuffer(producer.ring, never) as rb:
             rb.poll(0)
-            producer.produce(5, 16, flags=BPF_RB_NO_WAKEUP)  # no wakeup will ever come
-            n = 0
-            async for _ in rb.records(interval=0.05):
-                n += 1
-                if n == 5:
-                    break
-            return n
 
-    assert run(main()) == 5
+            async def read() -> None:
+                async for record in rb.records(interval=interval):
+                    got.append(record)
+                    if len(got) == 5:
+                        return
+
+            # Produced once the iteration has looked at the ring and is waiting.
+            loop.call_later(0.2, lambda: producer.produce(5, 16, flags=BPF_RB_NO_WAKEUP))
+            try:
+                await asyncio.wait_for(read(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+            assert rb.rings[0].avail_data_size == (5 - len(got)) * 24  # 16 bytes + header each: the rest is still there
+        return got
+
+    with_interval = run(take(0.05))
+    assert with_interval == [expected_record(i, 0, 16) for i in range(5)]
+    assert run(take(None)) == [], "records committed with BPF_RB_NO_WAKEUP woke the iteration"
 
 
 def test_close_ends_the_iteration(producer):
