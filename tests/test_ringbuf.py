@@ -332,6 +332,25 @@ def test_consuming_from_a_callback_is_refused_not_a_deadlock(producer, call):
     assert [parse(d)[0] for d in got] == [0, 1]
 
 
+def test_close_from_a_callback_is_refused(producer):
+    """close() would unmap the ring under the walk that called the callback."""
+    got: list[bytes] = []
+
+    def record(data: bytes) -> None:
+        got.append(data)
+        if len(got) == 1:
+            rb.close()
+
+    with RingBuffer(producer.ring, record) as rb:
+        producer.produce(2, 16)
+        with pytest.raises(RuntimeError, match="return a negative value to stop"):
+            rb.poll(5000)
+        assert not rb.closed
+        assert rb.consume() == 1  # still open: the second record waited in the ring
+    assert [parse(d)[0] for d in got] == [0, 1]
+    assert rb.closed  # the with block closed it
+
+
 def test_close_from_another_thread_wakes_a_blocked_poll(producer):
     rb = RingBuffer(producer.ring, lambda d: None)
     result: list[object] = []
