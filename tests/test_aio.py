@@ -37,6 +37,27 @@ def test_async_for_delivers_records_produced_while_it_waits(producer):
     assert got == [expected_record(i, 0, 40) for i in range(30)]
 
 
+def test_async_for_bytes_stay_intact_after_their_ring_space_is_overwritten(producer):
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        with RingBuffer(producer.ring, never) as rb:
+            ring = rb.rings[0]
+            producer.produce(100, 40)
+            start = ring.consumer_pos
+            async for record in rb:
+                got.append(record)
+                if len(got) == 100:
+                    break
+            while ring.consumer_pos < start + 2 * ring.size:  # the ring lapped twice over their space
+                producer.produce(100, 40, producer=7)
+                assert len(rb.consume_batch()) == 100
+        return got
+
+    got = run(main())
+    assert all(type(g) is bytes for g in got)
+    assert got == [expected_record(i, 0, 40) for i in range(100)]
+
+
 def test_cancelling_mid_stream_loses_and_repeats_nothing(producer):
     async def main() -> list[bytes]:
         got: list[bytes] = []

@@ -62,6 +62,20 @@ def test_consume_batch_with_a_dtype_copies_every_record(producer):
     assert records.flags.writeable and not over_the_ring(records)  # a copy, not a view
 
 
+def test_consume_batch_bytes_stay_intact_after_their_ring_space_is_overwritten(producer):
+    """The list of bytes is copies: valid forever, whatever producers write into the ring later."""
+    with RingBuffer(producer.ring, nothing) as rb:
+        ring = rb.rings[0]
+        r = producer.produce(100, 40)
+        start = ring.consumer_pos
+        kept = rb.consume_batch()
+        while ring.consumer_pos < start + 2 * ring.size:  # the ring lapped twice over their space
+            producer.produce(100, 40, producer=7)
+            assert len(rb.consume_batch()) == 100
+    assert all(type(k) is bytes for k in kept)
+    assert kept == [expected_record(r.first_seq + i, 0, 40) for i in range(100)]
+
+
 @pytest.mark.parametrize("size, count", [(8, 500), (16, 500), (24, 500), (40, 500), (16, 70000)])
 def test_consume_batch_copies_records_of_every_size(make_producer, size, count):
     """Each way records are copied (small, any size, and a large batch of 16-byte multiples)."""
