@@ -60,3 +60,25 @@ def test_a_skip_in_fixture_set_up_is_a_skip_otherwise(tmp_path):
     done = run_pytest(tmp_path, strict=False, source=SKIP_IN_FIXTURE)
     assert done.returncode == 0, done.stdout
     assert "1 skipped" in done.stdout
+
+
+XFAIL = """\
+import pytest
+
+@pytest.mark.xfail(strict=True, reason="a known bug")
+def test_known_bug():
+    assert False
+"""
+
+
+def test_a_strict_xfail_stays_an_xfail_in_strict_mode(tmp_path):
+    """A known bug marked xfail(strict=True) is reported as such, not as a skip turned failure."""
+    done = run_pytest(tmp_path, strict=True, source=XFAIL)
+    assert done.returncode == 0, done.stdout
+    assert "1 xfailed" in done.stdout
+
+
+def test_a_strict_xfail_that_passes_fails_in_strict_mode(tmp_path):
+    done = run_pytest(tmp_path, strict=True, source=XFAIL.replace("assert False", "assert True"))
+    assert done.returncode == 1, done.stdout
+    assert "XPASS(strict)" in done.stdout
