@@ -124,9 +124,10 @@ def measure(wl: Workload, consumer: Consumer, producers: int, seconds: float, cp
         os.sched_setaffinity(0, consumer_cpus)
     try:
         session = consumer.open(wl)  # before the clock: mapping and set-up are not measured
-        # Watches the workload's ring, never consumes: is it empty once the consumer is done?
-        watch = Ring(wl.map, _never) if s.channel == "ringbuf" and session.owns_workload_ring else None
+        watch = None
         try:
+            if s.channel == "ringbuf" and session.owns_workload_ring:
+                watch = Ring(wl.map, _never)  # never consumes: is the ring empty once the consumer is done?
             registry = session.producers_map or wl.producers
             with Producers(wl, producers, producer_cpus, registry) as prod:
                 ended: list[float] = []
