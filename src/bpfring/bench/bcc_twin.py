@@ -26,6 +26,7 @@ import ctypes
 import json
 import queue
 import resource
+import signal
 import sys
 import threading
 import time
@@ -124,6 +125,7 @@ def main() -> int:
     p.add_argument("--producers-pin", required=True)
     p.add_argument("--every", type=int, required=True)
     args = p.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the benchmark's: it stops this run cleanly
 
     from bcc import BPF  # only in the system's Python
 

@@ -220,6 +220,8 @@ def run_scenario(
                 try:
                     outcomes.append(measure(wl, consumer, producers, seconds, cpus))
                 except Exception as exc:  # one consumer failing does not end the benchmark
+                    if INTERRUPTED.is_set():  # Ctrl-C made it fail (libbpf's poll: EINTR): discard the run
+                        raise KeyboardInterrupt from exc
                     outcomes.append(Outcome(scenario.name, consumer.name, producers, status=f"failed: {exc}"))
         fill_ratios(outcomes)
     finally:
