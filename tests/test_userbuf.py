@@ -320,7 +320,7 @@ def test_reserve_blocking_returns_once_the_bpf_side_drains(make_user_drain):
         waiter = threading.Thread(target=lambda: got.append(urb.reserve_blocking(2000, timeout_ms=30_000)), name="W")
         waiter.start()
         try:
-            assert wait_until_blocked(waiter) == "epoll_wait"  # the waiter sleeps: only the drain can wake it
+            wait_until_blocked(waiter)  # the waiter sleeps: only the drain can wake it
             assert not got and attempts.failed_only("W"), attempts.by_thread
             assert d.drain().ret == n
         finally:
@@ -351,8 +351,8 @@ def test_one_drain_wakes_every_thread_blocked_in_reserve_blocking(make_user_drai
         threads = [threading.Thread(target=wait, args=(i,), name=f"W{i}") for i in range(3)]
         for t in threads:
             t.start()
-        sleeping_in = sorted(wait_until_blocked(t) for t in threads)  # all three asleep before the one drain
-        assert sleeping_in == ["epoll_wait", "futex", "futex"], sleeping_in  # one in epoll, two on its condition
+        for t in threads:
+            wait_until_blocked(t)  # all three asleep (today: one in epoll, two on its condition) before the drain
         assert not got and all(attempts.failed_only(t.name) for t in threads), attempts.by_thread
         assert d.drain().ret == n
         for t in threads:
@@ -399,7 +399,7 @@ def test_a_drain_taken_by_one_waiter_between_anothers_reserve_and_wait_wakes_bot
 
         b = threading.Thread(target=wait, args=("B",), name="B")
         b.start()
-        assert wait_until_blocked(b) == "epoll_wait"  # B is in epoll
+        wait_until_blocked(b)  # B sleeps, waiting for a drain
         a = threading.Thread(target=wait, args=("A",), name="A")
         a.start()
         assert a_failed.wait(10)  # A's reserve has failed; A is held before its wait
