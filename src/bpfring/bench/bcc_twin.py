@@ -24,6 +24,7 @@ consumes until a "stop" line, drains what is left, then prints {"consumed", "lat
 import argparse
 import ctypes
 import json
+import os
 import queue
 import resource
 import signal
@@ -127,6 +128,10 @@ def main() -> int:
     args = p.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the benchmark's: it stops this run cleanly
 
+    # Run as a script, this file's directory (bpfring's bench package) leads sys.path: bcc must
+    # come from the system's Python, not a module of ours.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     from bcc import BPF  # only in the system's Python
 
     cflags = [
