@@ -37,6 +37,27 @@ def test_async_for_delivers_records_produced_while_it_waits(producer):
     assert got == [expected_record(i, 0, 40) for i in range(30)]
 
 
+def test_async_for_bytes_stay_intact_after_their_ring_space_is_overwritten(producer):
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        with RingBuffer(producer.ring, never) as rb:
+            ring = rb.rings[0]
+            producer.produce(100, 40)
+            start = ring.consumer_pos
+            async for record in rb:
+                got.append(record)
+                if len(got) == 100:
+                    break
+            while ring.consumer_pos < start + 2 * ring.size:  # the ring lapped twice over their space
+                producer.produce(100, 40, producer=7)
+                assert len(rb.consume_batch()) == 100
+        return got
+
+    got = run(main())
+    assert all(type(g) is bytes for g in got)
+    assert got == [expected_record(i, 0, 40) for i in range(100)]
+
+
 def test_cancelling_mid_stream_loses_and_repeats_nothing(producer):
     async def main() -> list[bytes]:
         got: list[bytes] = []
@@ -113,18 +134,33 @@ def test_two_tasks_waiting_on_one_buffer_are_both_woken(producer):
 
 
 def test_interval_drains_no_wakeup_records(producer):
-    async def main() -> int:
+    """Records committed with BPF_RB_NO_WAKEUP while the iteration already waits: with
+    ``interval`` they arrive; without it, none arrives in the same time (no wakeup ever comes)."""
+
+    async def take(interval: float | None) -> list[bytes]:
+        got: list[bytes] = []
+        loop = asyncio.get_running_loop()
         with RingBuffer(producer.ring, never) as rb:
             rb.poll(0)
-            producer.produce(5, 16, flags=BPF_RB_NO_WAKEUP)  # no wakeup will ever come
-            n = 0
-            async for _ in rb.records(interval=0.05):
-                n += 1
-                if n == 5:
-                    break
-            return n
 
-    assert run(main()) == 5
+            async def read() -> None:
+                async for record in rb.records(interval=interval):
+                    got.append(record)
+                    if len(got) == 5:
+                        return
+
+            # Produced once the iteration has looked at the ring and is waiting.
+            loop.call_later(0.2, lambda: producer.produce(5, 16, flags=BPF_RB_NO_WAKEUP))
+            try:
+                await asyncio.wait_for(read(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+            assert rb.rings[0].avail_data_size == (5 - len(got)) * 24  # 16 bytes + header each: the rest is still there
+        return got
+
+    with_interval = run(take(0.05))
+    assert with_interval == [expected_record(i, 0, 16) for i in range(5)]
+    assert run(take(None)) == [], "records committed with BPF_RB_NO_WAKEUP woke the iteration"
 
 
 def test_close_ends_the_iteration(producer):

@@ -342,39 +342,92 @@ def test_a_header_pointing_past_the_ring_raises_ebadmsg(make_producer, length, l
             rb.consume()  # still refused, not skipped
 
 
-def test_batches_over_a_hostile_header_raise_instead_of_reading_it(make_producer):
+def _fits(length: int) -> np.dtype:
+    """A dtype of exactly the planted length: the size check passes, only the bounds check is left."""
+    return np.dtype([("payload", "u1", (length,))])
+
+
+# A header bigger than the 4 KiB ring: 6000 bytes (its view would still fit in the double
+# mapping) and 64 KiB (it would not). (A consumer_pos laps behind is refused before any header is
+# read: tests above.)
+OVERSIZE = pytest.mark.parametrize("length", [6000, 64 * 1024], ids=["6000", "64KiB"])
+
+
+def planted_ring(make_producer: Any, length: int) -> tuple[Any, int]:
     producer = make_producer(ring_size=4096)
     with RingBuffer(producer.ring, lambda d: None) as rb:
-        plant_header(producer, rb, 64 * 1024, 40)
-    with RingBuffer(producer.ring, lambda d: None) as rb:
-        for take in (lambda: rb.consume_batch("<u8"), lambda: rb.batch("<u8").__enter__(), rb.consume_batch):
-            with pytest.raises((bpfring.RecordSizeError, BPFError)):
+        return producer, plant_header(producer, rb, length, 0)
+
+
+@OVERSIZE
+def test_batches_over_a_hostile_header_raise_instead_of_reading_it(make_producer, length):
+    fits = _fits(length)
+    producer, pos = planted_ring(make_producer, length)
+    with RingBuffer(producer.ring) as rb:  # a consumer opened on the planted ring
+        takes = {
+            "consume_batch(dtype)": lambda: rb.consume_batch(fits),
+            "consume_batch(dtype, out=)": lambda: rb.consume_batch(fits, out=np.zeros(4, fits)),
+            "consume_batch()": rb.consume_batch,
+        }
+        for name, take in takes.items():
+            with pytest.raises(BPFError) as info:
                 take()
+            assert info.value.errno == errno.EBADMSG, (name, info.value)
+            assert f"{length} bytes" in str(info.value), (name, info.value)
+            assert rb.rings[0].consumer_pos == pos, f"{name} moved consumer_pos"
+
+
+@OVERSIZE
+def test_a_zero_copy_batch_over_a_hostile_header_raises_instead_of_viewing_it(make_producer, length):
+    producer, pos = planted_ring(make_producer, length)
+    with RingBuffer(producer.ring) as rb:
+        try:
+            with pytest.raises(BPFError) as info:
+                with rb.batch(_fits(length)):
+                    pass
+            assert info.value.errno == errno.EBADMSG and f"{length} bytes" in str(info.value)
+        finally:
+            assert rb.rings[0].consumer_pos == pos, "batch() moved consumer_pos"
 
 
 def test_user_ring_buffer_headers_are_always_accepted_by_the_kernel(bpf_object):
     """Random sizes (1 byte to the largest), submitted or discarded, in and out of order, over many
-    laps: the kernel's drain never refuses a header bpfring wrote."""
-    from user_drain import UserDrain
+    laps: the kernel's drain never refuses a header bpfring wrote, takes exactly the submitted
+    records and reads back each one's bytes, in ring order."""
+    from user_drain import UserDrain, payload
 
     rng = random.Random(9)
+    seq = 0
     with UserDrain(bpf_object("user_drain"), urb_size=4096) as d, UserRingBuffer(d.urb) as urb:
-        drained = 0
+        drained = discarded = 0
         while urb.consumer_pos < 200 * urb.size:
             samples = []
             while True:
                 size = rng.choice([1, 7, 8, 9, rng.randint(1, 4088), 4088])
                 try:
-                    samples.append(urb.reserve(size))
+                    sample = urb.reserve(size)
                 except bpfring.RingFullError:
                     break
-            rng.shuffle(samples)
-            for s in samples:
-                s.submit() if rng.random() < 0.8 else s.discard()
+                sample.buf[:] = payload(seq, size)
+                samples.append((sample, payload(seq, size)))
+                seq += 1
+            submitted = []
+            for sample, data in rng.sample(samples, len(samples)):
+                if rng.random() < 0.8:
+                    sample.submit()
+                    submitted.append(sample)
+                else:
+                    sample.discard()
+            kept = {id(sample) for sample in submitted}
+            expected = [data for sample, data in samples if id(sample) in kept]  # ring (reserve) order
             result = d.drain()
             assert result.ret >= 0, f"the kernel refused a header bpfring wrote: {result.ret}"
+            assert result.ret == len(expected), f"the kernel took {result.ret} records, {len(expected)} were submitted"
+            assert (result.dropped, result.oversize) == (0, 0)
+            assert result.records == expected, "the kernel read back other bytes than bpfring wrote"
             drained += result.ret
-        assert drained > 0
+            discarded += len(samples) - len(expected)
+        assert drained > 200 and discarded > 0
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ import json
 import pytest
 from conftest import require_bpf
 
+import bpfring
+
 TINY = [
     "--duration", "0.1",
     "--records", "2000",
@@ -84,15 +86,67 @@ def test_json_has_the_machine_and_the_raw_figures(tiny_run):
     assert report["drain"]["results"][0]["rates"]
 
 
+def test_no_run_failed(tiny_run):
+    _, text, report = tiny_run
+    outcomes = report["workload"]["outcomes"]
+    failed = [(o["scenario"], o["consumer"], o["status"]) for o in outcomes if o["status"].startswith("failed")]
+    assert failed == []
+    assert "failed" not in text
+
+
 def test_records_counted_are_those_produced_minus_dropped(tiny_run):
     _, _, report = tiny_run
-    ran = [o for o in report["workload"]["outcomes"] if o["status"] == "ok"]
+    outcomes = report["workload"]["outcomes"]
+    assert all(o["status"] == "ok" or o["status"].startswith(("skipped", "n/a")) for o in outcomes)
+    ran = [o for o in outcomes if o["status"] == "ok"]
     assert ran
     for o in ran:
         # `produced` counts what the program wrote; the attempts are produced + dropped.
         assert o["consumed"] == o["produced"], (o["scenario"], o["consumer"])
         assert o["produced"] > 0, (o["scenario"], o["consumer"])
         assert o["latency_us"]["n"] > 0 or o["consumed"] < 64
+
+
+def test_the_consumer_clock_covers_its_drain(tiny_run):
+    """Rate and CPU % count every record the consumer counted, over the time it took to count them:
+    the producers' start to the end of the drain, not to the producers' stop."""
+    _, _, report = tiny_run
+    ran = [o for o in report["workload"]["outcomes"] if o["status"] == "ok"]
+    for o in ran:
+        assert o["consumer_seconds"] >= o["seconds"] > 0, (o["scenario"], o["consumer"])
+        assert o["consumer_rate"] == pytest.approx(o["consumed"] / o["consumer_seconds"])
+        assert o["cpu_share"] == pytest.approx(o["cpu_s"] / o["consumer_seconds"])
+        assert o["producer_rate"] == pytest.approx((o["produced"] + o["dropped"]) / o["seconds"])
+
+
+def test_bcc_runs_its_own_twin_or_says_why_not(tiny_run):
+    _, _, report = tiny_run
+    bcc = {o["scenario"]: o["status"] for o in report["workload"]["outcomes"] if o["consumer"] == "bcc-python"}
+    assert set(bcc) == {"rb-reserve", "rb-sampled", "pb-500", "paced-rb-sampled"}
+    if bcc["rb-reserve"].startswith("skipped"):  # bcc or kernel headers missing: every scenario says so
+        assert len(set(bcc.values())) == 1 and "bcc" in bcc["rb-reserve"], bcc
+    else:  # it compiled its copy and counted every record its program wrote
+        assert bcc["rb-reserve"] == "ok" and bcc["pb-500"] == "ok", bcc
+        assert bcc["rb-sampled"].startswith("n/a: ") and "ringbuf_query" in bcc["rb-sampled"], bcc
+
+
+def test_the_drain_checks_the_ring_not_the_consumers_word(bpf):
+    """A consumer that says it took every record without taking them fails the round."""
+    from bpfring.bench import drain
+
+    def liar(bench):
+        return (lambda: bench.count), (lambda: None)
+
+    def miscounting(bench):  # takes them all, counts one more
+        rb = bpfring.RingBuffer(bench.map, lambda d: None)
+        return (lambda: rb.consume() + 1), rb.close
+
+    cases = (("liar", liar, "left 16000 bytes in the ring"), ("miscounting", miscounting, "counted 1001"))
+    for name, form, said in cases:
+        with pytest.raises(RuntimeError, match=said):
+            drain.run([8], 1000, 1, None, lambda what: None, forms={name: form})
+    honest = drain.run([8], 1000, 2, None, lambda what: None, forms={"honest": drain.bpfring_batch_copy})
+    assert len(honest[0].rates) == 2
 
 
 def test_plots_without_matplotlib_say_so(monkeypatch, capsys):

@@ -9,11 +9,23 @@ import sys
 from pathlib import Path
 
 
-def run_pytest(tmp_path: Path, strict: bool) -> subprocess.CompletedProcess:
+SKIP_IN_BODY = "import pytest\n\ndef test_needs_something():\n    pytest.skip('no BPF here')\n"
+
+# The way real tests skip: conftest's `bpf` fixture calls require_bpf() in set-up, before the body
+# runs. The reason is faked (this machine may well have BPF); the fixture and the hook are the real ones.
+SKIP_IN_FIXTURE = """\
+import conftest
+
+conftest.bpf_unavailable_reason = lambda: "no BPF here (faked)"
+
+def test_needs_bpf(bpf):
+    raise AssertionError("the body ran: the fixture did not skip")
+"""
+
+
+def run_pytest(tmp_path: Path, strict: bool, source: str = SKIP_IN_BODY) -> subprocess.CompletedProcess:
     shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_skips.py").write_text(
-        "import pytest\n\ndef test_needs_something():\n    pytest.skip('no BPF here')\n"
-    )
+    (tmp_path / "test_skips.py").write_text(source)
     env = dict(os.environ, BPFRING_REQUIRE_BPF="1" if strict else "0")
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
@@ -34,3 +46,39 @@ def test_a_skip_is_a_skip_otherwise(tmp_path):
     done = run_pytest(tmp_path, strict=False)
     assert done.returncode == 0, done.stdout
     assert "1 skipped" in done.stdout
+
+
+def test_a_skip_in_fixture_set_up_fails_in_strict_mode(tmp_path):
+    done = run_pytest(tmp_path, strict=True, source=SKIP_IN_FIXTURE)
+    assert done.returncode == 1, done.stdout
+    assert "BPFRING_REQUIRE_BPF=1 and this test skipped: no BPF here (faked)" in done.stdout
+    assert "the body ran" not in done.stdout
+    assert "1 error" in done.stdout or "1 failed" in done.stdout, done.stdout
+
+
+def test_a_skip_in_fixture_set_up_is_a_skip_otherwise(tmp_path):
+    done = run_pytest(tmp_path, strict=False, source=SKIP_IN_FIXTURE)
+    assert done.returncode == 0, done.stdout
+    assert "1 skipped" in done.stdout
+
+
+XFAIL = """\
+import pytest
+
+@pytest.mark.xfail(strict=True, reason="a known bug")
+def test_known_bug():
+    assert False
+"""
+
+
+def test_a_strict_xfail_stays_an_xfail_in_strict_mode(tmp_path):
+    """A known bug marked xfail(strict=True) is reported as such, not as a skip turned failure."""
+    done = run_pytest(tmp_path, strict=True, source=XFAIL)
+    assert done.returncode == 0, done.stdout
+    assert "1 xfailed" in done.stdout
+
+
+def test_a_strict_xfail_that_passes_fails_in_strict_mode(tmp_path):
+    done = run_pytest(tmp_path, strict=True, source=XFAIL.replace("assert False", "assert True"))
+    assert done.returncode == 1, done.stdout
+    assert "XPASS(strict)" in done.stdout

@@ -325,10 +325,11 @@ def test_tail_decodes_a_c_struct_from_btf(producer, pin_path, execsnoop_object):
         "tail", pin_path, "--object", str(execsnoop_object), "--struct", "event", "--json", "--count", "2"
     )
     assert done.returncode == 0, done.stderr
-    for line, seq in zip(done.stdout.splitlines(), range(2)):
-        raw = expected_record(seq, 0, 532)
-        pid, comm, filename = struct.unpack("<i16s512s", raw)
-        cstr = lambda b: b.split(b"\0", 1)[0].decode(errors="backslashreplace")  # noqa: E731
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    cstr = lambda b: b.split(b"\0", 1)[0].decode(errors="backslashreplace")  # noqa: E731
+    for seq, line in enumerate(lines):
+        pid, comm, filename = struct.unpack("<i16s512s", expected_record(seq, 0, 532))
         assert json.loads(line) == {"len": 532, "values": [pid, cstr(comm), cstr(filename)]}
     done = bpfring_cmd("tail", pin_path, "--struct", "event")
     assert error_line(done) == "bpfring: error: --struct needs --object FILE.bpf.o, the BPF object whose BTF declares it"

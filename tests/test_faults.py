@@ -389,9 +389,25 @@ def test_perf_producers_detached_mid_run_leave_every_sample_to_drain(bpf_object)
     try:
         with producers:
             until(lambda: checker.delivered >= 10 * LAPS, lambda: pb.poll(100), "perf before the detach")
-        drain_perf(pb, producers, checker, lambda: pb.poll(100))
-        other.close()  # the program and the object's array fd go; the buffer keeps its own
-        assert pb.poll(50) == 0 and pb.consume() == 0
+        for cpu, tally in producers.tallies.items():  # a few more on every CPU: they wait unread
+            out = other.output(4, producers.sizes, cpu=cpu)
+            tally.attempted += out.count
+            tally.produced += out.produced
+            tally.failed += out.failed
+        pending = producers.total("produced") - checker.delivered
+        assert pending > 0, "nothing left unread at the detach"
+        other.close()  # the program and the object's array fd go while samples wait; the buffer keeps its own
+        deadline = Deadline(0, "drain after the detach")
+        while checker.delivered < producers.total("produced"):
+            deadline.check()
+            pb.poll(100)
+        assert pb.consume() == 0
+        for cpu, t in producers.tallies.items():
+            assert t.produced + t.failed == t.attempted, f"cpu {cpu}: the BPF side lost count"
+            assert checker.count[cpu] == t.produced, f"cpu {cpu}: {checker.count[cpu]} delivered, {t.produced} produced"
+            # A lost count is written before the next sample that fits; none follows the detach.
+            assert checker.lost[cpu] <= t.failed, f"cpu {cpu}: {checker.lost[cpu]} reported lost, {t.failed} failed"
+        report("fault: perf producer detached", pending=pending, records=checker.delivered)
     finally:
         pb.close()
         other.close()

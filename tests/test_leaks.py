@@ -3,17 +3,20 @@
 Measured after a warm-up (so caches, allocator arenas and lazily built objects exist already):
 - open fds (/proc/self/fd): exactly equal;
 - mappings of BPF maps and perf events (anon_inode lines of /proc/self/maps): exactly equal;
-- VmRSS (/proc/self/status): within RSS_TOLERANCE. A leaked ring mapping costs at least the two
-  pages a consumer touches (8 KiB), a leaked Python object graph of a buffer several hundred bytes;
-  over CYCLES cycles either is far above the tolerance (1,000 cycles in CI: anything from 4 KiB a
-  cycle; 10,000 in long mode: from 400 bytes), while a healthy process varies by allocator noise,
-  well under a megabyte.
+- objects gc tracks: at most a few more (one leaked per cycle is CYCLES more);
+- Python's allocations (tracemalloc) and malloc's bytes in use (glibc's mallinfo2: libbpf's
+  allocations and Python's large ones): grown by less than 8 bytes a cycle, and never by 8 KiB
+  (a healthy process measures under 4 KiB here). So over 1,000 cycles a leak of 8 bytes a cycle
+  shows, and over the 50 object loads one of 164 bytes a load;
+- VmRSS (/proc/self/status): within RSS_TOLERANCE, for leaked pages.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import tracemalloc
 from typing import Callable
 
 import pytest
@@ -26,7 +29,16 @@ from bpfring import Map, MapType, Object, PerfBuffer, RingBuffer, UserRingBuffer
 CYCLES = int(os.environ.get("BPFRING_LEAK_CYCLES") or (10_000 if long_mode() else 1_000))
 LOADS = CYCLES // 20  # loading an object runs the verifier: slower, fewer
 WARMUP = 100
-RSS_TOLERANCE = 4 << 20
+RSS_TOLERANCE = 4 << 20  # pages: a leaked mapping or a large leak; the byte counts below catch small ones
+
+
+def leak_bound(cycles: int) -> int:
+    """Growth allowed over ``cycles`` cycles, in bytes: PER_CYCLE each, at least FLOOR (allocator noise)."""
+    return max(PER_CYCLE * cycles, FLOOR)
+
+
+PER_CYCLE = 8
+FLOOR = 8 << 10
 
 
 def vm_rss() -> int:
@@ -35,6 +47,29 @@ def vm_rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class _Mallinfo2(ctypes.Structure):
+    """struct mallinfo2 of glibc's <malloc.h> (glibc 2.33+)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+_libc = ctypes.CDLL(None)
+_mallinfo2 = getattr(_libc, "mallinfo2", None)
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _Mallinfo2
+
+
+def c_heap() -> int:
+    """Bytes malloc() has handed out and not had back (libbpf's allocations, Python's big ones)."""
+    if _mallinfo2 is None:
+        return 0  # not glibc: RSS and tracemalloc still watch
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def kernel_mappings() -> int:
@@ -47,15 +82,37 @@ def assert_no_leak(name: str, cycle: Callable[[], None], cycles: int = CYCLES) -
     for _ in range(min(WARMUP, cycles)):
         cycle()
     gc.collect()
-    fds, maps, rss = open_fds(), kernel_mappings(), vm_rss()
-    for _ in range(cycles):
-        cycle()
-    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(min(WARMUP, cycles)):  # tracemalloc's own tables warm up too
+            cycle()
+        gc.collect()
+        fds, maps, rss, heap, objects = open_fds(), kernel_mappings(), vm_rss(), c_heap(), len(gc.get_objects())
+        py = tracemalloc.get_traced_memory()[0]
+        for _ in range(cycles):
+            cycle()
+        gc.collect()
+        py_grown = tracemalloc.get_traced_memory()[0] - py
+        objects_grown = len(gc.get_objects()) - objects
+        heap_grown = c_heap() - heap
+    finally:
+        tracemalloc.stop()
     assert open_fds() == fds, f"{name}: fds leaked"
     assert kernel_mappings() == maps, f"{name}: mappings leaked"
     grown = vm_rss() - rss
+    report(
+        f"leaks: {name}",
+        cycles=cycles,
+        rss_growth_bytes=grown,
+        python_growth_bytes=py_grown,
+        c_heap_growth_bytes=heap_grown,
+        objects_growth=objects_grown,
+    )
+    bound = leak_bound(cycles)
+    assert objects_grown <= 10, f"{name}: {objects_grown} more objects tracked by gc after {cycles} cycles"
+    assert py_grown < bound, f"{name}: Python memory grew by {py_grown} bytes over {cycles} cycles (bound {bound})"
+    assert heap_grown < bound, f"{name}: malloc'd memory grew by {heap_grown} bytes over {cycles} cycles (bound {bound})"
     assert grown < RSS_TOLERANCE, f"{name}: RSS grew by {grown} bytes over {cycles} cycles"
-    report(f"leaks: {name}", cycles=cycles, rss_growth_bytes=grown)
 
 
 def wrong_type(open_it: Callable[[], object]) -> Callable[[], None]:

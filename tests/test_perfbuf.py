@@ -151,6 +151,36 @@ def test_at_least_50_laps_of_a_small_buffer_lose_and_repeat_nothing(perf_produce
     assert wrapped >= 25, "samples that straddle the end of the buffer were not exercised"
 
 
+def test_batch_and_async_bytes_stay_intact_after_their_ring_space_is_overwritten(perf_producer):
+    """consume_batch() and async for hand out copies: valid after the 4 KiB ring lapped twice over them."""
+    import asyncio
+
+    def lap_twice(pb: PerfBuffer) -> None:
+        for _ in range(2 * 4096 // (20 * record_bytes(40)) + 1):
+            perf_producer.output(20, 40, cpu=0)
+            assert len(pb.consume_batch()) == 20
+
+    async def iterate(pb: PerfBuffer) -> list[bytes]:
+        got: list[bytes] = []
+        async for _cpu, data in pb.records():
+            got.append(data)
+            if len(got) == 20:
+                break
+        return got
+
+    with PerfBuffer(perf_producer.array, 1, cpus=[0]) as pb:
+        assert pb.buffer_size == 4096
+        first = perf_producer.output(20, 40, cpu=0).first_seq
+        batch = pb.consume_batch()
+        lap_twice(pb)
+        later = perf_producer.output(20, 40, cpu=0).first_seq
+        iterated = asyncio.run(asyncio.wait_for(iterate(pb), 60))
+        lap_twice(pb)
+    for kept, seq0 in ((batch, first), (iterated, later)):
+        assert len(kept) == 20 and all(type(k) is bytes for k in kept)
+        assert [check_sample(0, data, 40) for data in kept] == list(range(seq0, seq0 + 20))
+
+
 def test_wakeup_events_wakes_every_nth_sample_and_consume_drains_the_rest(perf_producer):
     got = Collector()
     with PerfBuffer(perf_producer.array, 4, got.sample, cpus=[0], wakeup_events=4) as pb:

@@ -15,8 +15,11 @@ import bpfring
 from bpfring import BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, RingBuffer
 
 
-def check_records(got: list[bytes], first_seq: int, size: int | tuple[int, int], producer: int = 0) -> None:
-    """Every record is the one the BPF program wrote for its sequence number, in order."""
+def check_records(
+    got: list[bytes], first_seq: int, size: int | tuple[int, int], producer: int = 0, *, count: int
+) -> None:
+    """``count`` records, each the one the BPF program wrote for its sequence number, in order."""
+    assert len(got) == count, f"{len(got)} records delivered, {count} expected"
     lo, hi = (size, size) if isinstance(size, int) else size
     for i, record in enumerate(got):
         seq = first_seq + i
@@ -32,7 +35,7 @@ def test_records_of_1_byte_to_several_kib_arrive_intact_and_in_order(producer, m
         assert (r.produced, r.dropped) == (15, 0)
         assert rb.consume() == 15
     assert [len(g) for g in got] == [record_size(r.first_seq + i, *sizes) for i in range(15)]
-    check_records(got, r.first_seq, sizes)
+    check_records(got, r.first_seq, sizes, count=15)
 
 
 def test_every_size_from_1_to_64_bytes(producer):
@@ -92,13 +95,15 @@ def test_at_least_50_laps_of_the_ring_lose_and_repeat_nothing(make_producer):
     with RingBuffer(producer.ring, got.append) as rb:
         ring = rb.rings[0]
         first = None
+        produced = 0
         while ring.consumer_pos < 55 * ring.size:
             r = producer.produce(40, sizes)  # at most 40 * 312 bytes: always fits
             assert r.dropped == 0
             first = r.first_seq if first is None else first
+            produced += r.produced
             assert rb.poll(1000) == 40
         assert ring.consumer_pos // ring.size >= 50
-    check_records(got, first, sizes)
+    check_records(got, first, sizes, count=produced)
 
 
 def test_a_full_ring_drops_and_delivered_plus_dropped_equals_produced(make_producer):
@@ -200,7 +205,7 @@ def test_a_callback_that_raises_midway_then_the_rest_exactly_once(producer):
         assert len(got) == 5
         assert rb.consume() == 15
         assert rb.consume() == 0
-    check_records(got, r.first_seq, 48)
+    check_records(got, r.first_seq, 48, count=20)
 
 
 def test_a_negative_return_stops_and_is_returned(producer):
@@ -216,7 +221,7 @@ def test_a_negative_return_stops_and_is_returned(producer):
         assert len(got) == 3
         assert rb.rings[0].avail_data_size == 7 * 32  # the third record counts as consumed
         assert rb.consume() == 7
-    check_records(got, r.first_seq, 24)
+    check_records(got, r.first_seq, 24, count=10)
 
 
 def test_consume_max_records_stops_after_that_many(producer):
@@ -243,7 +248,7 @@ def test_records_produced_while_a_callback_runs_are_not_left_behind(producer):
         if delivered < 6:  # the rest must not wait for a wakeup that never comes
             delivered += rb.poll(10_000)
         assert delivered == 6
-    check_records(got, 0, 16)
+    check_records(got, 0, 16, count=6)
 
 
 def test_several_rings_on_one_epoll(make_producer):
@@ -280,13 +285,16 @@ def test_ctrl_c_during_poll_loses_and_repeats_nothing(producer):
         # a Ctrl-C while blocked in epoll, with nothing to read
         timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
+        start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             rb.poll(10_000)
+        waited = time.monotonic() - start
         timer.join()
+        assert waited < 2, f"poll(10_000) returned {waited:.1f} s after the start, Ctrl-C came at 0.2 s"
         producer.produce(5, 32)
         assert rb.poll(1000) == 5
     assert len(got) == 105
-    check_records(got, r.first_seq, 32)
+    check_records(got, r.first_seq, 32, count=105)
 
 
 CALLS_BACK = {
@@ -316,6 +324,25 @@ def test_consuming_from_a_callback_is_refused_not_a_deadlock(producer, call):
             rb.poll(5000)
         assert rb.consume() == 1  # the second record waited in the ring
     assert [parse(d)[0] for d in got] == [0, 1]
+
+
+def test_close_from_a_callback_is_refused(producer):
+    """close() would unmap the ring under the walk that called the callback."""
+    got: list[bytes] = []
+
+    def record(data: bytes) -> None:
+        got.append(data)
+        if len(got) == 1:
+            rb.close()
+
+    with RingBuffer(producer.ring, record) as rb:
+        producer.produce(2, 16)
+        with pytest.raises(RuntimeError, match="return a negative value to stop"):
+            rb.poll(5000)
+        assert not rb.closed
+        assert rb.consume() == 1  # still open: the second record waited in the ring
+    assert [parse(d)[0] for d in got] == [0, 1]
+    assert rb.closed  # the with block closed it
 
 
 def test_close_from_another_thread_wakes_a_blocked_poll(producer):
@@ -377,16 +404,24 @@ def test_a_ring_kept_past_close_says_it_is_closed(producer):
             take()
 
 
+def map_mappings() -> list[str]:
+    """This process's mappings of BPF maps (/proc/self/maps lines of anon_inode:bpf-map), sorted."""
+    with open("/proc/self/maps") as f:
+        return sorted(line for line in f if "bpf-map" in line)
+
+
 def test_close_releases_every_fd_and_mapping(producer):
-    before = open_fds()
+    before, mapped = open_fds(), map_mappings()
     other = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
     rb = RingBuffer(producer.ring, lambda d: None)
     rb.add(other, lambda d: None)
     other.close()
     assert open_fds() - before  # epoll, eventfd, the rings' fds (and the dups Python's mmap keeps)
+    assert len(map_mappings()) >= len(mapped) + 4  # each ring: consumer page, producer page and data
     rb.close()
     rb.close()  # idempotent
     assert open_fds() == before
+    assert map_mappings() == mapped
     assert rb.closed
 
 
@@ -426,7 +461,7 @@ def test_a_ring_buffer_without_a_callback_serves_batches_and_refuses_poll_and_co
         assert rb.rings[0].avail_data_size > 0
         got = rb.consume_batch()
         assert len(got) == 3
-        check_records(got, r.first_seq, 16)
+        check_records(got, r.first_seq, 16, count=3)
 
 
 def test_a_pinned_ring_by_path(bpf, tmp_path):
@@ -470,7 +505,7 @@ def test_a_corrupt_ring_does_not_stop_the_healthy_ones_and_resync_resumes_it(mak
             rb.consume()
         assert info.value.ring == 0 and info.value.map_id == rb.rings[0].map.id
         assert len(got["good"]) == 3 and got["bad"] == []
-        check_records(got["good"], r.first_seq, 16)
+        check_records(got["good"], r.first_seq, 16, count=3)
         # Left out of the epoll: a poll() loop that logs the error and goes on waits, not spins.
         start = time.monotonic()
         assert rb.poll(200) == 0
@@ -485,9 +520,9 @@ def test_a_corrupt_ring_does_not_stop_the_healthy_ones_and_resync_resumes_it(mak
         with pytest.raises(bpfring.RingCorruptError):
             rb.consume_batch()  # still corrupt: it says so again, and the healthy ring is empty
         assert rb.consume_batch() == []
-        check_records(batch, r.first_seq, 16)
+        check_records(batch, r.first_seq, 16, count=2)
         assert rb.rings[0].resync() == 2 * 24  # two 16-byte records and their headers
         r = bad.produce(4)
         assert rb.poll(1000) == 4 and rb.consume() == 0
         assert len(got["bad"]) == 4
-        check_records(got["bad"], r.first_seq, 16)
+        check_records(got["bad"], r.first_seq, 16, count=4)

@@ -248,23 +248,86 @@ def test_reserve_blocking_times_out_on_a_full_ring(make_user_drain):
         assert d.drain().ret == 4  # nothing was lost while waiting
 
 
+# System calls a waiter sleeps in (x86-64 numbers, arch/x86/entry/syscalls/syscall_64.tbl): epoll and
+# friends, and futex for the waiters that sleep on a condition while another one is in epoll.
+WAIT_SYSCALLS = {
+    7: "poll",
+    23: "select",
+    202: "futex",
+    232: "epoll_wait",
+    270: "pselect6",
+    271: "ppoll",
+    281: "epoll_pwait",
+    441: "epoll_pwait2",
+}
+
+
+def wait_until_blocked(thread: threading.Thread, timeout: float = 10.0) -> str:
+    """Return once ``thread`` has slept in a wait system call (its /proc/self/task/TID/syscall) at
+    five looks in a row, 5 ms apart, with this thread sleeping in between (so it is not merely
+    waiting for the GIL); returns the call's name."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/syscall") as f:
+                call = f.read().split()[0]
+        except FileNotFoundError:
+            break
+        seen = seen + [WAIT_SYSCALLS[int(call)]] if call.isdigit() and int(call) in WAIT_SYSCALLS else []
+        if len(seen) >= 5 and len(set(seen[-5:])) == 1:
+            return seen[-1]
+        time.sleep(0.005)
+    raise AssertionError(f"thread {thread.name} never blocked in a wait (alive: {thread.is_alive()})")
+
+
+class Attempts:
+    """``urb.reserve`` wrapped to record each attempt's outcome, per thread: "ok" or "full"."""
+
+    def __init__(self, urb: UserRingBuffer) -> None:
+        self.by_thread: dict[str, list[str]] = {}
+        reserve = urb.reserve
+
+        def recording(size: int) -> Sample:
+            said = self.by_thread.setdefault(threading.current_thread().name, [])
+            try:
+                sample = reserve(size)
+            except RingFullError:
+                said.append("full")
+                raise
+            said.append("ok")
+            return sample
+
+        urb.reserve = recording  # type: ignore[method-assign]
+
+    def failed_only(self, name: str) -> bool:
+        """The thread has tried, and every attempt so far found the ring full."""
+        said = self.by_thread.get(name, [])
+        return bool(said) and set(said) == {"full"}
+
+    def waited(self, name: str) -> bool:
+        """The thread's first attempt found the ring full and its last one succeeded."""
+        said = self.by_thread.get(name, [])
+        return len(said) >= 2 and said[0] == "full" and said[-1] == "ok"
+
+
 def test_reserve_blocking_returns_once_the_bpf_side_drains(make_user_drain):
     d = make_user_drain(urb_size=4096)
     with UserRingBuffer(d.urb) as urb:
         n = fill(urb)
-        drained: list[int] = []
-
-        def drain_later() -> None:
-            time.sleep(0.2)  # most likely after the main thread started waiting
-            drained.append(d.drain().ret)
-
-        t = threading.Thread(target=drain_later)
-        t.start()
+        attempts = Attempts(urb)
+        got: list[Sample] = []
+        waiter = threading.Thread(target=lambda: got.append(urb.reserve_blocking(2000, timeout_ms=30_000)), name="W")
+        waiter.start()
         try:
-            sample = urb.reserve_blocking(2000, timeout_ms=30_000)
+            wait_until_blocked(waiter)  # the waiter sleeps: only the drain can wake it
+            assert not got and attempts.failed_only("W"), attempts.by_thread
+            assert d.drain().ret == n
         finally:
-            t.join()
-        assert drained == [n]
+            waiter.join(timeout=20)
+        assert not waiter.is_alive() and len(got) == 1, "reserve_blocking did not return after the drain"
+        assert attempts.waited("W"), attempts.by_thread
+        sample = got[0]
         sample.buf[:] = data = payload(99, 2000)
         sample.submit()
         assert d.drain().records == [data]
@@ -275,6 +338,7 @@ def test_one_drain_wakes_every_thread_blocked_in_reserve_blocking(make_user_drai
     d = make_user_drain(urb_size=4096)
     with UserRingBuffer(d.urb) as urb:
         n = fill(urb)
+        attempts = Attempts(urb)
         got: list[Sample] = []
         errors: list[BaseException] = []
 
@@ -284,10 +348,12 @@ def test_one_drain_wakes_every_thread_blocked_in_reserve_blocking(make_user_drai
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=wait, args=(i,)) for i in range(3)]
+        threads = [threading.Thread(target=wait, args=(i,), name=f"W{i}") for i in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # most likely all waiting by now
+        for t in threads:
+            wait_until_blocked(t)  # all three asleep (today: one in epoll, two on its condition) before the drain
+        assert not got and all(attempts.failed_only(t.name) for t in threads), attempts.by_thread
         assert d.drain().ret == n
         for t in threads:
             t.join(timeout=20)
@@ -296,6 +362,7 @@ def test_one_drain_wakes_every_thread_blocked_in_reserve_blocking(make_user_drai
             urb.close()  # ends their wait, so the test can fail instead of hanging
         assert stuck == 0, f"{stuck} of 3 waiters still blocked after the drain freed room for all"
         assert not errors and len(got) == 3
+        assert all(attempts.waited(t.name) for t in threads), attempts.by_thread
         for i, sample in enumerate(got):
             sample.buf[:] = payload(i, 1000)
             sample.submit()
@@ -308,14 +375,18 @@ def test_a_drain_taken_by_one_waiter_between_anothers_reserve_and_wait_wakes_bot
     d = make_user_drain(urb_size=4096)
     with UserRingBuffer(d.urb) as urb:
         n = fill(urb)
+        attempts = Attempts(urb)
         reserve = urb.reserve
+        a_failed = threading.Event()
+        b_done = threading.Event()
 
         def slow_to_wait(size: int) -> Sample:  # A's reserve: fails, then A is "preempted"
             try:
                 return reserve(size)
             except RingFullError:
-                if threading.current_thread().name == "A":
-                    time.sleep(0.6)  # the drain and B's wakeup happen meanwhile
+                if threading.current_thread().name == "A" and not a_failed.is_set():
+                    a_failed.set()
+                    b_done.wait(10)  # the drain and B's wakeup happen meanwhile
                 raise
 
         urb.reserve = slow_to_wait  # type: ignore[method-assign]
@@ -323,13 +394,16 @@ def test_a_drain_taken_by_one_waiter_between_anothers_reserve_and_wait_wakes_bot
 
         def wait(name: str) -> None:
             got[name] = urb.reserve_blocking(1000)  # forever: a missed wakeup hangs it
+            if name == "B":
+                b_done.set()
 
         b = threading.Thread(target=wait, args=("B",), name="B")
         b.start()
-        time.sleep(0.2)  # B is in epoll
+        wait_until_blocked(b)  # B sleeps, waiting for a drain
         a = threading.Thread(target=wait, args=("A",), name="A")
         a.start()
-        time.sleep(0.2)  # A's reserve has failed; A sleeps before its wait
+        assert a_failed.wait(10)  # A's reserve has failed; A is held before its wait
+        assert not got
         assert d.drain().ret == n  # room for both
         b.join(timeout=10)
         a.join(timeout=10)
@@ -340,6 +414,7 @@ def test_a_drain_taken_by_one_waiter_between_anothers_reserve_and_wait_wakes_bot
             b.join(timeout=10)
     assert not stuck, f"waiter(s) {stuck} still blocked after the drain made room for both"
     assert sorted(got) == ["A", "B"]
+    assert attempts.waited("A") and attempts.waited("B"), attempts.by_thread
 
 
 def run(coro):

@@ -144,12 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if do_drain:
                 drain.run(sizes, count, rounds, helper, progress, drained)
             if do_workload:
-                progress("building the peers' consumers (bcc, cilium/ebpf)")
+                progress("setting up the peers' consumers (bcc, cilium/ebpf)")
                 everyone = bpfring_consumers() + libbpf_consumers(helper) + peer_consumers(work)
                 chosen_consumers = [c for name in wanted for c in everyone if c.name == name]
-                for s in scenarios:
-                    counts = [1] if s.paced else producer_counts
-                    run_scenario(s, chosen_consumers, counts, seconds, cpus, outcomes, progress)
+                try:
+                    for s in scenarios:
+                        counts = [1] if s.paced else producer_counts
+                        run_scenario(s, chosen_consumers, counts, seconds, cpus, outcomes, progress)
+                finally:
+                    for c in everyone:
+                        c.release()
         except KeyboardInterrupt:
             status = 130
             progress.clear()
@@ -166,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         fill_ratios(outcomes)
         report_workload(outcomes, scenarios)
-        print(f"\n{ratio_note(outcomes)}; CPU % is the consumer's user+system time over the run's wall time;")
+        print(
+            f"\n{ratio_note(outcomes)}; consumed M/s and CPU % are over the consumer's wall time, from the "
+            "producers' start to the end of its drain (its user+system time for CPU %);"
+        )
         print("latency: bpf_ktime_get_ns() in the record to the consumer's CLOCK_MONOTONIC, every 64th record")
     if args.json:
         with open(args.json, "w") as f:

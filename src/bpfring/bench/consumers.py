@@ -27,10 +27,10 @@ from .._sys import perf as sys_perf
 from ..perfbuf import PerfBuffer
 from ..ringbuf import RingBuffer
 from .native import LATENCY_EVERY, new_tally
-from .workload import Workload
+from .workload import Scenario, Workload
 
 RECORD = np.dtype([("ts", "<u8")])  # the workload's 8-byte record: its bpf_ktime_get_ns()
-POLL_MS = 50  # the longest a consumer waits before looking at the clock
+POLL_MS = 10  # the longest a consumer waits before looking at the clock (libbpf-c's loop: 10 too)
 _MASK = LATENCY_EVERY - 1
 _clock = time.clock_gettime_ns
 _MONO = time.CLOCK_MONOTONIC  # bpf_ktime_get_ns()'s clock
@@ -45,6 +45,14 @@ class Session:
 
     cpu_s: Optional[float] = None  # set by consumers in another process; else the driver measures
     deadline_ns = 0  # when the producers will be stopped (CLOCK_MONOTONIC), set before run()
+    # A consumer with a program of its own (bcc compiles its copy of the workload) has its own
+    # map of producer tgids and its own counters, and reads another ring than the workload's.
+    producers_map: Any = None  # where the producers register; None: the workload's
+    owns_workload_ring = True  # it reads the workload's ring (the driver checks it is left empty)
+
+    def counters(self) -> Optional[tuple[int, int]]:
+        """(produced, dropped) by this consumer's own program; None: the workload's counters."""
+        return None
 
     def run(self, stopped: threading.Event) -> None:
         """Consume until ``stopped`` is set (the producers are dead then), then drain the rest."""
@@ -178,8 +186,8 @@ class BpfringAsync(Session):
 
     async def _main(self, stopped: threading.Event) -> None:
         task = asyncio.create_task(self._consume())
-        while not stopped.is_set():
-            await asyncio.sleep(POLL_MS / 1000)
+        # Told at once (no polling step): the consumer's clock runs until its drain is done.
+        await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
         await asyncio.sleep(0.01)  # the last wakeup reaches the task
         task.cancel()  # it waits with nothing taken: the rest stays in the ring
         with contextlib.suppress(asyncio.CancelledError):
@@ -308,14 +316,15 @@ class LibbpfCtypes(_Libbpf):
 class Consumer:
     """A consumer the benchmark can run: ``open(workload)`` sets up a Session.
 
-    ``unsupported(channel)`` is None where the consumer runs, else the reason it cannot
+    ``unsupported(scenario)`` is None where the consumer runs, else the reason it cannot
     (reported as "skipped: ..." or "n/a: ...").
     """
 
     name: str
     what: str
     open: Callable[[Workload], Session]
-    unsupported: Callable[[str], Optional[str]] = lambda channel: None
+    unsupported: Callable[[Scenario], Optional[str]] = lambda scenario: None
+    release: Callable[[], None] = lambda: None  # after the workload: what the consumer kept (bcc's processes)
 
 
 def bpfring_consumers() -> list[Consumer]:
@@ -326,7 +335,7 @@ def bpfring_consumers() -> list[Consumer]:
             "bpfring-batch",
             "bpfring consume_batch(dtype) on an epoll of fileno()",
             BpfringBatch,
-            lambda ch: perf_batch if ch == "perfbuf" else None,
+            lambda s: perf_batch if s.channel == "perfbuf" else None,
         ),
         Consumer("bpfring-async", "bpfring async for over records()", lambda wl: BpfringAsync(wl, batches=False)),
         Consumer(

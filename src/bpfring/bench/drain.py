@@ -12,6 +12,9 @@ BPF_PROG_TEST_RUN, BPF_RB_NO_WAKEUP), then times one consumer draining them all.
 Every consumer is set up before its clock starts (mapping a ring costs about 0.1 ms per MiB);
 set-up is reported on its own line. Rounds interleave the consumers so machine noise hits all
 alike; the figure per consumer is the median of its rounds.
+
+Each round is checked apart from what the consumer says it took: the ring's own positions show
+that the program wrote N records and that the consumer left the ring empty, N records further.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 
 from .._sys import libbpf
 from ..objects import Object, bundled_object
-from ..ringbuf import BPF_RB_NO_WAKEUP, RingBuffer
+from ..ringbuf import BPF_RB_NO_WAKEUP, Ring, RingBuffer
 from .runner import INTERRUPTED
 
 # struct bench_args of bench.bpf.c: u32 count, u32 flags, u64 seq, u64 dropped
@@ -77,6 +80,12 @@ class Bench:
         self.map = self.obj.map("rb")
         self.prog = self.obj.program(f"produce{size}")
         self.seq = 0
+        self.stride = stride
+        try:
+            self.watch = Ring(self.map, _never, shared=True)  # positions only: never consumes
+        except BaseException:
+            self.obj.close()
+            raise
 
     def produce(self) -> None:
         args = BENCH_ARGS.pack(self.count, BPF_RB_NO_WAKEUP, self.seq, 0)
@@ -85,8 +94,31 @@ class Bench:
             raise RuntimeError(f"the ring dropped {dropped} of {self.count} records: it should hold them all")
         self.seq += self.count
 
+    def check_produced(self) -> int:
+        """The consumer position the drain must reach: N records past the current one."""
+        start = self.watch.consumer_pos
+        written = self.watch.producer_pos - start
+        if written != self.count * self.stride:
+            raise RuntimeError(
+                f"the ring holds {written} bytes; {self.count} records of {self.size} bytes take {self.count * self.stride}"
+            )
+        return start + written
+
+    def check_drained(self, name: str, end: int, got: int) -> None:
+        """The ring is empty at ``end`` and the consumer counted what the program wrote."""
+        left, at = self.watch.avail_data_size, self.watch.consumer_pos
+        if left or at != end:
+            raise RuntimeError(f"{name} left {left} bytes in the ring (consumer_pos {at}, expected {end})")
+        if got != self.count:
+            raise RuntimeError(f"{name} counted {got} records, the ring says {self.count} were taken")
+
     def close(self) -> None:
+        self.watch.close()
         self.obj.close()
+
+
+def _never(data: bytes) -> None:
+    raise AssertionError("the watching ring never consumes")
 
 
 # -- consumers: each returns (set up, drain, tear down) --------------------------------------
@@ -176,10 +208,12 @@ def run(
     helper: ctypes.CDLL,
     progress: Callable[[str], None],
     results: dict | None = None,
+    forms: dict[str, Callable] | None = None,
 ) -> list[Result]:
-    """Fill ``results`` as rounds complete, so an interrupted run still has what was measured."""
+    """Fill ``results`` as rounds complete, so an interrupted run still has what was measured.
+    ``forms``: the consumers to run (default: every one, see consumers())."""
     results = {} if results is None else results
-    forms = consumers(helper)
+    forms = consumers(helper) if forms is None else forms
     for size in sizes:
         bench = Bench(size, count)
         try:
@@ -194,6 +228,7 @@ def run(
                     res.setup_s.append(time.perf_counter() - t0)
                     try:
                         bench.produce()
+                        end = bench.check_produced()
                         t0 = time.perf_counter()
                         got = 0
                         while got < count:
@@ -201,7 +236,9 @@ def run(
                             if n <= 0:
                                 raise RuntimeError(f"{name} stopped after {got} of {count} records")
                             got += n
-                        res.rates.append(count / (time.perf_counter() - t0))
+                        rate = count / (time.perf_counter() - t0)
+                        bench.check_drained(name, end, got)
+                        res.rates.append(rate)
                     finally:
                         close()
         finally:

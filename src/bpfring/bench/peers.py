@@ -1,5 +1,6 @@
 """The peers a user would pick instead of bpfring, run where they can and skipped with the
-reason where they cannot: bcc's Python ring_buffer_consume() and cilium/ebpf's Go ringbuf.Reader.
+reason where they cannot: bcc's Python ring_buffer_poll() (on its own compiled copy of the
+workload, bcc_twin.py) and cilium/ebpf's Go ringbuf.Reader.
 """
 
 from __future__ import annotations
@@ -15,41 +16,13 @@ from typing import Optional
 import numpy as np
 
 from ..ringbuf import Ring
+from .bcc_consumer import BccTwin
 from .consumers import Consumer, Session
 from .native import LATENCY_EVERY
-from .workload import Workload
+from .workload import Scenario, Workload
 
 GO_SOURCE = os.path.join(os.path.dirname(__file__), "cilium_ringbuf.go")
 GOPATH = "/usr/share/gocode"  # Debian's Go libraries: golang-github-cilium-ebpf-dev
-SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-bpfcc installs bcc there
-
-
-def bcc_unavailable() -> str:
-    """Why bcc cannot run here; it always cannot be compared, see the last line."""
-    if not os.path.exists(SYSTEM_PYTHON):
-        return f"skipped: bcc needs {SYSTEM_PYTHON} with python3-bpfcc (Debian: apt install python3-bpfcc)"
-    probe = subprocess.run(
-        [SYSTEM_PYTHON, "-c", "import bcc; bcc.BPF(text='int f(void *ctx) { return 0; }')"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if probe.returncode != 0:
-        lines = [line.strip() for line in (probe.stdout + probe.stderr).splitlines() if line.strip()]
-        if any("No module named 'bcc'" in line for line in lines):
-            return "skipped: bcc is not installed (Debian: apt install python3-bpfcc)"
-        headers = next((line for line in lines if "kernel headers" in line), None)
-        if headers:
-            release = os.uname().release
-            return (
-                f"skipped: bcc compiles its BPF C at run time and needs this kernel's headers "
-                f"(/lib/modules/{release}/build, or CONFIG_IKHEADERS), which this kernel lacks: "
-                f'bcc says "{headers.split(".")[0]}"'
-            )
-        return f"skipped: bcc cannot compile a BPF program here: {lines[-1] if lines else probe.returncode}"
-    # bcc runs only programs it compiled itself, so it cannot read this workload's map; a bcc
-    # twin of the workload was not written, as it could not be checked where this was written.
-    return "skipped: bcc works here, but reads only maps of the programs it compiles; no bcc twin of the workload yet"
 
 
 def build_go_consumer(workdir: str) -> tuple[Optional[str], str]:
@@ -77,7 +50,7 @@ class CiliumGo(Session):
 
     def __init__(self, wl: Workload, binary: str) -> None:
         self.map = wl.map
-        self.ring = Ring(wl.map, lambda data: None)  # only to watch the positions, never consumes
+        self.ring = Ring(wl.map, lambda data: None, shared=True)  # only to watch the positions, never consumes
         # The process inherits the benchmark thread's CPU affinity: the consumer's placement.
         self.proc = subprocess.Popen(
             [binary, str(self.map.fd), str(LATENCY_EVERY)],
@@ -125,18 +98,25 @@ class CiliumGo(Session):
 
 def peer_consumers(workdir: str) -> list[Consumer]:
     """bcc and cilium/ebpf, with their reasons when they cannot run."""
-    bcc_reason = bcc_unavailable()
+    bcc = BccTwin(workdir)
     binary, go_reason = build_go_consumer(workdir)
 
-    def go_unsupported(channel: str) -> Optional[str]:
+    def go_unsupported(scenario: Scenario) -> Optional[str]:
         if not binary:
             return go_reason
-        if channel != "ringbuf":
+        if scenario.channel != "ringbuf":
             return "n/a: the Go consumer reads ring buffers (ringbuf.Reader) only"
         return None
 
+    bcc_what = "bcc's Python ring_buffer_poll()/perf_buffer_poll(), its own copy of the workload program"
     return [
-        Consumer("bcc-python", "bcc's Python ring_buffer_consume()", lambda wl: None, lambda ch: bcc_reason),  # type: ignore[arg-type, return-value]
+        Consumer(
+            "bcc-python",
+            f"{bcc_what}, compiled against {bcc.headers}" if bcc.headers else bcc_what,
+            bcc.open,  # type: ignore[arg-type]
+            bcc.unsupported,
+            bcc.release,
+        ),
         Consumer(
             "cilium-go",
             "cilium/ebpf ringbuf.Reader ReadInto(), Go",

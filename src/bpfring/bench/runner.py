@@ -1,5 +1,10 @@
 """One consumer on one scenario: set up, start the producers, run to the deadline, stop them,
-drain, and check that every record produced was counted."""
+drain, and check that every record produced was counted and the ring is empty.
+
+The consumer's clock runs from the producers' start to the end of its drain: its rate and CPU %
+cover every record it counted, those it drained after the producers stopped included. The
+producers' rates (attempted, dropped) are over their own run, start to stop.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..ringbuf import Ring
 from .consumers import Consumer, now_ns
 from .workload import Producers, Scenario, Workload
 
@@ -24,11 +30,12 @@ class Outcome:
     consumer: str
     producers: int
     status: str = "ok"
-    seconds: float = 0.0
+    seconds: float = 0.0  # the producers' run: start to stop
+    consumer_seconds: float = 0.0  # the consumer's: the producers' start to the end of its drain
     produced: int = 0  # records the BPF program wrote
     dropped: int = 0  # records it had no room for
     consumed: int = 0  # records the consumer counted
-    cpu_s: float = 0.0  # the consumer's user + system time
+    cpu_s: float = 0.0  # the consumer's user + system time over consumer_seconds
     latency_us: dict = field(default_factory=dict)  # p50, p90, p99, max, n (sampled records)
     ratio: Optional[float] = None  # consumer rate / libbpf-c's, same scenario and producers
 
@@ -43,7 +50,8 @@ class Outcome:
 
     @property
     def consumer_rate(self) -> float:
-        return self.consumed / self.seconds if self.seconds else 0.0
+        """Records counted per second of the consumer's clock (which covers its drain)."""
+        return self.consumed / self.consumer_seconds if self.consumer_seconds else 0.0
 
     @property
     def drop_rate(self) -> float:
@@ -51,8 +59,8 @@ class Outcome:
 
     @property
     def cpu_share(self) -> float:
-        """The consumer's CPU time over the run's wall time (1.0: one CPU busy)."""
-        return self.cpu_s / self.seconds if self.seconds else 0.0
+        """The consumer's CPU time over its wall time, drain included (1.0: one CPU busy)."""
+        return self.cpu_s / self.consumer_seconds if self.consumer_seconds else 0.0
 
     def as_json(self) -> dict:
         return self.__dict__ | {
@@ -116,8 +124,12 @@ def measure(wl: Workload, consumer: Consumer, producers: int, seconds: float, cp
         os.sched_setaffinity(0, consumer_cpus)
     try:
         session = consumer.open(wl)  # before the clock: mapping and set-up are not measured
+        watch = None
         try:
-            with Producers(wl, producers, producer_cpus) as prod:
+            if s.channel == "ringbuf" and session.owns_workload_ring:
+                watch = Ring(wl.map, _never, shared=True)  # never consumes: is the ring empty once the consumer is done?
+            registry = session.producers_map or wl.producers
+            with Producers(wl, producers, producer_cpus, registry) as prod:
                 ended: list[float] = []
                 stopped = threading.Event()
                 once = threading.Lock()
@@ -142,27 +154,33 @@ def measure(wl: Workload, consumer: Consumer, producers: int, seconds: float, cp
                 timer.start()
                 _active.append(stop)
                 try:
-                    session.run(stopped)
+                    session.run(stopped)  # returns once it has drained what the producers left
+                    done = time.perf_counter()
+                    cpu = _thread_cpu() - cpu0
                 finally:
                     _active.clear()
                     timer.cancel()
                     timer.join()
                 if INTERRUPTED.is_set():
                     raise KeyboardInterrupt
-                cpu = _thread_cpu() - cpu0
             count, lat = session.result()
             if session.cpu_s is not None:
                 cpu = session.cpu_s
+            left = watch.avail_data_size if watch is not None else 0
+            counters = session.counters()
         finally:
+            if watch is not None:
+                watch.close()
             session.close()
     finally:
         os.sched_setaffinity(0, saved)
-    produced, dropped = wl.counters()
+    produced, dropped = counters if counters is not None else wl.counters()
     out = Outcome(
         s.name,
         consumer.name,
         producers,
         seconds=ended[0] - t0,
+        consumer_seconds=done - t0,
         produced=produced,
         dropped=dropped,
         consumed=count,
@@ -171,7 +189,13 @@ def measure(wl: Workload, consumer: Consumer, producers: int, seconds: float, cp
     )
     if count != produced:
         out.status = f"failed: counted {count} records, the program wrote {produced}"
+    elif left:
+        out.status = f"failed: {left} bytes were left in the ring after the drain"
     return out
+
+
+def _never(data: bytes) -> None:
+    raise AssertionError("the watching ring never consumes")
 
 
 def run_scenario(
@@ -189,13 +213,15 @@ def run_scenario(
         for producers in producer_counts:
             for consumer in consumers:
                 progress(f"{scenario.name}, {producers} producer{'s' if producers > 1 else ''}: {consumer.name}")
-                reason = consumer.unsupported(scenario.channel)
+                reason = consumer.unsupported(scenario)
                 if reason:
                     outcomes.append(Outcome(scenario.name, consumer.name, producers, status=reason))
                     continue
                 try:
                     outcomes.append(measure(wl, consumer, producers, seconds, cpus))
                 except Exception as exc:  # one consumer failing does not end the benchmark
+                    if INTERRUPTED.is_set():  # Ctrl-C made it fail (libbpf's poll: EINTR): discard the run
+                        raise KeyboardInterrupt from exc
                     outcomes.append(Outcome(scenario.name, consumer.name, producers, status=f"failed: {exc}"))
         fill_ratios(outcomes)
     finally:

@@ -15,6 +15,7 @@ import signal
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..objects import Object, bundled_object
 
@@ -184,9 +185,10 @@ class Producers:
     releases them, ``stop()`` kills them (SIGKILL: nothing of theirs needs cleaning up).
     """
 
-    def __init__(self, workload: Workload, count: int, cpus: list[int]) -> None:
+    def __init__(self, workload: Workload, count: int, cpus: list[int], registry: Any = None) -> None:
         self.pids: list[int] = []
         self._workload = workload
+        self._registry = registry if registry is not None else workload.producers  # the program's tgid map
         r, self._go = os.pipe()
         try:
             for i in range(count):
@@ -198,7 +200,7 @@ class Producers:
                     finally:
                         os._exit(1)
                 self.pids.append(pid)
-                workload.producers.update(struct.pack("<I", pid), b"\1")
+                self._registry.update(struct.pack("<I", pid), b"\1")
         except BaseException:
             self.stop()
             raise
@@ -220,7 +222,7 @@ class Producers:
             except ChildProcessError:
                 pass
             try:
-                self._workload.producers.delete(struct.pack("<I", pid))
+                self._registry.delete(struct.pack("<I", pid))
             except OSError:
                 pass
         self.pids.clear()
