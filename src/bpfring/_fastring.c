@@ -251,9 +251,10 @@ static int ring_check_positions(RingState *s, uint64_t cons, uint64_t prod)
 			      "consumer_pos %llu is past producer_pos %llu", (unsigned long long)cons, (unsigned long long)prod);
 		return -1;
 	}
-	if (prod - cons > s->size) {
+	/* __bpf_ringbuf_reserve() never lets producer_pos get more than mask bytes ahead. */
+	if (prod - cons > s->mask) {
 		raise_corrupt(s->corrupt, Py_BuildValue("{s:K,s:K}", "consumer_pos", cons, "producer_pos", prod),
-			      "producer_pos %llu is %llu bytes ahead of consumer_pos %llu, more than the %llu-byte ring",
+			      "producer_pos %llu is %llu bytes ahead of consumer_pos %llu, the whole %llu-byte ring or more",
 			      (unsigned long long)prod, (unsigned long long)(prod - cons), (unsigned long long)cons,
 			      (unsigned long long)s->size);
 		return -1;
@@ -698,8 +699,8 @@ static int perf_check_positions(PerfRingState *s, uint64_t tail, uint64_t head)
 		what = "data_tail %llu is not 8-byte aligned (data_head %llu)";
 	else if (tail > head)
 		what = "data_tail %llu is past data_head %llu";
-	else if (head - tail > s->size)
-		what = "data_tail %llu is more than the ring behind data_head %llu";
+	else if (head - tail > s->mask) /* perf_output_begin() always leaves a byte free (CIRC_SPACE) */
+		what = "data_tail %llu is the whole ring or more behind data_head %llu";
 	if (what) {
 		raise_corrupt(s->corrupt, Py_BuildValue("{s:K,s:K}", "data_tail", tail, "data_head", head), what,
 			      (unsigned long long)tail, (unsigned long long)head);
