@@ -20,7 +20,6 @@ import os
 import pickle
 import select
 import signal
-import sys
 import time
 import traceback
 from typing import Any, Callable, Iterable
@@ -42,15 +41,6 @@ FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payloa
 def hostile_seconds() -> float:
     """How long the random writers run: BPFRING_HOSTILE_SECONDS, else 3."""
     return float(os.environ.get("BPFRING_HOSTILE_SECONDS") or 3)
-
-
-def corrupt_error() -> type[BaseException]:
-    """bpfring.RingCorruptError (until it exists, a name that fails every ``pytest.raises`` on it)."""
-    return getattr(bpfring, "RingCorruptError", _MissingRingCorruptError)
-
-
-class _MissingRingCorruptError(Exception):
-    """Stands for bpfring.RingCorruptError on a bpfring that does not have it yet."""
 
 
 # -- isolation ------------------------------------------------------------------------------------

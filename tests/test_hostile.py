@@ -30,7 +30,6 @@ from hostile_harness import (
     Ledger,
     as_records,
     bounded,
-    corrupt_error,
     hostile_seconds,
     isolated,
 )
@@ -141,10 +140,9 @@ def deliver(c: Consumer, api: Callable[[Consumer], Any], what: str) -> list[byte
 
 def expect_corrupt(c: Consumer, api: Callable[[Consumer], Any], what: str) -> Any:
     """The call raises RingCorruptError (nothing else); returns it."""
-    error = corrupt_error()
     try:
         got = deliver(c, api, what)
-    except error as exc:
+    except bpfring.RingCorruptError as exc:
         return exc
     except Exception as exc:
         raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}, not RingCorruptError") from exc
@@ -343,7 +341,7 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int, shar
     ledger = Ledger(fixed=fixed)
     rng = random.Random(seed)
     stats = {name: {"calls": 0, "records": 0, "corrupt": 0} for name in apis}
-    error = corrupt_error()
+    error = bpfring.RingCorruptError
 
     def produce(n: int) -> int:
         out = producer.produce(n, fixed=True) if fixed else producer.produce(n, (16, 1000))
@@ -412,7 +410,7 @@ def multi_ring_scenario(path: str, api_name: str, garbage: str, resync_at_once: 
     api = RING_APIS[api_name]
     producers = [Producer(path, ring_size=RING_SIZE) for _ in range(3)]
     sink: list[bytes] = []
-    error = corrupt_error()
+    error = bpfring.RingCorruptError
     with RingBuffer() as rb:
         for p in producers:
             rb.add(p.ring, sink.append)
@@ -718,7 +716,7 @@ def perf_random_scenario(path: str, seconds: float, seed: int) -> dict[str, Any]
     ledger = Ledger(perf=True)
     rng = random.Random(seed)
     stats = {name: {"calls": 0, "records": 0, "corrupt": 0} for name in PERF_APIS}
-    error = corrupt_error()
+    error = bpfring.RingCorruptError
     try:
         with HostileWriter.perf(pb.buffer_fd(0), PERF_PAGES * 4096) as writer:
             c = Consumer(pb, sink, PERF_APIS)
@@ -766,7 +764,7 @@ def multi_perf_scenario(path: str, api_name: str, bad_cpu: int, resync_at_once: 
     good_cpu = 1 - bad_cpu
     pp = PerfProducer(path)
     sink: list[bytes] = []
-    error = corrupt_error()
+    error = bpfring.RingCorruptError
     with PerfBuffer(pp.array, PERF_PAGES, lambda cpu, data: sink.append(data), cpus=[0, 1]) as pb:
         bad = pb.rings[pb.cpus.index(bad_cpu)]
         for cpu in (0, 1):
