@@ -102,24 +102,17 @@ def test_perf_consume_never_waits_behind_a_blocked_poll(perf_producer):
 
 def test_close_from_another_thread_ends_async_iteration_cleanly(producer):
     """The iteration simply ends: no ValueError from a closed ring."""
-    rb = RingBuffer(producer.ring)
+    for iterate in (lambda rb: rb.records(interval=0.05), lambda rb: rb.batches(interval=0.01)):
+        rb = RingBuffer(producer.ring)
+        closer = threading.Timer(0.2, rb.close)
 
-    async def iterate():
-        got = []
-        threading.Timer(0.2, rb.close).start()
-        async for record in rb.records(interval=0.05):
-            got.append(record)
-        return got
+        async def run(rb=rb, iterate=iterate, closer=closer):
+            closer.start()
+            return [item async for item in iterate(rb)]
 
-    assert asyncio.run(asyncio.wait_for(iterate(), 5)) == []
-
-    rb = RingBuffer(producer.ring)
-
-    async def batches():
-        threading.Timer(0.2, rb.close).start()
-        return [b async for b in rb.batches(interval=0.01)]
-
-    assert asyncio.run(asyncio.wait_for(batches(), 5)) == []
+        assert asyncio.run(asyncio.wait_for(run(), 5)) == []
+        closer.join(5)  # the iteration ends as close() begins; the claim goes when it is done
+        assert rb.closed
 
 
 def test_consume_buffer_racing_close_says_closed(perf_producer):
