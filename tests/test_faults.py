@@ -66,7 +66,7 @@ def drain_perf(pb: PerfBuffer, producers: PerfProducers, checker: PerfChecker, c
             consume()
         if not flushed:
             producers.flush()
-    assert pb.consume() == 0
+    consume()  # nothing more: check_totals fails on a sample delivered past the produced ones
     checker.check_totals()
 
 

@@ -516,3 +516,13 @@ def test_a_read_stopped_at_its_limit_leaves_the_rest_for_the_next(perf_producer)
         assert pb._buffers[0] in pb._unfinished  # poll() reads it next without waiting for a wakeup
         assert pb.poll(0) == 7
     assert got == list(range(10))
+
+
+def test_a_perf_buffer_without_sample_cb_serves_batches_and_refuses_poll_and_consume(perf_producer):
+    """Batch and async users need no callback; the callback calls say it is missing and drop nothing."""
+    with PerfBuffer(perf_producer.array, 1, cpus=[0]) as pb:
+        perf_producer.output(3, 16, cpu=0)
+        for call in (pb.consume, lambda: pb.poll(0), lambda: pb.consume_buffer(0)):
+            with pytest.raises(TypeError, match="has no sample_cb"):
+                call()
+        assert [parse(data)[0] for data in pb.consume_batch()] == [0, 1, 2]

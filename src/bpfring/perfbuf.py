@@ -126,7 +126,9 @@ class PerfBuffer:
     full; the kernel reports them with the next sample that fits. A negative return value from
     either callback stops consumption and is returned by :meth:`poll`/:meth:`consume` (that record
     counts as consumed). An exception propagates; its record counts as consumed and the rest stay
-    for the next call, so no sample is delivered twice. Without ``sample_cb`` samples are dropped.
+    for the next call, so no sample is delivered twice. Without ``sample_cb`` the buffer serves
+    :meth:`consume_batch` and ``async for``; :meth:`poll` and :meth:`consume` then raise TypeError
+    (rather than drop the samples).
 
     One reader per array: an array another PerfBuffer (in this process or any other) reads is
     refused with an error naming that process. ``shared=True`` opts out: this buffer then takes
@@ -166,6 +168,7 @@ class PerfBuffer:
                 raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
         self.page_cnt = page_cnt
         self.wakeup_events = wakeup_events
+        self._has_sample_cb = sample_cb is not None
         self._sample_cb: SampleCallback = sample_cb or _ignore
         self._lost_cb: LostCallback = lost_cb or _ignore
         self._buffers: list[PerfRing] = []
@@ -494,6 +497,11 @@ class PerfBuffer:
         # Marked unfinished until it is read to the end: after an exception, a negative return or
         # a read stopped at ``limit``, the rest of the ring will not be reported by epoll again
         # (perf reports a wakeup once), so the next poll() reads it without waiting.
+        if into is None and not self._has_sample_cb:
+            raise TypeError(
+                f"PerfBuffer of map {self._map.name!r} has no sample_cb: pass one to PerfBuffer(), "
+                "or use consume_batch() or async for"
+            )
         self._unfinished.add(buf)
         n = buf.consume(self._sample_cb, self._lost_cb, into=into, limit=limit)
         if 0 <= n < limit:
