@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 STRICT = os.environ.get("BPFRING_REQUIRE_BPF") == "1"
 TESTS_BPF = Path(__file__).parent / "bpf"
+PKG_BPF = Path(__file__).parent.parent / "src" / "bpfring" / "bpf"  # kernel_types.h, execsnoop.bpf.c
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,17 +54,20 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def bpf_object(tmp_path_factory):
-    """``bpf_object("producer")``: tests/bpf/producer.bpf.c compiled for this kernel (once a session)."""
+    """``bpf_object("producer")``: tests/bpf/producer.bpf.c compiled once a session.
+
+    Like the package's programs, the tests' include kernel_types.h (CO-RE), not a vmlinux.h of the
+    running kernel: the same objects load on every kernel of the matrix (docs/kernels.md).
+    """
     require_bpf()
     from bpfring import _build
 
     out = tmp_path_factory.mktemp("bpf")
-    _build.vmlinux_h(out)  # once, before the first compile
     built: dict[str, Path] = {}
 
     def build(name: str) -> Path:
         if name not in built:
-            built[name] = _build.compile_bpf(TESTS_BPF / f"{name}.bpf.c", out / f"{name}.bpf.o", [out, TESTS_BPF])
+            built[name] = _build.compile_bpf(TESTS_BPF / f"{name}.bpf.c", out / f"{name}.bpf.o", [TESTS_BPF, PKG_BPF])
         return built[name]
 
     return build
@@ -71,12 +75,12 @@ def bpf_object(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def execsnoop_object(bpf_object, tmp_path_factory) -> Path:
-    """The package's own execsnoop.bpf.c, compiled from the source tree for this kernel."""
+    """The package's own execsnoop.bpf.c, compiled from the source tree."""
+    require_bpf()
     from bpfring import _build
 
-    src = Path(__file__).parent.parent / "src" / "bpfring" / "bpf"
     out = tmp_path_factory.mktemp("pkg-bpf")
-    return _build.compile_bpf(src / "execsnoop.bpf.c", out / "execsnoop.bpf.o", [bpf_object("producer").parent, src])
+    return _build.compile_bpf(PKG_BPF / "execsnoop.bpf.c", out / "execsnoop.bpf.o", [PKG_BPF])
 
 
 @pytest.fixture

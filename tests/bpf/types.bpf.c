@@ -2,7 +2,7 @@
 /* C types for Object.struct(): `fill` writes known values into every field of a struct demo, so
  * a test can read the bytes back through the dtype built from BTF and see the layout agree.
  */
-#include "vmlinux.h"
+#include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
