@@ -3,6 +3,11 @@
 Tests that need BPF ask for a fixture that calls :func:`require_bpf`. Without BPF they skip
 with the reason; with ``BPFRING_REQUIRE_BPF=1`` (set by .ci/run on a machine where BPF
 works) every skip is turned into a failure, so CI can never pass by skipping.
+
+The one exception is a kernel feature the running kernel was found to lack (an older kernel of
+the matrix, scripts/kernels): :func:`require_feature` skips, and so does a test that runs into
+``bpfring.features.FeatureError``, with the library's reason; strict mode lets exactly those
+through. This machine's kernel has every feature, so here nothing skips.
 """
 
 from __future__ import annotations
@@ -41,13 +46,52 @@ def require_bpf() -> None:
         pytest.skip(reason)
 
 
+# Skips require_feature() issued, each for a feature the kernel was found to lack: the only skips
+# strict mode lets through (an older kernel of the matrix may lack them; this machine's never does).
+FEATURE_SKIPS: set[str] = set()
+
+
+def require_feature(*needed) -> None:
+    """Skip unless the running kernel has each ``bpfring.features`` feature (probed, not guessed)."""
+    require_bpf()
+    from bpfring import features
+
+    for feature in needed:
+        if not features.has(feature):
+            reason = f"kernel feature missing: {features.missing_reason(feature)}"
+            FEATURE_SKIPS.add(reason)
+            pytest.skip(reason)
+
+
+def _object_features(name: str) -> tuple:
+    """What each test program needs beyond BPF ring buffers (docs/kernels.md)."""
+    from bpfring import features
+
+    return {
+        "producer": (features.BPF_LOOP, features.RINGBUF_DYNPTR),
+        "user_drain": (features.USER_RINGBUF,),
+        "types": (features.BPF_LOOP,),  # SEC("syscall"), 5.14: implied by bpf_loop (5.17)
+        "rejected": (features.BPF_LOOP,),
+    }.get(name, ())
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if call.excinfo is not None and report.failed:
+        from bpfring.features import FeatureError
+
+        if call.excinfo.errisinstance(FeatureError):  # raised only where the kernel lacks the feature
+            reason = f"kernel feature missing: {call.excinfo.value.strerror}"
+            FEATURE_SKIPS.add(reason)
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
     if STRICT and report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
+        if reason in FEATURE_SKIPS:
+            return
         report.outcome = "failed"
         report.longrepr = f"BPFRING_REQUIRE_BPF=1 and this test skipped: {reason}"
 
@@ -66,6 +110,7 @@ def bpf_object(tmp_path_factory):
     built: dict[str, Path] = {}
 
     def build(name: str) -> Path:
+        require_feature(*_object_features(name))
         if name not in built:
             built[name] = _build.compile_bpf(TESTS_BPF / f"{name}.bpf.c", out / f"{name}.bpf.o", [TESTS_BPF, PKG_BPF])
         return built[name]

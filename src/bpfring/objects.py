@@ -10,7 +10,6 @@ import ctypes
 import errno
 import logging
 import os
-import resource
 from typing import Any, Iterator
 
 from ._sys import bpf as sys_bpf
@@ -19,36 +18,13 @@ from ._sys.libbpf import capture_log, lib
 from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
 from .errors import BPFError, bpf_error
+from .features import bump_memlock_rlimit  # noqa: F401 (was defined here; tests import it from here)
 from .maps import Map, check_ring_size
 
 log = logging.getLogger("bpfring")
 
 # Section prefixes whose auto-attach goes through tracefs (tracepoint ids, legacy k/uprobes).
 _TRACEFS_SECTIONS = ("tp/", "tracepoint/", "kprobe/", "kretprobe/", "ksyscall/", "kretsyscall/", "uprobe", "uretprobe")
-
-
-def _kernel_version() -> tuple[int, int]:
-    release = os.uname().release
-    major, minor = release.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def bump_memlock_rlimit(kernel: tuple[int, int] | None = None) -> bool:
-    """Lift RLIMIT_MEMLOCK on kernels that still charge BPF memory to it (before 5.11).
-
-    Returns whether the limit was raised. Kernels from 5.11 on account BPF memory to the memory
-    cgroup instead, and the limit is left alone.
-    """
-    if (kernel or _kernel_version()) >= (5, 11):
-        return False
-    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    try:
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        log.info("raised RLIMIT_MEMLOCK to unlimited: this kernel charges BPF maps to it")
-    except (ValueError, OSError):  # no CAP_SYS_RESOURCE: the hard limit is as far as we can go
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
-        log.warning("this kernel charges BPF maps to RLIMIT_MEMLOCK; raised it only to its hard limit, %d bytes", hard)
-    return True
 
 
 def bundled_object(name: str) -> str:

@@ -1,0 +1,107 @@
+"""Kernel features and programs built once: what holds on every kernel of the matrix (docs/kernels.md).
+
+These run on this machine's kernel like the rest, and inside each kernel of `scripts/kernels`,
+where the same assertions see the older kernels' answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PKG_BPF, fork_call
+
+from bpfring import Map, MapType, Object, RingBuffer, features
+from bpfring import _build
+from bpfring._sys import bpf as sys_bpf
+from bpfring.features import FeatureError
+
+EVENT_PID = slice(0, 4)
+KIB = 1024
+
+
+@pytest.mark.parametrize("feature", [features.RINGBUF, features.USER_RINGBUF, features.BPF_LOOP, features.RINGBUF_DYNPTR])
+def test_a_probed_feature_is_present_on_every_kernel_that_has_its_version(bpf, feature):
+    """The probe asks the kernel; on a mainline kernel at or past the version it must find the feature."""
+    assert features.has(feature) == feature.probe()
+    if features.kernel_version() >= feature.since:
+        assert features.has(feature), f"{feature} probed missing on {features.kernel_release()}"
+
+
+def test_the_probes_can_say_no(bpf):
+    """A helper id and a map type no kernel has are found missing, so a "yes" above means something."""
+    assert features._helper(100_000)() is False
+    assert features._map_type(1000)() is False
+
+
+def test_a_missing_feature_is_one_error_naming_it_the_version_needed_and_the_kernel():
+    future = features.Feature("a feature from the future", (99, 1), lambda: False)
+    with pytest.raises(FeatureError) as info:
+        features.require(future)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EOPNOTSUPP
+    assert str(info.value).endswith(
+        f"a feature from the future needs Linux 99.1 or later; this kernel is {os.uname().release}"
+    )
+
+
+@pytest.mark.parametrize("map_type, feature", [(MapType.RINGBUF, features.RINGBUF), (MapType.USER_RINGBUF, features.USER_RINGBUF)])
+def test_ring_maps_are_created_where_the_kernel_has_them_and_refused_clearly_where_not(bpf, map_type, feature):
+    if features.has(feature):
+        with Map.create(map_type, 4 * KIB) as m:
+            assert m.type == map_type
+    else:
+        with pytest.raises(FeatureError, match=rf"needs Linux {feature.since[0]}\.{feature.since[1]} or later"):
+            Map.create(map_type, 4 * KIB)
+
+
+def test_programs_build_without_the_build_machines_kernel(tmp_path, monkeypatch):
+    """The package's programs include kernel_types.h: no vmlinux.h, no BTF of this kernel needed."""
+    monkeypatch.setattr(_build, "VMLINUX_BTF", str(tmp_path / "no-btf-here"))
+    built = _build.build_dir(PKG_BPF, tmp_path / "out")
+    assert sorted(p.name for p in built) == sorted(p.name[: -len(".c")] + ".o" for p in PKG_BPF.glob("*.bpf.c"))
+    assert not (tmp_path / "out" / "vmlinux.h").exists()
+    with pytest.raises(_build.BuildError, match="no-btf-here is missing"):
+        _build.vmlinux_h(tmp_path / "gen")  # bpfring build (user programs) still needs the kernel's BTF
+
+
+def _exec_through_a_big_ring(obj_path: str) -> str:
+    """In a child with RLIMIT_MEMLOCK at 5.10's default: create a 1 MiB ring raw, then through bpfring."""
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 * KIB, 64 * KIB))
+    try:
+        os.close(sys_bpf.map_create(int(MapType.RINGBUF), 0, 0, 1024 * KIB))
+        raw = "raw ok"
+    except OSError as exc:
+        raw = f"raw errno {exc.errno}"
+    with Object(obj_path) as obj:
+        for prog in obj.programs:
+            prog.autoload = prog.name == "handle_exec_reserve"
+        obj.set_max_entries("rb", 1024 * KIB)
+        obj.load()
+        obj.attach()
+        got: list[bytes] = []
+        with RingBuffer(obj.map("rb"), got.append) as rb:
+            child = subprocess.Popen(["/bin/true"])
+            child.wait()
+            pid = child.pid.to_bytes(4, "little")
+            while not any(g[EVENT_PID] == pid for g in got):
+                if rb.poll(5000) <= 0:
+                    return f"{raw}; no exec event"
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    return f"{raw}; event seen; memlock {'unlimited' if soft == resource.RLIM_INFINITY else soft}"
+
+
+def test_a_ring_bigger_than_the_default_memlock_works_on_every_kernel(execsnoop_object):
+    """Before 5.11 a 1 MiB ring does not fit in 64 KiB of RLIMIT_MEMLOCK: bpfring raises the limit.
+
+    The raw creation shows the limit bites on such kernels (EPERM) and not on later ones; the same
+    ring through bpfring works on both.
+    """
+    said = fork_call(lambda: _exec_through_a_big_ring(str(execsnoop_object)))
+    if features.kernel_version() < features.MEMCG_ACCOUNTING.since:
+        assert said == f"ok: raw errno {errno.EPERM}; event seen; memlock unlimited"
+    else:
+        assert said == f"ok: raw ok; event seen; memlock {64 * KIB}"
