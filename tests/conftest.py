@@ -70,8 +70,6 @@ def _object_features(name: str) -> tuple:
     return {
         "producer": (features.BPF_LOOP, features.RINGBUF_DYNPTR),
         "user_drain": (features.USER_RINGBUF,),
-        "types": (features.BPF_LOOP,),  # SEC("syscall"), 5.14: implied by bpf_loop (5.17)
-        "rejected": (features.BPF_LOOP,),
     }.get(name, ())
 
 

@@ -45,7 +45,7 @@ struct {
 
 struct with_bits bits_example; /* a global, so the type reaches BTF */
 
-SEC("syscall")
+SEC("raw_tp") /* test-run since 5.10 (SEC("syscall") needs 5.14) */
 int fill(void *ctx)
 {
 	__u32 zero = 0;
