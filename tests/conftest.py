@@ -63,6 +63,13 @@ def require_feature(*needed) -> None:
             pytest.skip(reason)
 
 
+def ring_producer() -> str:
+    """The ring producer this kernel loads: producer (5.19+), else its twin producer_compat (5.10+)."""
+    from bpfring import features
+
+    return "producer" if features.has(features.BPF_LOOP) and features.has(features.RINGBUF_DYNPTR) else "producer_compat"
+
+
 def _object_features(name: str) -> tuple:
     """What each test program needs beyond BPF ring buffers (docs/kernels.md)."""
     from bpfring import features
@@ -131,7 +138,7 @@ def producer(bpf_object):
     """A loaded producer.bpf.o with its default 64 KiB ring (see tests/producer.py)."""
     from producer import Producer
 
-    with Producer(bpf_object("producer")) as p:
+    with Producer(bpf_object(ring_producer())) as p:
         yield p
 
 
@@ -143,7 +150,7 @@ def make_producer(bpf_object):
     made = []
 
     def make(**kwargs):
-        p = Producer(bpf_object("producer"), **kwargs)
+        p = Producer(bpf_object(ring_producer()), **kwargs)
         made.append(p)
         return p
 

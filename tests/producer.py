@@ -6,6 +6,7 @@ import ctypes
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import bpfring
 
@@ -14,6 +15,7 @@ MODE_OUTPUT = 0
 MODE_RESERVE = 1
 HDR = struct.Struct("<QII")  # struct rec_hdr: seq, producer, size
 FIXED_SIZE = 64
+COMPAT_MAX_PER_RUN = 64  # producer_compat.bpf.c: records one run produces at most
 PATTERN = bytes((i * 7 + 3) & 0xFF for i in range(MAX_RECORD + 256))
 
 
@@ -66,9 +68,14 @@ def parse(record: bytes) -> tuple[int, int, int]:
 
 
 class Producer:
-    """producer.bpf.o, loaded; ``produce()`` runs it in the kernel and reports what happened."""
+    """producer.bpf.o, loaded; ``produce()`` runs it in the kernel and reports what happened.
+
+    Or producer_compat.bpf.o, its twin for kernels before 5.19 (conftest picks the one the kernel
+    loads): the same records, produced in runs of at most COMPAT_MAX_PER_RUN.
+    """
 
     def __init__(self, path: os.PathLike[str] | str, ring_size: int | None = None) -> None:
+        self.compat = Path(path).name.startswith("producer_compat")
         self.obj = bpfring.Object(path)
         try:
             if ring_size is not None:
@@ -107,9 +114,30 @@ class Producer:
             producer=producer,
         )
         prog = self.obj.program("produce_fixed" if fixed else "produce")
+        if self.compat:
+            return self._produce_compat(prog, args, fixed, cpu)
         out = Args.from_buffer_copy(prog.test_run(ctx=bytes(args), cpu=cpu).ctx_out)
         self._next_seq[producer] = seq + count
         return Produced(seq, count, out.produced, out.discarded, out.dropped)
+
+    def _produce_compat(self, prog: bpfring.Program, args: Args, fixed: bool, cpu: int | None) -> Produced:
+        if args.mode == MODE_RESERVE and args.discard_every and not fixed:
+            from conftest import require_feature  # discarding a variable-size record needs a dynptr
+
+            from bpfring import features
+
+            require_feature(features.RINGBUF_DYNPTR)
+        seq, count = args.seq, args.count
+        done = [0, 0, 0]
+        for first in range(0, count, COMPAT_MAX_PER_RUN):
+            args.seq, args.count = seq + first, min(COMPAT_MAX_PER_RUN, count - first)
+            ran = ctypes.c_int32(prog.test_run(ctx=bytes(args), cpu=cpu).retval).value
+            if ran != args.count:
+                raise RuntimeError(f"producer_compat ran {ran} of {args.count} records")
+            got = struct.unpack("<QQQ", self.obj.map("results").lookup(b"\0\0\0\0"))
+            done = [d + g for d, g in zip(done, got)]
+        self._next_seq[args.producer] = seq + count
+        return Produced(seq, count, *done)
 
     def close(self) -> None:
         self.obj.close()

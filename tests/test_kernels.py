@@ -9,9 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -109,42 +107,29 @@ def test_a_ring_bigger_than_the_default_memlock_works_on_every_kernel(execsnoop_
         assert said == f"ok: raw ok; event seen; memlock {64 * KIB}"
 
 
-STRICT_CASES = '''
-import errno
-import pytest
-from conftest import require_feature
-from bpfring import features
 
-GONE = features.Feature("a feature from the future", (99, 1), lambda: False)
-HERE = features.Feature("a feature from the past", (2, 6), lambda: True)
-
-
-def test_needs_a_missing_feature():
-    require_feature(GONE)
+def _ring_records(p, **produce) -> tuple[list[bytes], object]:
+    got: list[bytes] = []
+    with RingBuffer(p.ring, lambda r: got.append(bytes(r))) as rb:
+        out = p.produce(**produce)
+        rb.consume()
+    return got, out
 
 
-def test_runs_into_the_library_error():
-    features.require(GONE)
+@pytest.mark.parametrize("name", ["producer_compat", "producer"])
+def test_each_ring_producer_writes_the_records_the_tests_expect(bpf_object, name):
+    """producer_compat (5.10+) stands in for producer (5.19+) on older kernels: the same records.
 
+    300 records span five of the compat producer's runs; fixed records are discarded every third.
+    """
+    from producer import FIXED_SIZE, MODE_OUTPUT, MODE_RESERVE, Producer, expected_fixed, expected_record, record_size
 
-def test_needs_a_present_feature():
-    require_feature(HERE)
-
-
-def test_only_says_a_feature_is_missing():
-    pytest.skip("kernel feature missing: " + features.missing_reason(HERE))
-'''
-
-
-def test_strict_mode_lets_through_only_skips_for_a_feature_the_kernel_lacks(tmp_path):
-    """BPFRING_REQUIRE_BPF=1 still fails any other skip, even one worded like a feature skip."""
-    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_strict.py").write_text(STRICT_CASES)
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
-        capture_output=True, text=True, env=dict(os.environ, BPFRING_REQUIRE_BPF="1"), cwd=tmp_path,
-    )
-    assert "1 failed, 1 passed, 2 skipped" in done.stdout, done.stdout
-    assert "FAILED test_strict.py::test_only_says_a_feature_is_missing" in done.stdout
-    gone = f"a feature from the future needs Linux 99.1 or later; this kernel is {os.uname().release}"
-    assert done.stdout.count(f"kernel feature missing: {gone}") == 2, done.stdout
+    with Producer(bpf_object(name), ring_size=256 * KIB) as p:
+        for mode in (MODE_OUTPUT, MODE_RESERVE):
+            got, out = _ring_records(p, count=300, size=(1, 300), mode=mode, producer=mode)
+            assert (out.produced, out.discarded, out.dropped) == (300, 0, 0)
+            assert got == [expected_record(s, mode, record_size(s, 1, 300)) for s in range(300)]
+        got, out = _ring_records(p, count=300, fixed=True, discard_every=3, producer=7)
+        assert (out.produced, out.discarded, out.dropped) == (200, 100, 0)
+        assert got == [expected_fixed(s, 7) for s in range(300) if s % 3]
+        assert all(len(g) == FIXED_SIZE for g in got)
