@@ -134,3 +134,17 @@ def test_each_ring_producer_writes_the_records_the_tests_expect(bpf_object, name
         assert (out.produced, out.discarded, out.dropped) == (200, 100, 0)
         assert got == [expected_fixed(s, 7) for s in range(300) if s % 3]
         assert all(len(g) == FIXED_SIZE for g in got)
+
+
+def test_an_object_with_a_user_ring_buffer_loads_or_names_the_missing_feature(bpf, tmp_path):
+    """Not libbpf's EINVAL from map creation: the feature, the version needed, the kernel found."""
+    from conftest import TESTS_BPF
+
+    path = _build.compile_bpf(TESTS_BPF / "user_drain.bpf.c", tmp_path / "user_drain.bpf.o", [TESTS_BPF, PKG_BPF])
+    with Object(path) as obj:
+        if features.has(features.USER_RINGBUF):
+            obj.load()
+            assert obj.map("urb").type == MapType.USER_RINGBUF
+        else:
+            with pytest.raises(FeatureError, match=r"the user ring buffer \(BPF_MAP_TYPE_USER_RINGBUF\) needs Linux 6\.1"):
+                obj.load()

@@ -18,6 +18,7 @@ from ._sys.libbpf import capture_log, lib
 from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
 from .errors import BPFError, bpf_error
+from . import features
 from .features import bump_memlock_rlimit  # noqa: F401 (was defined here; tests import it from here)
 from .maps import Map, check_ring_size
 
@@ -225,12 +226,22 @@ class Object:
         with capture_log() as lines:
             ret = lib.bpf_object__load(self._ptr)
         if ret < 0:
+            self._require_map_features()  # a map type this kernel lacks: say which, since when
             tail = "\n".join(lines[-20:])
             if "PROG LOAD LOG" in tail:  # EACCES/EINVAL here is the verifier's verdict, not a privilege problem
                 raise BPFError(-ret, f"loading BPF object {self.path!r}: the verifier rejected a program\n{tail}")
             raise bpf_error(-ret, f"loading BPF object {self.path!r}" + (f"\n{tail}" if tail else ""))
         self._loaded = True
         return self
+
+    def _require_map_features(self) -> None:
+        ptr = None
+        while ptr := lib.bpf_object__next_map(self._check_open(), ptr):
+            feature = {MapType.RINGBUF: features.RINGBUF, MapType.USER_RINGBUF: features.USER_RINGBUF}.get(
+                lib.bpf_map__type(ptr)
+            )
+            if feature is not None:
+                features.require(feature)
 
     @property
     def loaded(self) -> bool:
