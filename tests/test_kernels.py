@@ -10,7 +10,6 @@ import errno
 import os
 import resource
 import subprocess
-from pathlib import Path
 
 import pytest
 from conftest import PKG_BPF, fork_call
