@@ -12,13 +12,13 @@ import logging
 import os
 from typing import Any, Iterator
 
+from . import features
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType
 from ._sys.libbpf import capture_log, lib
 from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
 from .errors import BPFError, bpf_error
-from . import features
 from .features import bump_memlock_rlimit  # noqa: F401 (was defined here; tests import it from here)
 from .maps import Map, check_ring_size
 
