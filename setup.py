@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import tempfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -22,10 +21,8 @@ class build_py_with_bpf(build_py):
     def run(self):
         super().run()
         build = _load_build_module()
-        with tempfile.TemporaryDirectory(prefix="bpfring-build-") as work:
-            built = build.build_dir(
-                os.path.join(_HERE, "src", "bpfring", "bpf"), os.path.join(self.build_lib, "bpfring", "bpf"), work
-            )
+        # CO-RE objects from bpf/kernel_types.h: the same whatever kernel this machine runs
+        built = build.build_dir(os.path.join(_HERE, "src", "bpfring", "bpf"), os.path.join(self.build_lib, "bpfring", "bpf"))
         for path in built:
             self.announce(f"compiled BPF object {path}", level=2)
 

@@ -3,6 +3,11 @@
 Tests that need BPF ask for a fixture that calls :func:`require_bpf`. Without BPF they skip
 with the reason; with ``BPFRING_REQUIRE_BPF=1`` (set by .ci/run on a machine where BPF
 works) every skip is turned into a failure, so CI can never pass by skipping.
+
+The one exception is a kernel feature the running kernel was found to lack (an older kernel of
+the matrix, scripts/kernels): :func:`require_feature` skips, and so does a test that runs into
+``bpfring.features.FeatureError``, with the library's reason; strict mode lets exactly those
+through. This machine's kernel has every feature, so here nothing skips.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 STRICT = os.environ.get("BPFRING_REQUIRE_BPF") == "1"
 TESTS_BPF = Path(__file__).parent / "bpf"
+PKG_BPF = Path(__file__).parent.parent / "src" / "bpfring" / "bpf"  # kernel_types.h, execsnoop.bpf.c
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,30 +46,78 @@ def require_bpf() -> None:
         pytest.skip(reason)
 
 
+# Skips require_feature() issued, each for a feature the kernel was found to lack: the only skips
+# strict mode lets through (an older kernel of the matrix may lack them; this machine's never does).
+FEATURE_SKIPS: set[str] = set()
+
+
+def require_feature(*needed) -> None:
+    """Skip unless the running kernel has each ``bpfring.features`` feature (probed, not guessed)."""
+    require_bpf()
+    from bpfring import features
+
+    for feature in needed:
+        if not features.has(feature):
+            reason = f"kernel feature missing: {features.missing_reason(feature)}"
+            FEATURE_SKIPS.add(reason)
+            pytest.skip(reason)
+
+
+def ring_producer() -> str:
+    """The ring producer this kernel loads: producer (5.19+), else its twin producer_compat (5.10+)."""
+    from bpfring import features
+
+    return "producer" if features.has(features.BPF_LOOP) and features.has(features.RINGBUF_DYNPTR) else "producer_compat"
+
+
+def _object_features(name: str) -> tuple:
+    """What each test program needs beyond BPF ring buffers (docs/kernels.md)."""
+    from bpfring import features
+
+    return {
+        "producer": (features.BPF_LOOP, features.RINGBUF_DYNPTR),
+        "user_drain": (features.USER_RINGBUF,),
+    }.get(name, ())
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if call.excinfo is not None and report.failed:
+        from bpfring.features import FeatureError
+
+        if call.excinfo.errisinstance(FeatureError):  # raised only where the kernel lacks the feature
+            reason = f"kernel feature missing: {call.excinfo.value.strerror}"
+            FEATURE_SKIPS.add(reason)
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
     if STRICT and report.skipped and not hasattr(report, "wasxfail"):  # an xfail is a known bug, not a skip
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
+        if reason in FEATURE_SKIPS:
+            return
         report.outcome = "failed"
         report.longrepr = f"BPFRING_REQUIRE_BPF=1 and this test skipped: {reason}"
 
 
 @pytest.fixture(scope="session")
 def bpf_object(tmp_path_factory):
-    """``bpf_object("producer")``: tests/bpf/producer.bpf.c compiled for this kernel (once a session)."""
+    """``bpf_object("producer")``: tests/bpf/producer.bpf.c compiled once a session.
+
+    Like the package's programs, the tests' include kernel_types.h (CO-RE), not a vmlinux.h of the
+    running kernel: the same objects load on every kernel of the matrix (docs/kernels.md).
+    """
     require_bpf()
     from bpfring import _build
 
     out = tmp_path_factory.mktemp("bpf")
-    _build.vmlinux_h(out)  # once, before the first compile
     built: dict[str, Path] = {}
 
     def build(name: str) -> Path:
+        require_feature(*_object_features(name))
         if name not in built:
-            built[name] = _build.compile_bpf(TESTS_BPF / f"{name}.bpf.c", out / f"{name}.bpf.o", [out, TESTS_BPF])
+            built[name] = _build.compile_bpf(TESTS_BPF / f"{name}.bpf.c", out / f"{name}.bpf.o", [TESTS_BPF, PKG_BPF])
         return built[name]
 
     return build
@@ -71,12 +125,12 @@ def bpf_object(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def execsnoop_object(bpf_object, tmp_path_factory) -> Path:
-    """The package's own execsnoop.bpf.c, compiled from the source tree for this kernel."""
+    """The package's own execsnoop.bpf.c, compiled from the source tree."""
+    require_bpf()
     from bpfring import _build
 
-    src = Path(__file__).parent.parent / "src" / "bpfring" / "bpf"
     out = tmp_path_factory.mktemp("pkg-bpf")
-    return _build.compile_bpf(src / "execsnoop.bpf.c", out / "execsnoop.bpf.o", [bpf_object("producer").parent, src])
+    return _build.compile_bpf(PKG_BPF / "execsnoop.bpf.c", out / "execsnoop.bpf.o", [PKG_BPF])
 
 
 @pytest.fixture
@@ -84,7 +138,7 @@ def producer(bpf_object):
     """A loaded producer.bpf.o with its default 64 KiB ring (see tests/producer.py)."""
     from producer import Producer
 
-    with Producer(bpf_object("producer")) as p:
+    with Producer(bpf_object(ring_producer())) as p:
         yield p
 
 
@@ -96,7 +150,7 @@ def make_producer(bpf_object):
     made = []
 
     def make(**kwargs):
-        p = Producer(bpf_object("producer"), **kwargs)
+        p = Producer(bpf_object(ring_producer()), **kwargs)
         made.append(p)
         return p
 

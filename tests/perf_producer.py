@@ -15,6 +15,7 @@ from producer import PATTERN
 import bpfring
 
 MAX_CPUS = 64
+MAX_PER_RUN = 256  # perf_producer.h: samples one run of the program outputs at most
 
 
 class PerfArgs(ctypes.Structure):
@@ -76,14 +77,19 @@ class PerfProducer:
         """Output ``count`` samples on ``cpu`` with consecutive sequence numbers (per CPU)."""
         size_min, size_max = (size, size) if isinstance(size, int) else size
         seq = self._next_seq.get(cpu, 0)
-        args = PerfArgs(seq=seq, count=count, size_min=size_min, size_max=size_max)
-        run = self.obj.program("produce").test_run(ctx=bytes(args), cpu=cpu)
-        if run.retval != count:  # bpf_loop's result: the iterations run, or an error
-            raise RuntimeError(f"perf_producer ran {ctypes.c_int32(run.retval).value} of {count} iterations")
         key = cpu.to_bytes(4, "little")
-        res = PerfResult.from_buffer_copy(self._results.lookup(key))
+        produced = failed = last_err = 0
+        for first in range(0, count, MAX_PER_RUN):  # one run outputs MAX_PER_RUN samples at most
+            n = min(MAX_PER_RUN, count - first)
+            args = PerfArgs(seq=seq + first, count=n, size_min=size_min, size_max=size_max)
+            run = self.obj.program("produce").test_run(ctx=bytes(args), cpu=cpu)
+            if run.retval != n:  # the samples it tried, or -1 (no result slot for this CPU)
+                raise RuntimeError(f"perf_producer ran {ctypes.c_int32(run.retval).value} of {n} iterations")
+            res = PerfResult.from_buffer_copy(self._results.lookup(key))
+            produced, failed = produced + res.produced, failed + res.failed
+            last_err = res.last_err or last_err
         self._next_seq[cpu] = seq + count
-        return Output(cpu, seq, count, res.produced, res.failed, res.last_err)
+        return Output(cpu, seq, count, produced, failed, last_err)
 
     def close(self) -> None:
         self.obj.close()

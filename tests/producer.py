@@ -6,6 +6,7 @@ import ctypes
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import bpfring
 
@@ -66,9 +67,14 @@ def parse(record: bytes) -> tuple[int, int, int]:
 
 
 class Producer:
-    """producer.bpf.o, loaded; ``produce()`` runs it in the kernel and reports what happened."""
+    """producer.bpf.o, loaded; ``produce()`` runs it in the kernel and reports what happened.
+
+    Or producer_compat.bpf.o, its twin for kernels before 5.19 (conftest picks the one the kernel
+    loads): the same records, one run of its program per record.
+    """
 
     def __init__(self, path: os.PathLike[str] | str, ring_size: int | None = None) -> None:
+        self.compat = Path(path).name.startswith("producer_compat")
         self.obj = bpfring.Object(path)
         try:
             if ring_size is not None:
@@ -107,9 +113,30 @@ class Producer:
             producer=producer,
         )
         prog = self.obj.program("produce_fixed" if fixed else "produce")
+        if self.compat:
+            return self._produce_compat(prog, args, fixed, cpu)
         out = Args.from_buffer_copy(prog.test_run(ctx=bytes(args), cpu=cpu).ctx_out)
         self._next_seq[producer] = seq + count
         return Produced(seq, count, out.produced, out.discarded, out.dropped)
+
+    def _produce_compat(self, prog: bpfring.Program, args: Args, fixed: bool, cpu: int | None) -> Produced:
+        if args.mode == MODE_RESERVE and args.discard_every and not fixed:
+            from conftest import require_feature  # discarding a variable-size record needs a dynptr
+
+            from bpfring import features
+
+            require_feature(features.RINGBUF_DYNPTR)
+        seq, count = args.seq, args.count
+        done = [0, 0, 0]  # what each run returns: 0 produced, 1 discarded, 2 dropped (3: failed)
+        args.count = 1
+        for k in range(count):
+            args.seq = seq + k
+            said = prog.test_run(ctx=bytes(args), cpu=cpu).retval
+            if said > 2:
+                raise RuntimeError(f"producer_compat failed on record {seq + k} (returned {said})")
+            done[said] += 1
+        self._next_seq[args.producer] = seq + count
+        return Produced(seq, count, *done)
 
     def close(self) -> None:
         self.obj.close()

@@ -82,3 +82,44 @@ def test_a_strict_xfail_that_passes_fails_in_strict_mode(tmp_path):
     done = run_pytest(tmp_path, strict=True, source=XFAIL.replace("assert False", "assert True"))
     assert done.returncode == 1, done.stdout
     assert "XPASS(strict)" in done.stdout
+
+
+STRICT_CASES = '''
+import errno
+import pytest
+from conftest import require_feature
+from bpfring import features
+
+GONE = features.Feature("a feature from the future", (99, 1), lambda: False)
+HERE = features.Feature("a feature from the past", (2, 6), lambda: True)
+
+
+def test_needs_a_missing_feature():
+    require_feature(GONE)
+
+
+def test_runs_into_the_library_error():
+    features.require(GONE)
+
+
+def test_needs_a_present_feature():
+    require_feature(HERE)
+
+
+def test_only_says_a_feature_is_missing():
+    pytest.skip("kernel feature missing: " + features.missing_reason(HERE))
+'''
+
+
+def test_strict_mode_lets_through_only_skips_for_a_feature_the_kernel_lacks(tmp_path):
+    """BPFRING_REQUIRE_BPF=1 still fails any other skip, even one worded like a feature skip."""
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_strict.py").write_text(STRICT_CASES)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True, text=True, env=dict(os.environ, BPFRING_REQUIRE_BPF="1"), cwd=tmp_path,
+    )
+    assert "1 failed, 1 passed, 2 skipped" in done.stdout, done.stdout
+    assert "FAILED test_strict.py::test_only_says_a_feature_is_missing" in done.stdout
+    gone = f"a feature from the future needs Linux 99.1 or later; this kernel is {os.uname().release}"
+    assert done.stdout.count(f"kernel feature missing: {gone}") == 2, done.stdout

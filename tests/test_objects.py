@@ -43,8 +43,10 @@ def test_attach_by_section_name_and_consume_the_seed_events(execsnoop_object):
                 assert rb.poll(5000) > 0, "no exec event arrived"
                 pids = [EVENT.unpack(g)[0] for g in got]
             pid, comm, filename = EVENT.unpack(got[pids.index(child.pid)])
-            assert filename.rstrip(b"\0") == b"/bin/true"
-            assert comm.rstrip(b"\0") == b"true"
+            # C strings: what follows the first NUL is whatever the reserved record held before
+            # (6.1's bpf_get_current_comm() leaves it; later kernels zero it)
+            assert filename.split(b"\0", 1)[0] == b"/bin/true"
+            assert comm.split(b"\0", 1)[0] == b"true"
 
             links[0].destroy()  # detached: execs no longer reach the ring
             assert not links[0].attached

@@ -1,6 +1,9 @@
-"""Compile BPF C programs: ``vmlinux.h`` from the running kernel's BTF, then clang -target bpf.
+"""Compile BPF C programs with clang -target bpf.
 
-Used by setup.py (the package's own programs, at install time) and by the tests (theirs).
+The package's own programs (setup.py, at install time) and the tests' include
+``bpf/kernel_types.h``, the few kernel types they touch marked for CO-RE, so they build the same on
+any machine and load on every kernel from 5.10 on. Users' programs (``bpfring build``) include a
+``vmlinux.h`` that :func:`vmlinux_h` generates from the running kernel's BTF.
 It imports nothing from bpfring, so setup.py can load it before the package is installed.
 """
 
@@ -60,10 +63,18 @@ def compile_bpf(
     return output
 
 
-def build_dir(source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str]) -> list[Path]:
-    """Compile every ``*.bpf.c`` in ``source_dir`` into ``out_dir``; headers are looked up beside them."""
-    header = vmlinux_h(work_dir)
+KERNEL_TYPES_DIR = Path(__file__).resolve().parent / "bpf"  # kernel_types.h, in the source tree and installed
+
+
+def build_dir(
+    source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str] | None = None
+) -> list[Path]:
+    """Compile every ``*.bpf.c`` in ``source_dir`` into ``out_dir``; headers are looked up beside them.
+
+    Independent of the build machine's kernel: the programs include kernel_types.h, not vmlinux.h.
+    ``work_dir`` is no longer used (kept for callers that pass it).
+    """
     return [
-        compile_bpf(src, Path(out_dir) / (src.name[: -len(".c")] + ".o"), [header.parent, source_dir])
+        compile_bpf(src, Path(out_dir) / (src.name[: -len(".c")] + ".o"), [source_dir, KERNEL_TYPES_DIR])
         for src in sorted(Path(source_dir).glob("*.bpf.c"))
     ]

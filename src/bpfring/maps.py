@@ -10,6 +10,7 @@ import sys
 import warnings
 from typing import Union
 
+from . import features
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType, map_type_name
 from ._sys.mounts import is_mounted_bpffs
@@ -35,6 +36,7 @@ def map_shared(fd: int, length: int, prot: int, offset: int = 0) -> mmap.mmap:
 # Ring maps whose max_entries is a byte size: a power of two and a multiple of the page size
 # (kernel/bpf/ringbuf.c, ringbuf_map_alloc).
 _RING_TYPES = (MapType.RINGBUF, MapType.USER_RINGBUF)
+_RING_FEATURES = {MapType.RINGBUF: features.RINGBUF, MapType.USER_RINGBUF: features.USER_RINGBUF}
 
 
 def check_ring_size(max_entries: int) -> None:
@@ -93,7 +95,13 @@ class Map:
             check_ring_size(max_entries)
             if key_size or value_size:
                 raise ValueError(f"{map_type_name(type)} takes key_size=0 and value_size=0")
-        fd = sys_bpf.map_create(type, key_size, value_size, max_entries, map_flags, name or "")
+        features.bump_memlock_rlimit()  # kernels before 5.11 charge the map to RLIMIT_MEMLOCK
+        try:
+            fd = sys_bpf.map_create(type, key_size, value_size, max_entries, map_flags, name or "")
+        except BPFError as exc:
+            if exc.errno == errno.EINVAL and type in _RING_FEATURES:  # an unknown map type is EINVAL too
+                features.require(_RING_FEATURES[type])
+            raise
         return cls(fd)
 
     @classmethod

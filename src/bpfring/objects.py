@@ -10,12 +10,12 @@ import ctypes
 import errno
 import logging
 import os
-import resource
 import stat
 import warnings
 from typing import Any, Iterator
 
 from . import attach as _attach
+from . import features
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType
 from ._sys.libbpf import LIBBPF_ERRNO_END, LIBBPF_ERRNO_START, capture_log, lib, strerror
@@ -23,6 +23,7 @@ from ._sys.mounts import ensure_tracefs
 from .btf import KIND_STRUCT, BTFTypes
 from .build import cached_object
 from .errors import BPFError, bpf_error
+from .features import bump_memlock_rlimit  # noqa: F401 (was defined here; tests import it from here)
 from .globals import GlobalData, Section, sections
 from .maps import Map, check_ring_size
 
@@ -43,30 +44,6 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a regular file"
-
-
-def _kernel_version() -> tuple[int, int]:
-    release = os.uname().release
-    major, minor = release.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def bump_memlock_rlimit(kernel: tuple[int, int] | None = None) -> bool:
-    """Lift RLIMIT_MEMLOCK on kernels that still charge BPF memory to it (before 5.11).
-
-    Returns whether the limit was raised. Kernels from 5.11 on account BPF memory to the memory
-    cgroup instead, and the limit is left alone.
-    """
-    if (kernel or _kernel_version()) >= (5, 11):
-        return False
-    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    try:
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        log.info("raised RLIMIT_MEMLOCK to unlimited: this kernel charges BPF maps to it")
-    except (ValueError, OSError):  # no CAP_SYS_RESOURCE: the hard limit is as far as we can go
-        resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
-        log.warning("this kernel charges BPF maps to RLIMIT_MEMLOCK; raised it only to its hard limit, %d bytes", hard)
-    return True
 
 
 def bundled_object(name: str) -> str:
@@ -359,12 +336,22 @@ class Object:
         with capture_log() as lines:
             ret = lib.bpf_object__load(self._ptr)
         if ret < 0:
+            self._require_map_features()  # a map type this kernel lacks: say which, since when
             tail = "\n".join(lines[-20:])
             if "PROG LOAD LOG" in tail:  # EACCES/EINVAL here is the verifier's verdict, not a privilege problem
                 raise BPFError(-ret, f"loading BPF object {self.path!r}: the verifier rejected a program\n{tail}")
             raise libbpf_error(-ret, f"loading BPF object {self.path!r}" + (f"\n{tail}" if tail else ""))
         self._loaded = True
         return self
+
+    def _require_map_features(self) -> None:
+        ptr = None
+        while ptr := lib.bpf_object__next_map(self._check_open(), ptr):
+            feature = {MapType.RINGBUF: features.RINGBUF, MapType.USER_RINGBUF: features.USER_RINGBUF}.get(
+                lib.bpf_map__type(ptr)
+            )
+            if feature is not None:
+                features.require(feature)
 
     @property
     def loaded(self) -> bool:

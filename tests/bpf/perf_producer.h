@@ -3,6 +3,7 @@
 #define __PERF_PRODUCER_H
 
 #define MAX_CPUS 64
+#define MAX_PER_RUN 256 /* samples one run outputs at most: the bound of its loop */
 
 /* The test-run context of `produce` (read-only: raw_tp contexts are). */
 struct perf_args {

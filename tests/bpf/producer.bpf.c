@@ -6,7 +6,7 @@
  * discarded and dropped. A record is a struct rec_hdr followed by pattern bytes, truncated to
  * its size, so user space can recompute every byte it should receive.
  */
-#include "vmlinux.h"
+#include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include "producer.h"
 

@@ -2,7 +2,7 @@
 /* C types for Object.struct(): `fill` writes known values into every field of a struct demo, so
  * a test can read the bytes back through the dtype built from BTF and see the layout agree.
  */
-#include "vmlinux.h"
+#include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
@@ -45,7 +45,7 @@ struct {
 
 struct with_bits bits_example; /* a global, so the type reaches BTF */
 
-SEC("syscall")
+SEC("raw_tp") /* test-run since 5.10 (SEC("syscall") needs 5.14) */
 int fill(void *ctx)
 {
 	__u32 zero = 0;

@@ -2,7 +2,8 @@
 #ifndef __USER_DRAIN_H
 #define __USER_DRAIN_H
 
-#define MAX_ECHO 16384 /* records of 1..MAX_ECHO-1 bytes are echoed; a power of two */
+#define MAX_ECHO_BITS 14
+#define MAX_ECHO (1 << MAX_ECHO_BITS) /* records of 1..MAX_ECHO-1 bytes are echoed */
 
 struct drain_args {
 	__u32 max_records; /* stop after this many records (0: drain everything available) */

@@ -4,7 +4,7 @@
  * Run with BPF_PROG_TEST_RUN, they reserve and submit `count` records of 8 or 64 bytes with
  * BPF_RB_NO_WAKEUP, the way a busy tracer would, and report how many the ring had no room for.
  */
-#include "vmlinux.h"
+#include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -15,7 +15,7 @@
  * latency. Notification: adaptive (no flag), or sampled (wakeup_data_size > 0: BPF_RB_NO_WAKEUP
  * until that many bytes wait in the ring, then BPF_RB_FORCE_WAKEUP, the kernel bench's rule).
  */
-#include "vmlinux.h"
+#include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

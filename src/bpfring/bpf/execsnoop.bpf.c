@@ -3,7 +3,7 @@
  * ringbuf-reserve-submit. User space picks one by turning the others' autoload off, and sets
  * the filters and the wakeup policy in `cfg` before load.
  */
-#include "vmlinux.h"
+#include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include "execsnoop.h"
 

@@ -1,0 +1,149 @@
+"""Kernel features and programs built once: what holds on every kernel of the matrix (docs/kernels.md).
+
+These run on this machine's kernel like the rest, and inside each kernel of `scripts/kernels`,
+where the same assertions see the older kernels' answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+
+import pytest
+from conftest import PKG_BPF, fork_call
+
+from bpfring import Map, MapType, Object, RingBuffer, features
+from bpfring import _build
+from bpfring._sys import bpf as sys_bpf
+from bpfring.features import FeatureError
+
+EVENT_PID = slice(0, 4)
+KIB = 1024
+
+
+@pytest.mark.parametrize("feature", [features.RINGBUF, features.USER_RINGBUF, features.BPF_LOOP, features.RINGBUF_DYNPTR])
+def test_a_probed_feature_is_present_on_every_kernel_that_has_its_version(bpf, feature):
+    """The probe asks the kernel; on a mainline kernel at or past the version it must find the feature."""
+    assert features.has(feature) == feature.probe()
+    if features.kernel_version() >= feature.since:
+        assert features.has(feature), f"{feature} probed missing on {features.kernel_release()}"
+
+
+def test_the_probes_can_say_no(bpf):
+    """A helper id and a map type no kernel has are found missing, so a "yes" above means something."""
+    assert features._helper(100_000)() is False
+    assert features._map_type(1000)() is False
+
+
+def test_a_missing_feature_is_one_error_naming_it_the_version_needed_and_the_kernel():
+    future = features.Feature("a feature from the future", (99, 1), lambda: False)
+    with pytest.raises(FeatureError) as info:
+        features.require(future)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.EOPNOTSUPP
+    assert str(info.value).endswith(
+        f"a feature from the future needs Linux 99.1 or later; this kernel is {os.uname().release}"
+    )
+
+
+@pytest.mark.parametrize("map_type, feature", [(MapType.RINGBUF, features.RINGBUF), (MapType.USER_RINGBUF, features.USER_RINGBUF)])
+def test_ring_maps_are_created_where_the_kernel_has_them_and_refused_clearly_where_not(bpf, map_type, feature):
+    if features.has(feature):
+        with Map.create(map_type, 4 * KIB) as m:
+            assert m.type == map_type
+    else:
+        with pytest.raises(FeatureError, match=rf"needs Linux {feature.since[0]}\.{feature.since[1]} or later"):
+            Map.create(map_type, 4 * KIB)
+
+
+def test_programs_build_without_the_build_machines_kernel(tmp_path, monkeypatch):
+    """The package's programs include kernel_types.h: no vmlinux.h, no BTF of this kernel needed."""
+    monkeypatch.setattr(_build, "VMLINUX_BTF", str(tmp_path / "no-btf-here"))
+    built = _build.build_dir(PKG_BPF, tmp_path / "out")
+    assert sorted(p.name for p in built) == sorted(p.name[: -len(".c")] + ".o" for p in PKG_BPF.glob("*.bpf.c"))
+    assert not (tmp_path / "out" / "vmlinux.h").exists()
+    with pytest.raises(_build.BuildError, match="no-btf-here is missing"):
+        _build.vmlinux_h(tmp_path / "gen")  # bpfring build (user programs) still needs the kernel's BTF
+
+
+def _big_rings(obj_path: str) -> str:
+    """In a child with RLIMIT_MEMLOCK at 5.10's default: a 1 MiB ring raw, then through bpfring."""
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 * KIB, 64 * KIB))
+    try:
+        os.close(sys_bpf.map_create(int(MapType.RINGBUF), 0, 0, 1024 * KIB))
+        said = "raw ok"
+    except OSError as exc:
+        said = f"raw errno {exc.errno}"
+    with Map.create(MapType.RINGBUF, 1024 * KIB) as m:  # bpfring's own bpf(): its own memlock bump
+        soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+        said += f"; Map.create ok {m.max_entries}, memlock {'unlimited' if soft == resource.RLIM_INFINITY else soft}"
+    with Object(obj_path) as obj:  # through libbpf, which raises the limit too where it must
+        for prog in obj.programs:
+            prog.autoload = prog.name == "handle_exec_reserve"
+        obj.set_max_entries("rb", 1024 * KIB)
+        obj.load()
+        obj.attach()
+        got: list[bytes] = []
+        with RingBuffer(obj.map("rb"), got.append) as rb:
+            child = subprocess.Popen(["/bin/true"])
+            child.wait()
+            pid = child.pid.to_bytes(4, "little")
+            while not any(g[EVENT_PID] == pid for g in got):
+                if rb.poll(5000) <= 0:
+                    return f"{said}; no exec event"
+    return f"{said}; exec event seen"
+
+
+def test_a_ring_bigger_than_the_default_memlock_works_on_every_kernel(execsnoop_object):
+    """Before 5.11 a 1 MiB ring does not fit in 64 KiB of RLIMIT_MEMLOCK: bpfring raises the limit.
+
+    The raw creation shows the limit bites on such kernels (EPERM) and not on later ones; the same
+    ring through bpfring works on both, and carries an exec event from execsnoop's program.
+    """
+    said = fork_call(lambda: _big_rings(str(execsnoop_object)))
+    if features.kernel_version() < features.MEMCG_ACCOUNTING.since:
+        assert said == f"ok: raw errno {errno.EPERM}; Map.create ok {1024 * KIB}, memlock unlimited; exec event seen"
+    else:
+        assert said == f"ok: raw ok; Map.create ok {1024 * KIB}, memlock {64 * KIB}; exec event seen"
+
+
+def _ring_records(p, **produce) -> tuple[list[bytes], object]:
+    got: list[bytes] = []
+    with RingBuffer(p.ring, lambda r: got.append(bytes(r))) as rb:
+        out = p.produce(**produce)
+        rb.consume()
+    return got, out
+
+
+@pytest.mark.parametrize("name", ["producer_compat", "producer"])
+def test_each_ring_producer_writes_the_records_the_tests_expect(bpf_object, name):
+    """producer_compat (5.10+) stands in for producer (5.19+) on older kernels: the same records.
+
+    Fixed records are discarded every third.
+    """
+    from producer import FIXED_SIZE, MODE_OUTPUT, MODE_RESERVE, Producer, expected_fixed, expected_record, record_size
+
+    with Producer(bpf_object(name), ring_size=256 * KIB) as p:
+        for mode in (MODE_OUTPUT, MODE_RESERVE):
+            got, out = _ring_records(p, count=300, size=(1, 300), mode=mode, producer=mode)
+            assert (out.produced, out.discarded, out.dropped) == (300, 0, 0)
+            assert got == [expected_record(s, mode, record_size(s, 1, 300)) for s in range(300)]
+        got, out = _ring_records(p, count=300, fixed=True, discard_every=3, producer=7)
+        assert (out.produced, out.discarded, out.dropped) == (200, 100, 0)
+        assert got == [expected_fixed(s, 7) for s in range(300) if s % 3]
+        assert all(len(g) == FIXED_SIZE for g in got)
+
+
+def test_an_object_with_a_user_ring_buffer_loads_or_names_the_missing_feature(bpf, tmp_path):
+    """Not libbpf's EINVAL from map creation: the feature, the version needed, the kernel found."""
+    from conftest import TESTS_BPF
+
+    path = _build.compile_bpf(TESTS_BPF / "user_drain.bpf.c", tmp_path / "user_drain.bpf.o", [TESTS_BPF, PKG_BPF])
+    with Object(path) as obj:
+        if features.has(features.USER_RINGBUF):
+            obj.load()
+            assert obj.map("urb").type == MapType.USER_RINGBUF
+        else:
+            with pytest.raises(FeatureError, match=r"the user ring buffer \(BPF_MAP_TYPE_USER_RINGBUF\) needs Linux 6\.1"):
+                obj.load()
