@@ -14,6 +14,7 @@ from ._sys.bpf import MapType
 from ._sys.libbpf import LibbpfUnavailableError
 from .build import BuildError, compile
 from .errors import BPFError, BPFNotFoundError, BPFPermissionError, RecordSizeError, RingCorruptError, RingFullError
+from .features import FeatureError
 from .maps import Map
 from .objects import Link, Object, Program, bundled_object
 from .perfbuf import PerfBuffer, PerfRing
@@ -29,6 +30,7 @@ __all__ = [
     "BuildError",
     "BPF_RB_FORCE_WAKEUP",
     "BPF_RB_NO_WAKEUP",
+    "FeatureError",
     "LibbpfUnavailableError",
     "Link",
     "Map",
