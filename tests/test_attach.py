@@ -215,3 +215,13 @@ def test_attach_needs_a_loaded_program(bpf_object):
     with Object(bpf_object("attach")) as o:
         with pytest.raises(ValueError, match="cannot attach a tracepoint: program 'on_tracepoint' is not loaded"):
             o.program("on_tracepoint").attach_tracepoint("syscalls", "sys_enter_getppid")
+
+
+def test_a_destroyed_link_leaves_the_objects_links_and_close_detaches_the_rest(obj):
+    first = obj.program("on_tracepoint").attach_tracepoint("syscalls", "sys_enter_getppid")
+    second = obj.program("on_raw_tracepoint").attach_raw_tracepoint("sys_enter")
+    assert obj.links == [first, second]
+    first.destroy()
+    assert obj.links == [second] and not first.attached
+    obj.close()
+    assert not second.attached and obj.links == []

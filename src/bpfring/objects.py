@@ -79,10 +79,13 @@ class Link:
         self.target = target or f"section {program.section!r}"
 
     def destroy(self) -> None:
-        """Detach; idempotent."""
+        """Detach; idempotent. The object's ``links`` no longer lists it."""
         if self._ptr:
             ptr, self._ptr = self._ptr, None
             lib.bpf_link__destroy(ptr)
+            links = self.program._obj._links
+            if self in links:
+                links.remove(self)
 
     close = destroy
 
@@ -449,6 +452,7 @@ class Object:
 
     @property
     def links(self) -> list[Link]:
+        """The attached links (a destroyed one leaves the list)."""
         return list(self._links)
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -457,9 +461,8 @@ class Object:
         """Detach every link, close every map handed out, and free the libbpf object."""
         if not self._ptr:
             return
-        for link in self._links:
+        for link in list(self._links):  # each destroy() removes itself
             link.destroy()
-        self._links.clear()
         for live in self._global_maps.values():
             live.close()
         self._global_maps.clear()
