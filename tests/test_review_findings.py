@@ -1,0 +1,192 @@
+"""Adversarial review of the lifecycle change (issue 13): each test reproduces one finding.
+
+Each test fails on the code as reviewed; it is the reproduction, not a fix. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import pytest
+from conftest import open_fds
+from producer import parse
+
+import bpfring
+from bpfring import RingBuffer
+
+# -- close() from a signal handler while poll() waits in the same thread -----------------------------
+
+SIGNAL_CLOSE = textwrap.dedent(
+    """
+    import signal, sys, bpfring
+    kind = sys.argv[1]
+    if kind == "RingBuffer":
+        m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+        buf = bpfring.RingBuffer(m, lambda data: None)
+        wait = lambda: buf.poll(-1)
+    elif kind == "PerfBuffer":
+        m = bpfring.Map.create(bpfring.MapType.PERF_EVENT_ARRAY, 64, 4, 4)
+        buf = bpfring.PerfBuffer(m, 1, lambda cpu, data: None, cpus=[0])
+        wait = lambda: buf.poll(-1)
+    else:
+        m = bpfring.Map.create(bpfring.MapType.USER_RINGBUF, 4096)
+        buf = bpfring.UserRingBuffer(m)
+        while True:  # fill it: nothing drains this ring
+            try:
+                buf.reserve(64)
+            except bpfring.RingFullError:
+                break
+        wait = lambda: buf.reserve_blocking(64)
+    # The usual way to stop a service's poll loop on SIGTERM: close the buffer from the handler.
+    signal.signal(signal.SIGALRM, lambda *a: buf.close())
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        print("returned", wait(), flush=True)
+    except ValueError as exc:
+        print("returned", exc, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["RingBuffer", "PerfBuffer", "UserRingBuffer"])
+def test_close_from_a_signal_handler_while_this_thread_waits_does_not_hang(bpf, kind):
+    """close() in a signal handler that interrupts this thread's own poll(): before the change it
+    was refused (RuntimeError, the thread held the consumer lock); now close() waits for the
+    thread in epoll to leave, and that thread is the one running the handler: a deadlock."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", SIGNAL_CLOSE, kind], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        proc = None  # (run() has killed it)
+    assert proc is not None, f"{kind}: close() from a signal handler during the same thread's wait hung (> 10 s)"
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("returned"), proc.stdout + proc.stderr
+
+
+# -- a standalone Ring dropped without close() keeps its claim and lock fd forever -------------------
+
+
+def test_a_ring_dropped_without_close_releases_its_claim_and_lock_fd(bpf):
+    """bpfring.Ring is public and claims the map like a RingBuffer, but has no finalizer: dropped,
+    its Map's fd goes (the Map has one) while the claim's lock fd leaks and the in-process registry
+    keeps the map claimed, so no RingBuffer can ever consume that map in this process again."""
+    m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+    try:
+        before = open_fds()
+        ring = bpfring.Ring(m)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del ring
+            gc.collect()
+        leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
+        assert not leaked, f"fds left by a dropped Ring: {leaked}"
+        RingBuffer(m).close()  # the claim must have gone with the Ring
+    finally:
+        m.close()
+
+
+# -- a fork child's close() of an inherited buffer drops the child's own claim -----------------------
+
+FORK_CLAIM = textwrap.dedent(
+    """
+    import os, time, bpfring
+    m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+    inherited = bpfring.RingBuffer(m, lambda d: None)
+    go, went = os.pipe()
+    ready, said = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a pre-forked worker taking over the ring from its parent
+        os.read(go, 1)
+        mine = bpfring.RingBuffer(m, lambda d: None)  # the parent has let go: the child claims it
+        inherited.close()  # only the child's copies of the parent's descriptors... and its claim
+        os.write(said, b"x")
+        time.sleep(5)
+        mine.close()
+        os._exit(0)
+    inherited.close()
+    os.write(went, b"x")
+    os.read(ready, 1)
+    try:
+        bpfring.RingBuffer(m, lambda d: None).close()
+        print(f"a second consumer was accepted while the child {pid} consumes")
+    except bpfring.BPFError as exc:
+        print("refused", exc.errno)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_a_fork_childs_close_of_an_inherited_buffer_keeps_the_childs_own_claim(bpf):
+    """POSIX locks go when the process closes ANY fd of the file: the inherited Claim's lock fd
+    (same /run/bpfring/map-ID.lock) closed by the child's close() drops the child's own claim."""
+    proc = subprocess.run([sys.executable, "-c", FORK_CLAIM], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "refused 16", proc.stdout
+
+
+# -- a fork() child that returns from a callback goes on consuming the parent's ring -----------------
+
+
+def test_a_fork_child_returning_from_a_callback_does_not_consume_the_parents_ring(producer):
+    """The issue's rule: in a child the parent's objects refuse to be used. A child forked inside
+    a callback returns into the parent's walk (C, no pid check) and takes the rest of the records:
+    each is delivered twice, once in each process."""
+    producer.produce(10)
+    seen: list[int] = []
+    in_child = False
+    r, w = os.pipe()
+
+    def callback(data: bytes) -> None:
+        nonlocal in_child
+        seen.append(parse(data)[0])
+        if len(seen) == 1 and os.fork() == 0:
+            in_child = True
+
+    rb = RingBuffer(producer.ring, callback)
+    try:
+        try:
+            result = f"delivered {rb.consume()}: {seen}"
+        except BaseException as exc:  # what the child should meet: the fork error
+            result = f"{type(exc).__name__}: {exc}"
+        if in_child:
+            os.write(w, result.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child_said = f.read()
+        os.wait()
+    finally:
+        if not in_child:
+            rb.close()
+    assert seen == list(range(10))
+    assert "fork() child" in child_said, f"the child consumed the parent's ring: {child_said}"
+
+
+# -- an unusable lock directory ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["a-file", "/proc/sys"])
+def test_an_unusable_lock_dir_is_named_in_the_error(bpf, tmp_path, monkeypatch, where):
+    """A RingBuffer refused because of BPFRING_LOCK_DIR says what the path is for, as errors must:
+    today a bare "[Errno 17] File exists: '/tmp/...'" (or ENOENT on a file the user never named)
+    reaches the user, who asked for a RingBuffer."""
+    lock_dir = tmp_path / "a-file" if where == "a-file" else where
+    if where == "a-file":
+        lock_dir.write_text("")
+    monkeypatch.setenv("BPFRING_LOCK_DIR", str(lock_dir))
+    m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+    try:
+        before = open_fds()
+        with pytest.raises(OSError) as info:
+            RingBuffer(m).close()
+        assert open_fds() == before
+        message = str(info.value)
+        assert "BPFRING_LOCK_DIR" in message or "claim" in message, message
+    finally:
+        m.close()
