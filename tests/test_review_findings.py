@@ -190,3 +190,65 @@ def test_an_unusable_lock_dir_is_named_in_the_error(bpf, tmp_path, monkeypatch, 
         assert "BPFRING_LOCK_DIR" in message or "claim" in message, message
     finally:
         m.close()
+
+
+# -- Ctrl-C landing in poll() leaves the Poller's state lock held, or its waiter count up ------------
+
+CTRL_C_STORM = textwrap.dedent(
+    """
+    import faulthandler, signal, sys, threading, time, bpfring
+    kind, seconds = sys.argv[1], float(sys.argv[2])
+    if kind == "RingBuffer":
+        m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+        buf = bpfring.RingBuffer(m, lambda data: None)
+    else:
+        m = bpfring.Map.create(bpfring.MapType.PERF_EVENT_ARRAY, 64, 4, 4)
+        buf = bpfring.PerfBuffer(m, 1, lambda cpu, data: None, cpus=[0])
+    armed = False
+
+    def ctrl_c(*args):  # KeyboardInterrupt, but only inside the try below (never in this script)
+        global armed
+        if armed:
+            armed = False
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, ctrl_c)
+    stop = threading.Event()
+    main = threading.get_ident()
+
+    def storm():  # Ctrl-C about 500 times a second, as tests/test_faults.py sends it
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.002)
+        stop.set()
+
+    threading.Thread(target=storm, daemon=True).start()
+    faulthandler.dump_traceback_later(seconds + 5, exit=True)  # a hang: the stacks, exit 1
+    interrupted = 0
+    while not stop.is_set():
+        try:
+            armed = True
+            buf.poll(0)  # "Ctrl-C during poll(): the next call goes on where it stopped"
+            armed = False
+        except KeyboardInterrupt:
+            interrupted += 1
+    closer = threading.Thread(target=buf.close, daemon=True)
+    closer.start()
+    closer.join(3)
+    faulthandler.cancel_dump_traceback_later()
+    print(f"interrupted {interrupted}; close() {'hung' if closer.is_alive() else 'returned'}", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["RingBuffer", "PerfBuffer"])
+def test_ctrl_c_landing_anywhere_in_poll_leaves_poll_and_close_working(bpf, kind):
+    """docs/guarantees.md: Ctrl-C while poll() waits or walks propagates, and the next call goes
+    on. Poller.wait() takes a threading.Condition (whose __enter__ is Python code: a
+    KeyboardInterrupt can land after the lock is acquired and before the with-block owns it, so
+    the lock is held forever and the next poll() blocks in Condition.__enter__), and counts itself
+    in _waiting outside its try (an interrupt between the two leaves the count up, and close()
+    waits for it forever)."""
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_STORM, kind, "5"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "close() returned" in proc.stdout, (proc.stdout + proc.stderr)[-1500:]
