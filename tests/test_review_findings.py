@@ -252,3 +252,40 @@ def test_ctrl_c_landing_anywhere_in_poll_leaves_poll_and_close_working(bpf, kind
     waits for it forever)."""
     proc = subprocess.run([sys.executable, "-c", CTRL_C_STORM, kind, "5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "close() returned" in proc.stdout, (proc.stdout + proc.stderr)[-1500:]
+
+
+# -- the claim does not span users: root and a CAP_BPF user consume one ring together ----------------
+
+NOBODY_CONSUMER = textwrap.dedent(
+    """
+    import sys, time, bpfring
+    rb = bpfring.RingBuffer(sys.argv[1], lambda d: None)
+    print("consuming", flush=True)
+    time.sleep(20)
+    """
+)
+
+
+def test_a_ring_consumed_by_another_user_is_refused(bpf, tmp_path):
+    """docs/guarantees.md: a second consumer "in this process or another" is refused. The lock
+    directory depends on the euid (/run/bpfring for root, $TMPDIR/bpfring-UID otherwise), so a
+    service running as a user with CAP_BPF and root's `bpfring tail` never see each other's claim
+    (_claim.py lock_dir())."""
+    from bpfring._sys.mounts import BPFFS, ensure_bpffs
+
+    ensure_bpffs()
+    path = f"{BPFFS}/bpfring-review-{os.getpid()}"
+    m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+    m.pin(path)
+    os.chmod(path, 0o666)  # the service's user may open the pinned ring
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"]
+    service = subprocess.Popen([*cmd, sys.executable, "-c", NOBODY_CONSUMER, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout.readline().strip() == "consuming", service.stderr.read()
+        with pytest.raises(bpfring.BPFError, match=rf"already consumed by pid {service.pid}"):
+            RingBuffer(path, lambda d: None).close()
+    finally:
+        service.kill()
+        service.wait(10)
+        os.unlink(path)
+        m.close()
