@@ -5,6 +5,7 @@ Each test fails on the code as reviewed; it is the reproduction, not a fix. Ever
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -288,4 +289,43 @@ def test_a_ring_consumed_by_another_user_is_refused(bpf, tmp_path):
         service.kill()
         service.wait(10)
         os.unlink(path)
+        m.close()
+
+
+# -- close() after the event loop of a pending async iteration was closed ----------------------------
+
+
+@pytest.mark.parametrize("kind", ["RingBuffer", "PerfBuffer"])
+def test_close_after_an_iterating_event_loop_was_closed_releases_everything(bpf, kind):
+    """A loop stopped and closed with an `async for` still pending (a framework shutting down,
+    loop.run_until_complete() of something else, then loop.close()): its waiter stays in
+    Poller._async_waiters, and close() calls loop.call_soon_threadsafe() on the closed loop
+    (_poller.py _end_async_waits), which raises RuntimeError after _closing was set. Nothing is
+    released, every later close() returns at once, and the claim is held for good."""
+    if kind == "RingBuffer":
+        m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+        make = lambda: RingBuffer(m)  # noqa: E731
+    else:
+        m = bpfring.Map.create(bpfring.MapType.PERF_EVENT_ARRAY, 64, 4, 4)
+        make = lambda: bpfring.PerfBuffer(m, 1, cpus=[0])  # noqa: E731
+    try:
+        before = open_fds()
+        buf = make()
+
+        async def consume() -> None:
+            async for _ in buf:
+                pass
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(consume())
+        loop.run_until_complete(asyncio.sleep(0.1))  # the iteration now waits on this loop
+        loop.close()
+        try:
+            buf.close()
+        finally:
+            del task  # (the pending task is destroyed with its loop)
+            assert buf.closed, "close() left the buffer open"
+            assert open_fds() == before
+            make().close()  # the claim went with it
+    finally:
         m.close()
