@@ -295,37 +295,50 @@ def test_a_ring_consumed_by_another_user_is_refused(bpf, tmp_path):
 # -- close() after the event loop of a pending async iteration was closed ----------------------------
 
 
-@pytest.mark.parametrize("kind", ["RingBuffer", "PerfBuffer"])
+@pytest.mark.parametrize("kind", ["RingBuffer", "PerfBuffer", "UserRingBuffer"])
 def test_close_after_an_iterating_event_loop_was_closed_releases_everything(bpf, kind):
-    """A loop stopped and closed with an `async for` still pending (a framework shutting down,
-    loop.run_until_complete() of something else, then loop.close()): its waiter stays in
-    Poller._async_waiters, and close() calls loop.call_soon_threadsafe() on the closed loop
-    (_poller.py _end_async_waits), which raises RuntimeError after _closing was set. Nothing is
-    released, every later close() returns at once, and the claim is held for good."""
+    """A loop stopped and closed with an `async for` (or a reserve_async()) still pending (a
+    framework shutting down, loop.run_until_complete() of something else, then loop.close()): its
+    waiter stays in Poller._async_waiters, and close() calls loop.call_soon_threadsafe() on the
+    closed loop (_poller.py _end_async_waits), which raises RuntimeError after _closing was set.
+    RingBuffer/PerfBuffer: nothing is released, every later close() returns at once, the claim is
+    held for good. UserRingBuffer: close() raises and the reserve_async() epoll and eventfd leak."""
     if kind == "RingBuffer":
         m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
         make = lambda: RingBuffer(m)  # noqa: E731
-    else:
+    elif kind == "PerfBuffer":
         m = bpfring.Map.create(bpfring.MapType.PERF_EVENT_ARRAY, 64, 4, 4)
         make = lambda: bpfring.PerfBuffer(m, 1, cpus=[0])  # noqa: E731
+    else:
+        m = bpfring.Map.create(bpfring.MapType.USER_RINGBUF, 4096)
+        make = lambda: bpfring.UserRingBuffer(m)  # noqa: E731
     try:
         before = open_fds()
         buf = make()
 
-        async def consume() -> None:
-            async for _ in buf:
-                pass
+        async def wait() -> None:
+            if kind == "UserRingBuffer":
+                while True:  # nothing drains this ring: fill it, then wait for room
+                    try:
+                        buf.reserve(64)
+                    except bpfring.RingFullError:
+                        break
+                await buf.reserve_async(64)
+            else:
+                async for _ in buf:
+                    pass
 
         loop = asyncio.new_event_loop()
-        task = loop.create_task(consume())
-        loop.run_until_complete(asyncio.sleep(0.1))  # the iteration now waits on this loop
+        task = loop.create_task(wait())
+        loop.run_until_complete(asyncio.sleep(0.1))  # the task now waits on this loop
         loop.close()
         try:
             buf.close()
         finally:
             del task  # (the pending task is destroyed with its loop)
             assert buf.closed, "close() left the buffer open"
-            assert open_fds() == before
+            leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
+            assert not leaked, f"fds left: {leaked}"
             make().close()  # the claim went with it
     finally:
         m.close()
