@@ -342,3 +342,42 @@ def test_close_after_an_iterating_event_loop_was_closed_releases_everything(bpf,
             make().close()  # the claim went with it
     finally:
         m.close()
+
+
+# -- the garbage collector finalizing a buffer inside Claim() deadlocks on _claimed_lock -------------
+
+GC_IN_CLAIM = textwrap.dedent(
+    """
+    import faulthandler, gc, warnings, bpfring
+    warnings.simplefilter("ignore", ResourceWarning)
+    pool = [bpfring.Map.create(bpfring.MapType.RINGBUF, 4096) for _ in range(40)]
+    mine = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
+
+    class Tracer:  # the usual shape: the callback is a method of the object holding the buffer
+        def __init__(self, m):
+            self.rb = bpfring.RingBuffer(m, self.handle)  # a cycle: only the cyclic GC frees it
+
+        def handle(self, data):
+            pass
+
+    gc.set_threshold(7, 1, 1)  # collections often, at allocation points anywhere (as ever, only sooner)
+    for i in range(3000):
+        faulthandler.dump_traceback_later(5, exit=True)  # no progress for 5 s: the stacks, exit 1
+        try:
+            Tracer(pool[i % len(pool)])  # dropped without close()
+        except bpfring.BPFError:
+            pass  # that map's previous Tracer is not collected yet
+        bpfring.RingBuffer(mine).close()
+    faulthandler.cancel_dump_traceback_later()
+    print("done", flush=True)
+    """
+)
+
+
+def test_a_buffer_finalized_by_the_gc_inside_another_claim_does_not_deadlock(bpf):
+    """Claim.__init__ holds the non-reentrant _claimed_lock while it allocates (lock_dir(),
+    os.makedirs, os.path.join): a cyclic GC pass there may finalize an unclosed RingBuffer, whose
+    __del__ -> close() -> Claim.release() takes _claimed_lock again in the same thread: the
+    process hangs for good (_claim.py, Claim.__init__ and release())."""
+    proc = subprocess.run([sys.executable, "-c", GC_IN_CLAIM], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", (proc.stdout + proc.stderr)[-2500:]
