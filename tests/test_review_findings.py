@@ -197,7 +197,7 @@ def test_an_unusable_lock_dir_is_named_in_the_error(bpf, tmp_path, monkeypatch, 
 
 CTRL_C_STORM = textwrap.dedent(
     """
-    import faulthandler, signal, sys, threading, time, bpfring
+    import faulthandler, os, signal, subprocess, sys, threading, time, bpfring
     kind, seconds = sys.argv[1], float(sys.argv[2])
     if kind == "RingBuffer":
         m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
@@ -214,20 +214,17 @@ CTRL_C_STORM = textwrap.dedent(
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, ctrl_c)
-    stop = threading.Event()
-    main = threading.get_ident()
-
-    def storm():  # Ctrl-C about 500 times a second, as tests/test_faults.py sends it
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            signal.pthread_kill(main, signal.SIGINT)
-            time.sleep(0.002)
-        stop.set()
-
-    threading.Thread(target=storm, daemon=True).start()
+    # Ctrl-C from outside, as a terminal sends it (at any moment), about 1000 times a second.
+    sender = subprocess.Popen([sys.executable, "-c", (
+        "import os, time\\n"
+        f"end = time.monotonic() + {seconds}\\n"
+        "while time.monotonic() < end:\\n"
+        f"    os.kill({os.getpid()}, 2)\\n"
+        "    time.sleep(0.001)"
+    )])
     faulthandler.dump_traceback_later(seconds + 5, exit=True)  # a hang: the stacks, exit 1
     interrupted = 0
-    while not stop.is_set():
+    while sender.poll() is None:
         try:
             armed = True
             buf.poll(0)  # "Ctrl-C during poll(): the next call goes on where it stopped"
