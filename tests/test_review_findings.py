@@ -1,6 +1,8 @@
-"""Adversarial review of the lifecycle change (issue 13): each test reproduces one finding.
-
-Each test fails on the code as reviewed; it is the reproduction, not a fix. Every wait is bounded.
+"""An adversarial review of the lifecycle change (issue 13): each test reproduced one finding
+(hangs on Ctrl-C and on close() from a signal handler, a GC deadlock inside a claim, a buffer stuck
+open after its event loop closed, claims dropped or leaked across fork() and finalization, claims
+that did not span users, an unusable lock directory named nowhere) and failed on the code as
+reviewed; they pass since the fixes. Every wait is bounded.
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 import tempfile
 import threading
+import weakref
 
 from .errors import BPFError
 from .maps import Map
@@ -24,27 +26,58 @@ from .maps import Map
 _FLOCK = "hhqqi4x"
 
 _claimed: dict[int, str] = {}  # map id -> what holds it, in this process
-_claimed_lock = threading.Lock()
+# Reentrant: the garbage collector may finalize a buffer (releasing its claim) while this thread
+# is inside Claim() holding it.
+_claimed_lock = threading.RLock()
+_open: weakref.WeakSet[Claim] = weakref.WeakSet()  # claims holding a lock file open
 
 
 def _after_fork_in_child() -> None:
-    """A fork child holds none of its parent's locks, and may inherit _claimed_lock held."""
+    """A fork child holds none of its parent's locks, and may inherit _claimed_lock held. It
+    closes the lock files it inherited now: POSIX drops all of a process's locks on a file when it
+    closes any descriptor of it, so closing one later would drop a claim the child made itself."""
     global _claimed_lock
     _claimed.clear()
-    _claimed_lock = threading.Lock()
+    _claimed_lock = threading.RLock()
+    for claim in list(_open):
+        claim._forget()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+SHARED_LOCK_DIR = "/run/bpfring"
+
 
 def lock_dir() -> str:
-    """Where claims live: $BPFRING_LOCK_DIR, else /run/bpfring (root), else a per-user temp dir."""
+    """Where claims live: $BPFRING_LOCK_DIR, else /run/bpfring, shared by every user (root makes
+    it, sticky and world-writable as /tmp is), else, where a non-root process finds no such
+    directory, one of its own (claims then do not span users)."""
     chosen = os.environ.get("BPFRING_LOCK_DIR")
     if chosen:
         return chosen
-    if os.geteuid() == 0 and os.path.isdir("/run"):
-        return "/run/bpfring"
-    return os.path.join(tempfile.gettempdir(), f"bpfring-{os.geteuid()}")
+    if os.geteuid() == 0:
+        os.makedirs(SHARED_LOCK_DIR, exist_ok=True)
+        os.chmod(SHARED_LOCK_DIR, 0o1777)
+        return SHARED_LOCK_DIR
+    if os.access(SHARED_LOCK_DIR, os.W_OK | os.X_OK):
+        return SHARED_LOCK_DIR
+    own = os.path.join(tempfile.gettempdir(), f"bpfring-{os.geteuid()}")
+    os.makedirs(own, mode=0o700, exist_ok=True)
+    info = os.lstat(own)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, f"{own} is not a directory of this user's", own)
+    return own
+
+
+def _open_lock_file(m: Map) -> int:
+    """The lock file of map ``m``, opened read-write (a write lock needs it), never through a link."""
+    directory = lock_dir()
+    fd = os.open(
+        os.path.join(directory, f"map-{m.id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666
+    )
+    if os.fstat(fd).st_uid == os.geteuid():
+        os.fchmod(fd, 0o666)  # past the umask: every user's consumer can lock it
+    return fd
 
 
 def _holder(fd: int) -> int:
@@ -66,36 +99,51 @@ class Claim:
 
     def __init__(self, m: Map, what: str) -> None:
         self.map_id = m.id
-        self._pid = os.getpid()
         self._fd = -1
         with _claimed_lock:
             holder = _claimed.get(m.id)
             if holder is not None:
                 raise _busy(m, f"a {holder} in this process", what)
-            directory = lock_dir()
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            fd = os.open(os.path.join(directory, f"map-{m.id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = _open_lock_file(m)
+            except OSError as exc:
+                raise BPFError(
+                    exc.errno,
+                    f"can't claim map {m.name!r} (id {m.id}) for this {what}: its lock file could not be "
+                    f"opened ({exc.strerror}: {exc.filename}); set BPFRING_LOCK_DIR to a writable directory, "
+                    "or pass shared=True",
+                ) from None
             try:
                 fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
             except OSError as exc:
                 try:
                     if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                        raise BPFError(exc.errno, f"can't claim map {m.name!r} (id {m.id}) in {directory}") from None
+                        raise BPFError(exc.errno, f"can't lock the claim file of map {m.name!r} (id {m.id})") from None
                     pid = _holder(fd)
                 finally:
                     os.close(fd)
                 raise _busy(m, _describe(pid) if pid > 0 else "another process", what) from None
             self._fd = fd
             _claimed[m.id] = what
+            _open.add(self)
 
     def release(self) -> None:
         if self._fd < 0:
             return
-        fd, self._fd = self._fd, -1
-        os.close(fd)  # releases the lock (in the process that took it; a fork child holds none)
-        if os.getpid() == self._pid:
-            with _claimed_lock:
-                _claimed.pop(self.map_id, None)
+        with _claimed_lock:
+            fd, self._fd = self._fd, -1
+            _open.discard(self)
+            _claimed.pop(self.map_id, None)
+            os.close(fd)  # releases the lock
+
+    def _forget(self) -> None:
+        """In a fork child: close the inherited lock file (the child holds no lock on it)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _busy(m: Map, holder: str, what: str) -> BPFError:

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <pthread.h>
 #include <unistd.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -50,6 +51,26 @@
 #define SIGNAL_CHECK_INTERVAL 4096
 
 static PyObject *record_size_error; /* bpfring.errors.RecordSizeError */
+
+/* Bumped in a fork() child (pthread_atfork). A child forked inside a callback returns into the
+ * walk: it must not go on consuming the parent's ring (the positions are shared). */
+static volatile unsigned long fork_generation;
+
+static void on_fork_child(void)
+{
+	fork_generation++;
+}
+
+/* After a callback returns: -1 with RuntimeError set if it fork()ed and this is the child. */
+static int check_not_forked(unsigned long generation)
+{
+	if (generation == fork_generation)
+		return 0;
+	PyErr_SetString(PyExc_RuntimeError,
+			"this is a fork() child, forked inside a callback: it stops walking the parent's ring (the "
+			"positions are shared with the parent); open a new consumer in the child");
+	return -1;
+}
 static long page_size;               /* the kernel lays rings out in pages */
 
 static inline uint64_t roundup_len(uint32_t len)
@@ -420,6 +441,7 @@ static PyObject *ring_consume(RingState *s, PyObject *const *args, Py_ssize_t na
 {
 	Py_ssize_t limit, count = 0;
 	uint64_t cons, prod, start;
+	unsigned long generation;
 	long stop = 0;
 
 	if (nargs != 2) {
@@ -429,6 +451,7 @@ static PyObject *ring_consume(RingState *s, PyObject *const *args, Py_ssize_t na
 	if (as_limit(args[1], &limit) < 0 || ring_begin(s, &cons, &prod) < 0)
 		return NULL;
 	start = cons;
+	generation = fork_generation;
 	s->walking++;
 	for (;;) {
 		while (cons < prod) {
@@ -456,8 +479,10 @@ static PyObject *ring_consume(RingState *s, PyObject *const *args, Py_ssize_t na
 			ret = PyObject_CallOneArg(args[0], record);
 			Py_DECREF(record);
 			count++;
-			if (!ret)
+			if (!ret || check_not_forked(generation) < 0) {
+				Py_XDECREF(ret);
 				goto fail;
+			}
 			if ((stop = stop_value(ret)) < 0 || count >= limit)
 				goto done;
 			if (count % SIGNAL_CHECK_INTERVAL == 0 && PyErr_CheckSignals() < 0)
@@ -885,6 +910,7 @@ static PyObject *perf_consume(PerfRingState *s, PyObject *const *args, Py_ssize_
 	unsigned long expect_lo, expect_hi;
 	Py_ssize_t limit, count = 0;
 	uint64_t tail, head, start;
+	unsigned long generation = fork_generation;
 	long stop = 0;
 
 	if (nargs != 6) {
@@ -961,8 +987,10 @@ static PyObject *perf_consume(PerfRingState *s, PyObject *const *args, Py_ssize_
 				tail = next;
 				continue;
 			}
-			if (!ret)
+			if (!ret || check_not_forked(generation) < 0) {
+				Py_XDECREF(ret);
 				goto out;
+			}
 			if ((stop = stop_value(ret)) < 0)
 				goto done;
 			if (type == PERF_RECORD_SAMPLE && count >= limit)
@@ -1400,6 +1428,10 @@ PyMODINIT_FUNC PyInit__fastring(void)
 	if (!record_size_error)
 		return NULL;
 	page_size = sysconf(_SC_PAGESIZE);
+	if (pthread_atfork(NULL, NULL, on_fork_child) != 0) {
+		PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+		return NULL;
+	}
 	if (PyType_Ready(&BlockType) < 0 || PyType_Ready(&RingStateType) < 0 || PyType_Ready(&PerfRingStateType) < 0 ||
 	    PyType_Ready(&UserRingStateType) < 0)
 		return NULL;

@@ -39,10 +39,14 @@ class Poller:
         self.pid = os.getpid()
         # The consumer lock: an RLock, as it knows its owner thread (see consuming() and close()).
         self._lock = threading.RLock()
-        # Guards _closing and _waiting; close() waits on it for the threads in epoll to leave.
-        self._state = threading.Condition(threading.Lock())
+        # Guards _closing and _waiting (threads in epoll, by thread id). A C lock, whose ``with`` is
+        # safe against Ctrl-C (a Condition's __enter__ is Python code: an interrupt landing in it
+        # would leave the lock held), reentrant for a close() from a signal handler that
+        # interrupted this thread while it held it; close() waits for the waiters on _left.
+        self._state = threading.RLock()
+        self._left = threading.Condition(self._state)
         self._closing = False
-        self._waiting = 0
+        self._waiting: dict[int, int] = {}
         # Per event loop: the fd its reader watches, and the waiters that reader wakes.
         self._async_waiters: dict[asyncio.AbstractEventLoop, tuple[int, set[asyncio.Future[None]]]] = {}
         self._epoll: select.epoll | None = select.epoll()
@@ -106,16 +110,27 @@ class Poller:
     def wait(self, timeout_ms: int) -> list[int]:
         """The fds epoll reports ready within ``timeout_ms`` (-1: forever); called outside
         consuming(), so a blocked wait delays no consumer. close() wakes it (and returns [])."""
-        with self._state:
-            epoll = self.check_open()
-            self._waiting += 1
+        me = threading.get_ident()
+        counted = False
         try:
-            ready = epoll.poll(-1 if timeout_ms < 0 else timeout_ms / 1000)
-        finally:
             with self._state:
-                self._waiting -= 1
-                if not self._waiting:
-                    self._state.notify_all()
+                epoll = self.check_open()
+                self._waiting[me] = self._waiting.get(me, 0) + 1
+                counted = True  # no signal check between these two lines and the try's finally
+            try:
+                ready = epoll.poll(-1 if timeout_ms < 0 else timeout_ms / 1000)
+            except (OSError, ValueError):
+                if self._closing:  # closed by a signal handler that interrupted this wait
+                    return []
+                raise
+        finally:
+            if counted:
+                with self._state:
+                    if self._waiting[me] == 1:
+                        del self._waiting[me]
+                    else:
+                        self._waiting[me] -= 1
+                    self._left.notify_all()
         return [] if self._closing else [fd for fd, _ in ready if fd != self._wake_fd]
 
     def close(self, release: Callable[[], None], release_in_child: Callable[[], None] | None = None) -> None:
@@ -135,7 +150,10 @@ class Poller:
                 raise RuntimeError(f"{self._owner}.close() called from its own callback: return a negative value to stop")
             self._closing = True
             os.eventfd_write(self._wake_fd, 1)  # level-triggered: every wait returns, now and later
-            self._state.wait_for(lambda: self._waiting == 0)
+            # Every other thread leaves epoll before it closes; this one may be waiting too (close()
+            # from a signal handler that interrupted its own wait): its wait then returns [].
+            me = threading.get_ident()
+            self._left.wait_for(lambda: not any(t != me for t in self._waiting))
         self._end_async_waits()
         with self._lock:
             try:
@@ -200,8 +218,13 @@ class Poller:
         for loop in list(self._async_waiters):
             if loop is running:
                 self._readable(loop)
+            elif loop.is_closed():  # nothing runs there any more: nothing to wake or unregister
+                self._async_waiters.pop(loop, None)
             else:  # another thread's loop: it unregisters there
-                loop.call_soon_threadsafe(self._readable, loop)
+                try:
+                    loop.call_soon_threadsafe(self._readable, loop)
+                except RuntimeError:  # closed meanwhile
+                    self._async_waiters.pop(loop, None)
 
     def _readable(self, loop: asyncio.AbstractEventLoop) -> None:
         """The epoll fd is readable (or closing): wake every waiter of ``loop``; each one looks."""

@@ -281,6 +281,12 @@ class Ring(MappedRing):
     def closed(self) -> bool:
         return self._map.closed
 
+    def __del__(self) -> None:
+        m = self.__dict__.get("_map")
+        if m is not None and not m.closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self.close()
+
     def __repr__(self) -> str:
         if self.closed:
             return "<Ring closed>"
