@@ -267,19 +267,31 @@ NOBODY_CONSUMER = textwrap.dedent(
 
 
 def test_a_ring_consumed_by_another_user_is_refused(bpf, tmp_path):
-    """docs/guarantees.md: a second consumer "in this process or another" is refused. The lock
-    directory depends on the euid (/run/bpfring for root, $TMPDIR/bpfring-UID otherwise), so a
-    service running as a user with CAP_BPF and root's `bpfring tail` never see each other's claim
-    (_claim.py lock_dir())."""
+    """docs/guarantees.md: a second consumer "in this process or another" is refused, whichever
+    user runs it: a service running as a user with CAP_BPF and root's `bpfring tail` see each
+    other's claims in /run/bpfring (before the fix the directory depended on the euid)."""
+    import shutil
+    import tempfile
+
+    from bpfring._claim import lock_dir
     from bpfring._sys.mounts import BPFFS, ensure_bpffs
 
     ensure_bpffs()
+    lock_dir()  # as root: /run/bpfring made, shared by every user
+    # The service's user may not read this checkout (CI clones into a private directory): it
+    # imports the installed package from a world-readable copy.
+    share = tempfile.mkdtemp(prefix="bpfring-nobody-")
+    os.chmod(share, 0o755)
+    shutil.copytree(os.path.dirname(bpfring.__file__), os.path.join(share, "bpfring"))
     path = f"{BPFFS}/bpfring-review-{os.getpid()}"
     m = bpfring.Map.create(bpfring.MapType.RINGBUF, 4096)
     m.pin(path)
     os.chmod(path, 0o666)  # the service's user may open the pinned ring
     cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+bpf,+perfmon", "--ambient-caps=+bpf,+perfmon"]
-    service = subprocess.Popen([*cmd, sys.executable, "-c", NOBODY_CONSUMER, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    service = subprocess.Popen(
+        [*cmd, sys.executable, "-c", NOBODY_CONSUMER, path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=share),
+    )
     try:
         assert service.stdout.readline().strip() == "consuming", service.stderr.read()
         with pytest.raises(bpfring.BPFError, match=rf"already consumed by pid {service.pid}"):
@@ -289,6 +301,7 @@ def test_a_ring_consumed_by_another_user_is_refused(bpf, tmp_path):
         service.wait(10)
         os.unlink(path)
         m.close()
+        shutil.rmtree(share)
 
 
 # -- close() after the event loop of a pending async iteration was closed ----------------------------
