@@ -125,8 +125,8 @@ class Ring(MappedRing):
         records committed after this call.
         """
         with self._consuming():
-            self._partial = None
-            self._taken.records.clear()
+            # (Records a batch took before, kept after a Ctrl-C, are healthy: the next batch still
+            # returns them.)
             skipped = self._live_state().resync()
             if self._quarantined and self._poller is not None:
                 self._poller.register(self.map_fd)
