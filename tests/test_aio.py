@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
 from producer import expected_fixed, expected_record, parse
 
+import bpfring
 from bpfring import BPF_RB_NO_WAKEUP, PerfBuffer, RingBuffer
 
 FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payload", "u1", (48,))])
@@ -226,3 +228,99 @@ def test_perf_buffer_async_batches_with_cpus(perf_producer):
     cpus, records = run(main())
     assert cpus == [0] * 25
     assert records["seq"].tolist() == list(range(25))
+
+
+# -- one holder for what was taken: iterations and batch calls hand over to each other ----------
+
+
+@pytest.mark.parametrize("dtype", [None, FIXED], ids=["bytes", "dtype"])
+def test_records_an_iteration_took_but_did_not_yield_come_first_from_the_next_batch_call(producer, dtype):
+    """An iteration left after 30 records has taken all 100 from the ring: the other 70 are the
+    next batch call's, in order, once; then the ring's new records follow."""
+
+    async def main() -> tuple[list[bytes], Any, Any]:
+        got: list[bytes] = []
+        with RingBuffer(producer.ring, never) as rb:
+            producer.produce(100, fixed=True)
+            async for record in rb:
+                got.append(record)
+                if len(got) == 30:
+                    break
+            assert rb.rings[0].avail_data_size == 0  # the other 70 left the ring with the first 30
+            rest = rb.consume_batch(dtype)
+            producer.produce(10, fixed=True, producer=1)
+            return got, rest, rb.consume_batch(dtype)
+
+    got, rest, new = run(main())
+    assert got == [expected_fixed(i, 0) for i in range(30)]
+    as_bytes = (lambda r: list(r)) if dtype is None else (lambda r: [row.tobytes() for row in r])
+    assert as_bytes(rest) == [expected_fixed(i, 0) for i in range(30, 100)]
+    assert as_bytes(new) == [expected_fixed(i, 1) for i in range(10)]
+
+
+def test_samples_an_iteration_took_but_did_not_yield_come_first_from_the_next_batch_call(perf_producer):
+    async def main() -> tuple[list[tuple[int, bytes]], Any]:
+        got: list[tuple[int, bytes]] = []
+        with PerfBuffer(perf_producer.array, 8, cpus=[0]) as pb:
+            perf_producer.output(60, 20, cpu=0)
+            async for sample in pb:
+                got.append(sample)
+                if len(got) == 20:
+                    break
+            return got, pb.consume_batch(with_cpus=True)
+
+    got, (cpus, rest) = run(main())
+    assert [parse(data)[0] for _, data in got] == list(range(20))
+    assert cpus == [0] * 40 and [parse(data)[0] for data in rest] == list(range(20, 60))
+
+
+def test_records_a_raising_batch_call_kept_are_the_next_iterations_first(make_producer):
+    """A batch over two rings, one corrupt, raises after taking the healthy ring's records: an
+    async iteration that comes next yields them (it does not wait for new ones, or lose them)."""
+    from test_ringbuf import write_consumer_pos
+
+    bad, good = make_producer(ring_size=4096), make_producer(ring_size=4096)
+
+    async def main() -> list[bytes]:
+        got: list[bytes] = []
+        with RingBuffer() as rb:
+            rb.add(bad.ring)
+            rb.add(good.ring)
+            write_consumer_pos(rb.rings[0], 1 << 40)
+            good.produce(3, 40)
+            with pytest.raises(bpfring.RingCorruptError):
+                rb.consume_batch()
+            async for record in rb:
+                got.append(record)
+                if len(got) == 3:
+                    break
+        return got
+
+    assert run(main()) == [expected_record(i, 0, 40) for i in range(3)]
+
+
+def test_resync_keeps_the_records_already_taken(producer):
+    """Records taken from the ring before a resync() (here by an iteration that stopped early)
+    are healthy: the next batch call returns them, then the records produced after the resync."""
+    from test_ringbuf import write_consumer_pos
+
+    async def main() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        got: list[bytes] = []
+        with RingBuffer(producer.ring, never) as rb:
+            producer.produce(20, 40)
+            async for record in rb:
+                got.append(record)
+                if len(got) == 5:
+                    break
+            producer.produce(3, 40, producer=1)  # skipped by the resync below
+            write_consumer_pos(rb.rings[0], 3)
+            with pytest.raises(bpfring.RingCorruptError):
+                rb.rings[0].consume_batch()
+            assert rb.rings[0].resync() == 3 * 48  # from where this consumer left it
+            kept = rb.consume_batch()
+            producer.produce(2, 40, producer=2)
+            return got, kept, rb.consume_batch()
+
+    got, kept, new = run(main())
+    assert got + kept == [expected_record(i, 0, 40) for i in range(20)]
+    assert new == [expected_record(i, 2, 40) for i in range(2)]

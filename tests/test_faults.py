@@ -4,15 +4,19 @@ of it, every committed record is delivered exactly once, in order, and the count
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 from conftest import open_fds
+from producer import expected_fixed, parse
 from stress.harness import (
     FIXED,
     Deadline,
@@ -268,30 +272,39 @@ def test_repeated_ctrl_c_during_perf_batch_calls_loses_and_repeats_nothing(perf_
     report("fault: ctrl-c during perf batch calls", records=checker.delivered, interrupts=ctrl_c.caught)
 
 
-@pytest.mark.parametrize("fixed", [False, True], ids=["bytes", "dtype"])
-def test_repeated_ctrl_c_during_batch_calls_loses_and_repeats_nothing(make_producer, walk, fixed):
-    """A batch interrupted after it took records hands them to the next call."""
-    producer = make_producer(ring_size=RING)
-    producers = RingProducers(producer, fixed=fixed)
+@pytest.mark.parametrize("rings", [1, 2], ids=["one-ring", "two-rings"])
+@pytest.mark.parametrize("how", ["bytes", "dtype", "out"])
+def test_repeated_ctrl_c_during_batch_calls_loses_and_repeats_nothing(make_producer, walk, how, rings):
+    """A batch interrupted after it took records hands them to the next call: on one ring, and
+    over two (where the first ring's records are taken before the second is read)."""
+    fixed = how != "bytes"
+    ring_producers = [make_producer(ring_size=RING) for _ in range(rings)]
+    producers = RingProducers(*ring_producers, fixed=fixed)
     checker = RingChecker(producers)
     got: list[bytes] = []
     batches: list[Any] = []
+    out = np.empty(RING // 8, dtype=FIXED)
 
     def take() -> None:  # the test's own code: the interrupts land inside bpfring only
-        if fixed:
-            batches.append(rb.consume_batch(FIXED))
-        else:
+        if how == "bytes":
             got.extend(rb.consume_batch())
+        else:
+            batches.append(rb.consume_batch(FIXED, out=out if how == "out" else None))
 
     def step() -> None:
         ctrl_c.call(take)
-        for arr in batches:
+        for arr in batches:  # (checked before the next call may write into out)
             checker.fixed(arr)
         batches.clear()
 
-    with RingBuffer(producer.ring, lambda data: None) as rb:
+    def laps_all() -> int:
+        return min(ring.consumer_pos // ring.size for ring in rb.rings)
+
+    with RingBuffer() as rb:
+        for p in ring_producers:
+            rb.add(p.ring)
         with CtrlC(take) as ctrl_c, producers:
-            until(lambda: laps(rb) >= LAPS and ctrl_c.caught >= 100, step, "ctrl-c in batches")
+            until(lambda: laps_all() >= LAPS and ctrl_c.caught >= 100, step, "ctrl-c in batches")
         deadline = Deadline(0, "drain")
         while True:
             step()
@@ -302,7 +315,196 @@ def test_repeated_ctrl_c_during_batch_calls_loses_and_repeats_nothing(make_produ
             deadline.check()
     checker.check_totals()
     assert ctrl_c.caught >= 100
-    report(f"fault: ctrl-c during batch calls ({walk} walk, {'dtype' if fixed else 'bytes'})", records=checker.delivered)
+    report(f"fault: ctrl-c during batch calls ({walk} walk, {how}, {rings} rings)", records=checker.delivered)
+
+
+class Interrupt:
+    """A Ctrl-C at the k-th point of a call where Python can raise one: the entry of each Python
+    function and the return of each C function it calls (sys.setprofile sees both). Stepping k
+    through every point of a call hits each of its windows in turn, deterministically, where
+    random signals land in the wide ones."""
+
+    def __init__(self) -> None:
+        self.landed = 0  # calls interrupted
+        self.most = 0  # the most points an uninterrupted call passed through
+
+    def covered(self, tried: int) -> bool:
+        """Each point k up to ``tried`` was tried: the calls had fewer, so every one was hit."""
+        return self.landed >= 10 and self.most < tried
+
+    def call(self, k: int, fn: Callable[[], Any]) -> Any:
+        seen = 0
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            nonlocal seen
+            if event in ("call", "c_return") and frame.f_code.co_filename != __file__:  # not in the test's code
+                seen += 1
+                if seen == k:
+                    raise KeyboardInterrupt  # (the profiler is switched off by it)
+
+        sys.setprofile(profile)
+        try:
+            result = fn()
+            self.most = max(self.most, seen)
+            return result
+        except KeyboardInterrupt:
+            self.landed += 1
+            return None
+        finally:
+            sys.setprofile(None)
+
+
+POINTS = 400  # more than a batch call below passes through: the last calls run uninterrupted
+
+
+def at_every_point(interrupt: Interrupt, produce: Callable[[], None], take: Callable[[], int]) -> None:
+    """For each point k: records in the rings and nothing kept, a call interrupted at its k-th
+    point (taking from the rings), another (handing over what the first kept, if it kept any),
+    then calls until nothing is left."""
+    for k in range(1, POINTS):
+        produce()
+        interrupt.call(k, take)
+        interrupt.call(k, take)
+        while take():
+            pass
+
+
+def ring_at_every_point(make_producer: Any, rings: int, take: Callable[[RingBuffer, list[bytes]], int]) -> None:
+    """at_every_point on a RingBuffer of ``rings`` rings, each fed fixed records by a producer id
+    of its own, ``take(rb, got)`` consuming; then each ring's records all delivered, once, in
+    order, intact."""
+    ring_producers = [make_producer(ring_size=4096) for _ in range(rings)]
+    got: list[bytes] = []
+    interrupt = Interrupt()
+    with RingBuffer() as rb:
+        for p in ring_producers:
+            rb.add(p.ring)
+
+        def produce() -> None:
+            for i, p in enumerate(ring_producers):
+                assert p.produce(2, fixed=True, producer=i).produced == 2
+
+        at_every_point(interrupt, produce, lambda: take(rb, got))
+    assert interrupt.covered(POINTS - 1), (interrupt.landed, interrupt.most)
+    for i in range(rings):
+        mine = [r for r in got if parse(r)[1] == i]
+        assert [parse(r)[0] for r in mine] == list(range(2 * (POINTS - 1))), f"ring {i}: lost, repeated or out of order"
+        assert mine == [expected_fixed(seq, i) for seq in range(2 * (POINTS - 1))]
+
+
+@pytest.mark.parametrize("limit", [None, 3], ids=["all", "max3"])
+@pytest.mark.parametrize("how", ["bytes", "dtype", "out"])
+@pytest.mark.parametrize("rings", [1, 2], ids=["one-ring", "two-rings"])
+def test_a_ctrl_c_at_every_point_of_a_batch_call_loses_and_repeats_nothing(make_producer, rings, how, limit):
+    out = np.empty(64, dtype=FIXED)
+
+    def take(rb: RingBuffer, got: list[bytes]) -> int:
+        if how == "bytes":
+            records = rb.consume_batch(None, limit)
+        else:
+            records = [r.tobytes() for r in rb.consume_batch(FIXED, limit, out=out if how == "out" else None)]
+        got.extend(records)
+        return len(records)
+
+    ring_at_every_point(make_producer, rings, take)
+
+
+@pytest.mark.parametrize("limit", [None, 3], ids=["all", "max3"])
+@pytest.mark.parametrize("how", ["bytes", "dtype", "out"])
+def test_a_ctrl_c_at_every_point_of_a_perf_batch_call_loses_and_repeats_nothing(perf_producer, how, limit):
+    size = 40  # 44 bytes with the kernel's padding, dropped with a dtype
+    dtype = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("tail", "u1", (size - 16,))])
+    out = np.empty(64, dtype=dtype)
+    got: list[tuple[int, bytes]] = []
+    interrupt = Interrupt()
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def take() -> int:
+        if how == "bytes":
+            on, samples = pb.consume_batch(None, limit, with_cpus=True)
+        else:
+            on, samples = pb.consume_batch(dtype, limit, out=out if how == "out" else None, with_cpus=True)
+            samples = [r.tobytes() for r in samples]
+        got.extend(zip([int(c) for c in on], [s[:size] for s in samples]))
+        return len(samples)
+
+    with PerfBuffer(perf_producer.array, 1, None, lambda cpu, n: pytest.fail(f"{n} samples lost on cpu {cpu}")) as pb:
+
+        def produce() -> None:
+            for cpu in cpus:
+                assert perf_producer.output(2, size, cpu=cpu).produced == 2
+
+        at_every_point(interrupt, produce, take)
+    assert interrupt.covered(POINTS - 1), (interrupt.landed, interrupt.most)
+    for cpu in cpus:
+        seqs = [parse(data)[0] for on, data in got if on == cpu]
+        assert seqs == list(range(2 * (POINTS - 1))), f"cpu {cpu}: lost, repeated or out of order"
+
+
+def async_step(buf: RingBuffer | PerfBuffer, got: list[Any]) -> int:
+    """One step of ``async for ... in buf``, driven without an event loop: its record to ``got``;
+    none when it would have waited (that needs a running loop). The iteration is then closed."""
+    iteration = buf.records()
+    step = iteration.__anext__()
+    try:
+        step.send(None)
+    except StopIteration as yielded:
+        got.append(yielded.value)
+    except RuntimeError as exc:
+        assert "no running event loop" in str(exc)
+        return 0
+    else:
+        raise AssertionError("an async iteration step neither yielded nor waited")
+    with contextlib.suppress(StopIteration):
+        iteration.aclose().send(None)
+    return 1
+
+
+# A Ctrl-C that lands while a dropped iteration is being finalized is printed and ignored there,
+# as Python does in every finalizer: after its record was yielded, so nothing is lost.
+ignore_finalizer_interrupts = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@ignore_finalizer_interrupts
+@pytest.mark.parametrize("how", ["async", "async-and-batches"])
+@pytest.mark.parametrize("rings", [1, 2], ids=["one-ring", "two-rings"])
+def test_a_ctrl_c_at_every_point_of_an_async_iteration_loses_and_repeats_nothing(make_producer, rings, how):
+    """Records an iteration took (refilling) are yielded one by one, under the consumer lock, or
+    handed to the next batch call: a Ctrl-C anywhere loses and repeats none."""
+    calls = 0
+
+    def take(rb: RingBuffer, got: list[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if how != "async" and calls % 2:
+            records = rb.consume_batch(None, 3)
+            got.extend(records)
+            return len(records)
+        return async_step(rb, got)
+
+    ring_at_every_point(make_producer, rings, take)
+
+
+@ignore_finalizer_interrupts
+def test_a_ctrl_c_at_every_point_of_an_async_perf_iteration_loses_and_repeats_nothing(perf_producer):
+    got: list[tuple[int, bytes]] = []
+    interrupt = Interrupt()
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def take() -> int:
+        return async_step(pb, got)
+
+    with PerfBuffer(perf_producer.array, 1, None, lambda cpu, n: pytest.fail(f"{n} samples lost on cpu {cpu}")) as pb:
+
+        def produce() -> None:
+            for cpu in cpus:
+                assert perf_producer.output(2, 40, cpu=cpu).produced == 2
+
+        at_every_point(interrupt, produce, take)
+    assert interrupt.covered(POINTS - 1), (interrupt.landed, interrupt.most)
+    for cpu in cpus:
+        seqs = [parse(data)[0] for on, data in got if on == cpu]
+        assert seqs == list(range(2 * (POINTS - 1))), f"cpu {cpu}: lost, repeated or out of order"
 
 
 # -- a consumer closed and re-opened; producers that go away -------------------------------------------

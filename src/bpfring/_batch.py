@@ -1,11 +1,14 @@
 """Batches: numpy dtypes for ring records, the memory batch results live on, and the records a
-batch call took but could not return yet (Ctrl-C, a corrupt ring among healthy ones), kept for
-the next call. Shared by RingBuffer and PerfBuffer."""
+batch call or an async iteration took but has not returned or yielded yet (Ctrl-C, a corrupt
+ring among healthy ones, a cancelled task), kept for the next call (Kept). Shared by RingBuffer and
+PerfBuffer."""
 
 from __future__ import annotations
 
+import collections
+import itertools
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from ._protocol import _fastring
 from .errors import RecordSizeError
@@ -67,39 +70,226 @@ def release_batch_memory() -> int:
 ASYNC_REFILL = 4096
 
 
-class Taken:
-    """Records a batch call took from a ring but has not returned yet, kept across a Ctrl-C.
+NOTHING = object()  # Kept.popleft() and handed(): nothing to hand over
 
-    Python raises KeyboardInterrupt between calls; a batch that is interrupted after records
-    left the ring would lose them. Collected here instead, they are handed to the next batch call.
+
+class Kept:
+    """The records a consumer took from its rings but has not handed to its caller yet.
+
+    One per consumer (a Ring used on its own, a RingBuffer, a PerfBuffer), shared by its batch
+    calls and its async iteration, so a record taken by one is returned by whichever comes next:
+
+    - Python raises KeyboardInterrupt between bytecodes, so a call interrupted after records left
+      a ring would lose them; the C walks put each record here as it leaves the ring;
+    - a call that meets a corrupt ring raises after the healthy rings were read;
+    - an async iteration that is cancelled still holds records it has not yielded.
+
+    The next call of any kind returns what is kept first, in the order it was taken, and takes
+    nothing new while something is kept (so the order holds across kinds of call). Every change
+    that hands records over is one store, with no signal check between it and the return: a
+    Ctrl-C lands either before it (the records stay) or after the caller has them.
+
+    Parts, oldest first: deques of rows that the walks append to (``bytes``, or ``(cpu, bytes)``
+    with ``per_cpu``), whole arrays, and at most one array that a C take is filling, with the
+    list it appends its counts to (an int per ring, or ``(cpu, samples, lost)`` per perf ring).
+    ``slack``: the bytes a record may have beyond its dtype (a perf sample's padding to 8 bytes,
+    dropped).
     """
 
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
+    def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
+        self._parts: collections.deque[Any] = collections.deque()
+        self._filling: tuple[Any, list[Any]] | None = None
+        self._per_cpu = per_cpu
+        self._slack = slack
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts)
 
     def __bool__(self) -> bool:
-        return bool(self.records)
+        for part in self._parts:
+            if len(part):
+                return True
+        return False
 
-    def hand_over(self, dt: Any, limit: int, out: Any) -> Any:
-        """Up to ``limit`` kept records (as ``dt`` if given), removed from here with no signal check
-        between the removal and the return."""
-        records, rest = self.records[:limit], self.records[limit:]
-        if dt is not None:
-            np = numpy_module()
-            if any(len(r) != dt.itemsize for r in records):
-                size = next(len(r) for r in records if len(r) != dt.itemsize)
+    # -- taking -----------------------------------------------------------------------------------
+
+    def rows(self) -> collections.deque[Any]:
+        """The deque to append taken rows to (a walk's callback or ``into``): kept as it grows."""
+        if self._parts and isinstance(self._parts[-1], collections.deque):
+            return self._parts[-1]
+        part: collections.deque[Any] = collections.deque()
+        self._parts.append(part)
+        return part
+
+    def filling(self, records: Any, counts: list[Any]) -> None:
+        """``records`` is being filled by a C take that appends its counts to ``counts``; until
+        :meth:`filled` or :meth:`keep_filled`, what it filled is kept."""
+        self._filling = (records, counts)
+
+    def filled(self) -> None:
+        """The array being filled is the caller's now (it returns it next, with no signal check)."""
+        self._filling = None
+
+    def keep_filled(self) -> int:
+        """Keep what the array being filled holds, as a part; returns how many records that is."""
+        if self._filling is None:
+            return 0  # (the ring had nothing: no array was made)
+        records, counts = self._filling
+        n = self._count(counts)
+        parts = collections.deque(self._parts)
+        parts.append(records[:n])
+        self._parts, self._filling = parts, None  # one step: kept once, never twice
+        return n
+
+    def settle(self) -> list[Any]:
+        """Keep, as rows, what an interrupted C take had filled. Returns its perf counts that still
+        have lost samples to report; they stay here until :meth:`filled`, so a report interrupted
+        in its turn is made by the next call."""
+        if self._filling is None:
+            return []
+        records, counts = self._filling
+        rows: collections.deque[Any] = collections.deque()
+        at = 0
+        for count in counts:
+            n = count[1] if self._per_cpu else count
+            if self._per_cpu:
+                rows.extend((count[0], data) for data in _as_bytes(records[at : at + n]))
+            else:
+                rows.extend(_as_bytes(records[at : at + n]))
+            at += n
+        unreported = [(cpu, 0, lost) for cpu, _, lost in counts if lost] if self._per_cpu else []
+        parts = collections.deque(self._parts)
+        parts.append(rows)
+        self._parts, self._filling = parts, ((records[:0], unreported) if unreported else None)
+        return unreported
+
+    def put_back(self, rows: Any) -> None:
+        """Rows handed over but stopped on their way to the caller (see :func:`handed`), first in
+        line again."""
+        parts = collections.deque(self._parts)
+        parts.appendleft(collections.deque(rows))
+        self._parts = parts
+
+    def as_rows(self, result: Any) -> list[Any]:
+        """A :meth:`hand_over` result (``with_cpus`` for a perf buffer) as rows again."""
+        if self._per_cpu:
+            cpus, records = result
+            return list(zip((int(cpu) for cpu in cpus), _record_bytes(records)))
+        return _record_bytes(result)
+
+    def _count(self, counts: list[Any]) -> int:
+        return sum(count[1] for count in counts) if self._per_cpu else sum(counts)
+
+    # -- handing over -----------------------------------------------------------------------------
+
+    def popleft(self) -> Any:
+        """The oldest kept record (``bytes``, or ``(cpu, bytes)`` with ``per_cpu``), or NOTHING, for
+        an async iteration; call under the consumer lock."""
+        parts = self._parts
+        while parts and not len(parts[0]):
+            parts.popleft()
+        if not parts:
+            return NOTHING
+        part = parts[0]
+        if type(part) is collections.deque:
+            record = part[0]
+            del part[0]  # (no call between taking it out and the return: no signal check)
+            return record
+        record = part[0].tobytes()
+        parts[0] = part[1:]
+        return record
+
+    def hand_over(self, dt: Any, limit: int, out: Any = None, with_cpus: bool = False) -> Any:
+        """Up to ``limit`` kept records, oldest first, removed from here: as a list of ``bytes``
+        (``dt`` None) or an array of ``dt`` (into ``out`` if given); with ``with_cpus`` (perf) as
+        ``(cpus, records)``. A record that does not fit ``dt`` raises RecordSizeError and nothing
+        is removed."""
+        rest = collections.deque(self._parts)
+        pieces: list[tuple[Any, int]] = []
+        have = 0
+        while rest and have < limit:
+            part = rest[0]
+            k = min(len(part), limit - have)
+            if k == len(part):
+                rest.popleft()
+            else:  # the rest of this part stays first in line
+                rest[0] = collections.deque(itertools.islice(part, k, None)) if isinstance(part, collections.deque) else part[k:]
+            if k:
+                pieces.append((part, k))
+                have += k
+        result = self._build(dt, pieces, out, with_cpus)
+        self._parts = rest  # no signal check from here to the caller's return
+        return result
+
+    def _build(self, dt: Any, pieces: list[tuple[Any, int]], out: Any, with_cpus: bool) -> Any:
+        """The records of ``pieces`` (a part and how many of its first records) as hand_over returns them."""
+        np = None if dt is None else numpy_module()
+        if np is not None and not self._per_cpu and not [p for p, _ in pieces if not _is_array_of(p, dt)]:
+            if len(pieces) == 1 and out is None:
+                return pieces[0][0][: pieces[0][1]]  # an array the ring's take made: the caller's now
+            records = np.concatenate([p[:k] for p, k in pieces]) if pieces else np.empty(0, dtype=dt)
+        else:
+            rows: list[Any] = []
+            for part, k in pieces:
+                if isinstance(part, collections.deque):
+                    rows.extend(itertools.islice(part, k))
+                else:
+                    rows.extend(_as_bytes(part[:k]))
+            if self._per_cpu:
+                cpus = [cpu for cpu, _ in rows]
+                rows = [data for _, data in rows]
+            if np is None:
+                return (cpus, rows) if with_cpus else rows
+            size = dt.itemsize
+            misfits = [len(r) for r in rows if not size <= len(r) <= size + self._slack]
+            if misfits:
                 raise RecordSizeError(
-                    f"a record an interrupted batch took is {size} bytes, dtype {dt} expects {dt.itemsize}: "
+                    f"a record an earlier call took is {misfits[0]} bytes, dtype {dt} expects {size}: "
                     "read it with consume_batch() without a dtype"
                 )
-            array = np.frombuffer(b"".join(records), dtype=dt).copy()  # writable, like every batch
-            if out is not None:
-                out[: len(array)] = array
-                array = out[: len(array)]
-            self.records = rest
-            return array
-        self.records = rest
+            if self._slack:
+                rows = [r[:size] for r in rows]  # the kernel's padding, dropped
+            records = np.frombuffer(b"".join(rows), dtype=dt).copy() if rows else np.empty(0, dtype=dt)
+        if out is not None:
+            out[: len(records)] = records
+            records = out[: len(records)]
+        if with_cpus:
+            return np.array(cpus, dtype=np.int32), records
         return records
+
+
+def handed(lock: Any, kept: Kept, take: Callable[[], Any]) -> Any:
+    """``take()`` under ``lock`` (a consumer call that hands records over), its result returned.
+
+    Python checks for signals when the lock's ``__exit__`` returns, after the records have left
+    ``kept`` and the ring: a Ctrl-C landing there would lose them. They are put back instead, first
+    in line for the next call. (From here to the caller, no further check: a Python function's
+    return has none.)
+    """
+    result = NOTHING
+    try:
+        with lock:
+            result = take()
+        return result
+    except BaseException:
+        if result is not NOTHING:
+            with lock:
+                kept.put_back(kept.as_rows(result))
+        raise
+
+
+def _record_bytes(records: Any) -> list[bytes]:
+    return list(records) if isinstance(records, list) else _as_bytes(records)
+
+
+def _is_array_of(part: Any, dt: Any) -> bool:
+    return not isinstance(part, collections.deque) and part.dtype == dt
+
+
+def _as_bytes(array: Any) -> list[bytes]:
+    """Each record of ``array`` as ``bytes``."""
+    np = numpy_module()
+    return [row.tobytes() for row in array.view(np.dtype((np.void, array.dtype.itemsize)))]
 
 
 def check_positive_int(name: str, value: int) -> int:
@@ -113,24 +303,3 @@ def check_positive_int(name: str, value: int) -> int:
 
 def check_limit(max_records: int) -> int:
     return check_positive_int("max_records", max_records)
-
-
-def join_parts(np: Any, dt: Any, parts: list[Any]) -> Any:
-    """The records of several batch parts (lists of bytes or arrays) as one list (``dt`` None) or
-    one array of ``dt``."""
-    if dt is None:
-        return [bytes(r) for part in parts for r in (part if isinstance(part, list) else rows(np, part))]
-    if all(not isinstance(part, list) and part.dtype == dt for part in parts):
-        return np.concatenate(parts) if parts else np.empty(0, dtype=dt)
-    rows = [r for part in parts for r in (part if isinstance(part, list) else rows(np, part))]
-    misfit = next((len(r) for r in rows if len(r) != dt.itemsize), None)
-    if misfit is not None:
-        raise RecordSizeError(
-            f"a record an earlier batch took is {misfit} bytes, dtype {dt} expects {dt.itemsize}: "
-            "read it with consume_batch() without a dtype"
-        )
-    return np.frombuffer(b"".join(rows), dtype=dt).copy()
-
-
-def rows(np: Any, array: Any) -> list[bytes]:
-    return [row.tobytes() for row in array.view(np.dtype((np.void, array.dtype.itemsize)))]

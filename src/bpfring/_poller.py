@@ -22,6 +22,7 @@ import select
 import threading
 from typing import Any, AsyncIterator, Callable
 
+from ._batch import NOTHING, Kept
 
 def forked_error(owner: str, pid: int) -> RuntimeError:
     return RuntimeError(
@@ -174,24 +175,36 @@ class Poller:
             epoll.close()
             os.close(self._wake_fd)
 
-    async def drain(
-        self, pending: Any, refill: Callable[[], None], interval: float | None
-    ) -> AsyncIterator[Any]:
-        """Yield from ``pending``, refilling it under the consumer lock, waiting when it stays empty.
+    async def drain(self, kept: Kept, refill: Callable[[], None], interval: float | None) -> AsyncIterator[Any]:
+        """Yield the records ``kept`` holds one by one, ``refill()`` putting more there when it is
+        empty, waiting when it stays empty; ends when the buffer is closed.
 
-        What was taken but not yet yielded stays in ``pending`` (kept by the caller across
-        iterations), so a cancelled iteration loses nothing. Ends when the buffer is closed.
+        A record leaves ``kept`` only as it is yielded (under the consumer lock, as batch calls
+        take from it), so a cancelled iteration loses nothing: the next iteration or batch call
+        returns the rest.
         """
+        self.consuming()  # refused at once in a fork() child, or nested in a consumer call
+        lock = self._lock
         while True:
-            while pending:
-                yield pending.popleft()
-            if self.closed or self._closing:
-                return
+            # One record at a time under the lock, as batch calls take from kept too; handed()'s
+            # work inline (this runs once a record): a Ctrl-C at the lock's release puts it back.
+            record = NOTHING
+            try:
+                with lock:
+                    record = kept.popleft()
+            except BaseException:
+                if record is not NOTHING:
+                    with lock:
+                        kept.put_back([record])
+                raise
+            if record is not NOTHING:
+                yield record
+                continue
             with self.consuming():
-                if self.closed or self._closing:  # closed from another thread meanwhile: the end
+                if self.closed or self._closing:  # closed (maybe from another thread): the end
                     return
                 refill()
-            if not pending:
+            if not kept:
                 await self.wait_readable(interval)
 
     async def batches(self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None) -> AsyncIterator[Any]:

@@ -8,7 +8,6 @@ references are to include/uapi/linux/perf_event.h and kernel/events/ring_buffer.
 
 from __future__ import annotations
 
-import collections
 import errno
 import mmap
 import os
@@ -21,9 +20,9 @@ from ._poller import Poller
 from ._protocol import Corrupt, _fastring
 from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
-from .errors import BPFError, RecordSizeError, RingCorruptError
+from .errors import BPFError, RingCorruptError
 from .maps import PAGE_SIZE, Map, MapLike, map_shared, open_map
-from ._batch import ASYNC_REFILL, NO_LIMIT, DTypeLike, batch_dtype, check_positive_int, new_records, numpy_module
+from ._batch import ASYNC_REFILL, NO_LIMIT, DTypeLike, Kept, batch_dtype, check_positive_int, handed, new_records
 
 SampleCallback = Callable[[int, bytes], Optional[int]]
 LostCallback = Callable[[int, int], Optional[int]]
@@ -175,12 +174,10 @@ class PerfBuffer:
         self._by_fd: dict[int, PerfRing] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[PerfRing] = set()  # woken, not yet read to the end
-        # What a consume_batch() interrupted by Ctrl-C had taken, for the next call: (cpu, data).
-        self._taken: list[tuple[int, bytes]] = []
-        # The same for one with a dtype in C: its array and (cpu, samples, lost) per ring read.
-        self._partial: tuple[Any, list[tuple[int, int, int]]] | None = None
-        # Samples an async iteration took but has not yielded yet (see records()).
-        self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
+        # What batch calls and async iterations took from the rings and have not returned or
+        # yielded yet (Ctrl-C, a corrupt ring among healthy ones, a cancelled task): the next
+        # batch call or iteration returns it first. A sample may carry the kernel's padding to 8.
+        self._kept = Kept(per_cpu=True, slack=7)
         self._claim: Claim | None = None
         self._map: Map = open_map(map, MapType.PERF_EVENT_ARRAY)
         try:
@@ -350,18 +347,20 @@ class PerfBuffer:
         ``sample_cb``.
 
         Without ``dtype``: a list of ``bytes``. With ``dtype``: a numpy array, one element per
-        sample, copied in one pass over each ring (in C; numpy decodes the samples in one step
-        where the C helper is missing); each sample must be ``dtype.itemsize`` bytes (plus the
-        kernel's padding, under 8 bytes, which is dropped), else :class:`RecordSizeError` is raised
-        when it is reached and it stays in the ring.
+        sample, copied in one pass over each ring (in C); each sample must be ``dtype.itemsize``
+        bytes (plus the kernel's padding, under 8 bytes, which is dropped), else
+        :class:`RecordSizeError` is raised when it is reached and it stays in the ring.
 
         ``out``: a contiguous array of ``dtype`` to copy into, as for
         :meth:`RingBuffer.consume_batch`; if a Ctrl-C interrupts the call, the samples it took
         wait in ``out`` for the next call, so leave ``out`` alone until then. ``with_cpus=True``
         returns ``(cpus, records)``, the CPU of each sample in a parallel list (numpy array with a
-        dtype). Lost counts still go to ``lost_cb``: with a dtype and the C helper, once per CPU
-        and batch, added up, after the samples are copied (its return value is not a stop);
-        otherwise as each is read.
+        dtype). Lost counts still go to ``lost_cb``: with a dtype once per CPU and batch, added
+        up, after the samples are copied (its return value is not a stop); without, as each is
+        read.
+
+        Samples an earlier call or an async iteration took but did not return (a Ctrl-C, a
+        corrupt ring among healthy ones, a cancelled task) come first, and alone.
         """
         limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
         if dtype is None:
@@ -371,33 +370,29 @@ class PerfBuffer:
         else:
             np, dt, limit = batch_dtype(dtype, limit, out)  # refused before anything is taken
         self._poller.check_open()
-        with self._poller.consuming():
-            if self._partial is not None:
-                self._settle_partial()
-            if dt is not None and not self._taken:
-                return self._take_native(np, dt, limit, out, with_cpus)
-            return self._take_samples(np, dt, limit, out, with_cpus)
+        result = handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out))
+        return result if with_cpus else result[1]  # (no call: no signal check)
 
-    def _take_samples(self, np: Any, dt: Any, limit: int, out: Any, with_cpus: bool) -> Any:
-        """consume_batch sample by sample, each taken as ``bytes`` (without a dtype, without the C
-        helper, or after an interrupted call)."""
-        expect = None if dt is None else range(dt.itemsize, dt.itemsize + 8)
-        # Samples land in a list kept on self as they are taken: if Ctrl-C interrupts the call,
-        # they wait there and the next call returns them first.
-        taken = self._taken
+    def _consume_batch(self, np: Any, dt: Any, limit: int, out: Any) -> tuple[Any, Any]:
+        """consume_batch as ``(cpus, records)``."""
+        self._settle()
+        if self._kept:  # what an earlier call took (interrupted, or raising), alone
+            return self._kept.hand_over(dt, limit, out, with_cpus=True)
+        if dt is not None:
+            return self._take_native(np, dt, limit, out)
+        return self._take_samples(limit)
+
+    def _take_samples(self, limit: int) -> tuple[list[int], list[bytes]]:
+        """consume_batch without a dtype: each sample taken as ``bytes``, kept as it is taken."""
+        taken = self._kept.rows()
         error: RingCorruptError | None = None
-        # What an earlier call kept (interrupted, or raising for a corrupt ring) is returned alone.
-        for buf in self._buffers if not taken else ():
+        for buf in self._buffers:
             want = limit - len(taken)
             if want <= 0:
                 break
             self._unfinished.add(buf)
             try:
-                n = buf.consume(_ignore, self._lost_cb, expect, into=taken, limit=want)
-            except RecordSizeError:
-                if not taken:
-                    raise
-                break  # deliver what came before it; the next call raises
+                n = buf.consume(_ignore, self._lost_cb, into=taken, limit=want)
             except RingCorruptError as exc:
                 self._unfinished.discard(buf)
                 error = error or exc
@@ -405,43 +400,20 @@ class PerfBuffer:
             if 0 <= n < want:
                 self._unfinished.discard(buf)  # read to its head
         if error is not None:
-            raise error  # what the healthy rings gave waits in self._taken for the next call
-        handed = taken[:limit]
-        cpus = [cpu for cpu, _ in handed]
-        samples = [data for _, data in handed]
-        if dt is None:
-            result: Any = (cpus, samples) if with_cpus else samples
-        else:
-            fits = range(dt.itemsize, dt.itemsize + 8)
-            misfit = next((len(sample) for sample in samples if len(sample) not in fits), None)
-            if misfit is not None:  # kept from an interrupted call with another dtype
-                raise RecordSizeError(
-                    f"a sample an interrupted batch took is {misfit} bytes, dtype {dt} expects {dt.itemsize}: "
-                    "read it with consume_batch() without a dtype"
-                )
-            if any(len(sample) != dt.itemsize for sample in samples):
-                samples = [sample[: dt.itemsize] for sample in samples]  # drop the kernel's padding
-            records = np.frombuffer(b"".join(samples), dtype=dt).copy() if samples else np.empty(0, dtype=dt)
-            if out is not None:
-                out[: len(records)] = records
-                records = out[: len(records)]
-            result = (np.array(cpus, dtype=np.int32), records) if with_cpus else records
-        rest = taken[limit:]
-        # No call between handing the samples over and the return: nothing can raise in between.
-        self._taken = rest
-        return result
+            raise error  # what the healthy rings gave stays kept for the next call
+        return self._kept.hand_over(None, limit, None, with_cpus=True)
 
-    def _take_native(self, np: Any, dt: Any, limit: int, out: Any, with_cpus: bool) -> Any:
+    def _take_native(self, np: Any, dt: Any, limit: int, out: Any) -> tuple[Any, Any]:
         """consume_batch with a dtype in C: each ring's samples copied straight into one array."""
         slot = (12 + dt.itemsize + 7) & ~7  # the smallest record a fitting sample makes
         # At least one slot, so a ring holding only lost records is still read (and reported).
         room = min(limit, max(1, sum(_avail(buf) // slot for buf in self._buffers)))
         records = out[:room] if out is not None else new_records(np, dt, room)
         taken: list[tuple[int, int, int]] = []  # (cpu, samples, lost) per ring, as each is read
-        # If Ctrl-C interrupts the call, what it took waits here for the next call (perf_take
+        # If Ctrl-C interrupts the call, what it took stays kept for the next call (perf_take
         # appends to taken and moves data_tail with no signal check in between). With out=,
         # those samples are in out until then.
-        self._partial = (records, taken)
+        self._kept.filling(records, taken)
         at = 0
         error: RingCorruptError | None = None
         for buf in self._buffers:
@@ -459,13 +431,10 @@ class PerfBuffer:
                 break  # full (the rest waits), or a misfit: what came before it now, the next call raises
         self._report_lost(taken)
         if error is not None:
-            raise error  # what the healthy rings gave waits in _partial for the next call
-        records = records[:at]
-        if with_cpus:
-            cpus = np.repeat(np.array([cpu for cpu, _, _ in taken], dtype=np.int32), [n for _, n, _ in taken])
-            records = (cpus, records)
-        self._partial = None  # no signal check from here to the return
-        return records
+            raise error  # what the healthy rings gave stays kept for the next call
+        cpus = np.repeat(np.array([cpu for cpu, _, _ in taken], dtype=np.int32), [n for _, n, _ in taken])
+        self._kept.filled()  # no signal check from here to the return
+        return cpus, records[:at]
 
     def _report_lost(self, taken: list[tuple[int, int, int]]) -> None:
         """lost_cb for each (cpu, samples, lost) with a count, marked reported as it is called
@@ -475,23 +444,11 @@ class PerfBuffer:
                 taken[i] = (cpu, n, 0)
                 self._lost_cb(cpu, lost)
 
-    def _settle_partial(self) -> None:
-        """What an interrupted _take_native took: its samples to self._taken, as ``bytes`` of the
-        dtype's size (without the kernel's padding), for the next batch; its lost counts (those
-        not reported yet) to lost_cb."""
-        records, taken = self._partial
-        np = numpy_module()
-        raw = records.view(np.dtype((np.void, records.dtype.itemsize)))
-        samples = []
-        at = 0
-        for cpu, n, _ in taken:
-            samples += [(cpu, row.tobytes()) for row in raw[at : at + n]]
-            at += n
-        unreported = [(cpu, 0, lost) for cpu, _, lost in taken if lost]
-        # The samples change hands in one step (no signal check between the two stores).
-        self._taken, self._partial = self._taken + samples, (records[:0], unreported)
-        self._report_lost(unreported)
-        self._partial = None
+    def _settle(self) -> None:
+        """What an interrupted _take_native took: its samples kept for the next call, its lost
+        counts (those not reported yet) to lost_cb."""
+        self._report_lost(self._kept.settle())
+        self._kept.filled()
 
     def _consume(self, buf: PerfRing, into: Any = None, limit: int = NO_LIMIT) -> int:
         # Marked unfinished until it is read to the end: after an exception, a negative return or
@@ -516,17 +473,17 @@ class PerfBuffer:
     async def records(self, interval: float | None = None) -> AsyncIterator[tuple[int, bytes]]:
         """Every sample as ``(cpu, data)``, waiting on the event loop (not ``sample_cb``).
 
-        Cancelling the task that iterates loses nothing: samples taken but not yet yielded are
-        yielded first by the next iteration. Lost counts still go to ``lost_cb``. ``interval``
+        Cancelling the task that iterates (or leaving the loop) loses nothing: samples taken but
+        not yet yielded come first from the next iteration or :meth:`consume_batch`. Lost counts still go to ``lost_cb``. ``interval``
         (seconds) also drains the rings that often, for samples short of ``wakeup_events``.
         The iteration ends when the PerfBuffer is closed.
         """
-        pending = self._pending
-
         def refill() -> None:
-            self._each_ring(self._buffers, lambda buf: ASYNC_REFILL, pending)
+            self._settle()
+            if not self._kept:
+                self._each_ring(self._buffers, lambda buf: ASYNC_REFILL, self._kept.rows())
 
-        async for sample in self._poller.drain(pending, refill, interval):
+        async for sample in self._poller.drain(self._kept, refill, interval):
             yield sample
 
     async def batches(

@@ -8,7 +8,6 @@ Protocol references are to kernel/bpf/ringbuf.c.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import os
@@ -29,10 +28,10 @@ from ._batch import (
     ASYNC_REFILL,
     NO_LIMIT,
     DTypeLike,
-    Taken,
+    Kept,
     batch_dtype,
     check_limit,
-    join_parts,
+    handed,
     new_records,
     numpy_module,
     record_dtype,
@@ -77,9 +76,9 @@ class Ring(MappedRing):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
-        self._taken = Taken()
-        # What a dtype batch interrupted by Ctrl-C had taken: (array, [n]) until the next call.
-        self._partial: tuple[Any, list[int]] | None = None
+        # What this ring's own batch calls took and have not returned yet (a RingBuffer's calls
+        # keep theirs in the RingBuffer's).
+        self._kept = Kept()
         self._claim: Claim | None = None
         self._map = open_map(source, MapType.RINGBUF)
         try:
@@ -125,8 +124,8 @@ class Ring(MappedRing):
         records committed after this call.
         """
         with self._consuming():
-            # (Records a batch took before, kept after a Ctrl-C, are healthy: the next batch still
-            # returns them.)
+            # (Records a batch took before and kept, after a Ctrl-C or this very corruption, are
+            # healthy: the next batch still returns them.)
             skipped = self._live_state().resync()
             if self._quarantined and self._poller is not None:
                 self._poller.register(self.map_fd)
@@ -170,25 +169,31 @@ class Ring(MappedRing):
         per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
         it).
         """
-        with self._consuming():
-            return self._consume_batch(dtype, max_records, out)
+        return handed(self._consuming(), self._kept, lambda: self._consume_batch(dtype, max_records, out))
 
-    def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> Any:
+    def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any, kept: Kept | None = None) -> Any:
+        """consume_batch, keeping what it takes in ``kept`` (this ring's own by default) until it
+        returns: what an earlier call kept is returned first, and alone."""
+        kept = self._kept if kept is None else kept
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         if dtype is None:
             if out is not None:
                 raise TypeError("out= needs a dtype")
-            self._settle_partial()
-            # Records land in self._taken as they are taken: if Ctrl-C interrupts the walk, they
-            # wait there and this call's successor returns them first (see Taken).
-            taken = self._taken.records
-            if len(taken) < limit:
-                self._consume(limit - len(taken), taken.append)
-            return self._taken.hand_over(None, limit, None)
+            kept.settle()
+            if not kept:
+                self._consume(limit, kept.rows().append)  # each record kept as it leaves the ring
+            return kept.hand_over(None, limit)
         np, dt, limit = batch_dtype(dtype, limit, out)
-        self._settle_partial()
-        if self._taken:
-            return self._taken.hand_over(dt, limit, out)  # an interrupted call's records first
+        kept.settle()
+        if kept:
+            return kept.hand_over(dt, limit, out)
+        records = self._take(kept, np, dt, limit, out)
+        kept.filled()  # no signal check from here to the return
+        return records
+
+    def _take(self, kept: Kept, np: Any, dt: Any, limit: int, out: Any) -> Any:
+        """Up to ``limit`` records of ``dt`` copied out of the ring in one pass (in C), into ``out``
+        if given; ``kept``'s array being filled meanwhile (see Kept.filling)."""
         state = self._live_state()
         avail = state.avail()
         if not avail:
@@ -199,23 +204,18 @@ class Ring(MappedRing):
         records = out[:room] if out is not None else new_records(np, dt, room)
         taken: list[int] = []
         # take() appends its count to taken and then moves consumer_pos, with no signal check in
-        # between: if a Ctrl-C lands after it returns, the records wait in _partial for the next call.
-        self._partial = (records, taken)
+        # between: a Ctrl-C that lands after it returns finds the records kept.
+        kept.filling(records, taken)
         state.take(dt.itemsize, records, taken, dt)
-        records = records[: taken[0]]
-        self._partial = None
-        return records
+        return records[: taken[0]]
 
-    def _settle_partial(self) -> None:
-        """The records of an interrupted dtype batch, as ``bytes``, first in line for the next call."""
-        if self._partial is None:
-            return
-        records, taken = self._partial
-        np = numpy_module()
-        n = sum(taken)
-        raw = records[:n].view(np.dtype((np.void, records.dtype.itemsize)))
-        self._taken.records[:0] = [row.tobytes() for row in raw]
-        self._partial = None
+    def _take_part(self, kept: Kept, dt: Any, limit: int) -> int:
+        """Up to ``limit`` records (``bytes``, or of ``dt``) moved from the ring into ``kept``, for
+        a RingBuffer's call over several rings; returns how many."""
+        if dt is None:
+            return self._consume(limit, kept.rows().append)
+        self._take(kept, numpy_module(), dt, limit, None)
+        return kept.keep_filled()
 
     @contextlib.contextmanager
     def batch(self, dtype: DTypeLike, max_records: int | None = None) -> Iterator[Any]:
@@ -322,11 +322,10 @@ class RingBuffer:
         self._rings: list[Ring] = []
         self._by_fd: dict[int, Ring] = {}
         self._poller = Poller("RingBuffer")
-        # What a multi-ring batch call took but could not return (interrupted by Ctrl-C, or a
-        # corrupt ring raised after the healthy ones were read): returned first by the next call.
-        self._taken_parts: list[Any] = []
-        # Records an async iteration took from the rings but has not yielded yet (see records()).
-        self._pending: collections.deque[bytes] = collections.deque()
+        # What batch calls and async iterations took from the rings and have not returned or
+        # yielded yet (Ctrl-C, a corrupt ring among healthy ones, a cancelled task): the next
+        # batch call or iteration returns it first.
+        self._kept = Kept()
         try:
             if map is not None:
                 self.add(map, callback)
@@ -427,41 +426,34 @@ class RingBuffer:
         """
         self._poller.check_open()
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
-        with self._poller.consuming():
-            if len(self._rings) == 1 and not self._taken_parts:
-                return self._rings[0]._consume_batch(dtype, limit, out)
-            if dtype is None:
-                if out is not None:
-                    raise TypeError("out= needs a dtype")
-                np, dt = numpy_module(), None
-            else:
-                np, dt, limit = batch_dtype(dtype, limit, out)
-            # Each ring's part goes into self._taken_parts as it is taken: if Ctrl-C or a corrupt
-            # ring interrupts the call, they are returned first (and alone) by the next one.
-            parts = self._taken_parts
-            if not parts:
-                have = 0
-                error: RingCorruptError | None = None
-                for ring in self._rings:
-                    if have >= limit:
-                        break
-                    try:
-                        parts.append(ring._consume_batch(dt, limit - have, None))
-                    except RingCorruptError as exc:
-                        self._quarantine(ring)
-                        error = error or exc
-                        continue
-                    have += len(parts[-1])
-                if error is not None:
-                    raise error
-            records = join_parts(np, dt, parts)
-            rest = [records[limit:]] if len(records) > limit else []
-            records = records[:limit]
-            if out is not None:
-                out[: len(records)] = records
-                records = out[: len(records)]
-            self._taken_parts = rest
-            return records
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out))
+
+    def _consume_batch(self, dtype: DTypeLike | None, limit: int, out: Any) -> Any:
+        kept = self._kept
+        if len(self._rings) == 1:
+            return self._rings[0]._consume_batch(dtype, limit, out, kept)
+        dt = None
+        if dtype is not None:
+            _, dt, limit = batch_dtype(dtype, limit, out)
+        elif out is not None:
+            raise TypeError("out= needs a dtype")
+        kept.settle()
+        if not kept:
+            # Each ring's records go into kept as they are taken: if Ctrl-C or a corrupt ring
+            # interrupts the call, the next one returns them first.
+            have = 0
+            error: RingCorruptError | None = None
+            for ring in self._rings:
+                if have >= limit:
+                    break
+                try:
+                    have += ring._take_part(kept, dt, limit - have)
+                except RingCorruptError as exc:
+                    self._quarantine(ring)
+                    error = error or exc
+            if error is not None:
+                raise error
+        return kept.hand_over(dt, limit, out)
 
     @contextlib.contextmanager
     def batch(self, dtype: DTypeLike, max_records: int | None = None) -> Iterator[Any]:
@@ -480,17 +472,20 @@ class RingBuffer:
     async def records(self, interval: float | None = None) -> AsyncIterator[bytes]:
         """Every record of every ring as ``bytes``, waiting on the event loop (not the callback).
 
-        Cancelling the task that iterates loses nothing: records taken from the rings but not
-        yet yielded are kept and yielded first by the next iteration. ``interval`` (seconds)
+        Cancelling the task that iterates (or leaving the loop) loses nothing: records taken from
+        the rings but not yet yielded are kept, and come first from the next iteration or
+        :meth:`consume_batch`; likewise what a batch call kept comes first here. ``interval`` (seconds)
         also drains the rings that often without a wakeup, for producers that pass
         ``BPF_RB_NO_WAKEUP``. The iteration ends when the RingBuffer is closed.
         """
-        pending = self._pending
+        kept = self._kept
 
         def refill() -> None:
-            self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, NO_LIMIT, pending.append)
+            kept.settle()
+            if not kept:
+                self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, NO_LIMIT, kept.rows().append)
 
-        async for record in self._poller.drain(pending, refill, interval):
+        async for record in self._poller.drain(kept, refill, interval):
             yield record
 
     async def batches(

@@ -133,26 +133,34 @@ class RingTally:
 
 class RingProducers(_Threads):
     """Two producers per CPU into one ring, one with bpf_ringbuf_output(), one with reserve/submit
-    and discards (``fixed``: both with the seed's fixed-size reserve/submit, for numpy dtypes)."""
+    and discards (``fixed``: both with the seed's fixed-size reserve/submit, for numpy dtypes).
+    With ``others``, the same into each of their rings too (producer ids go on counting)."""
 
     def __init__(
-        self, producer: Producer, *, fixed: bool = False, batch: int = 32, discard_every: int = 5, pause: float = 0.001
+        self,
+        producer: Producer,
+        *others: Producer,
+        fixed: bool = False,
+        batch: int = 32,
+        discard_every: int = 5,
+        pause: float = 0.001,
     ) -> None:
         super().__init__()
         self.producer = producer
         self.tallies: dict[int, RingTally] = {}
-        for cpu in cpus():
-            for mode in (MODE_OUTPUT, MODE_RESERVE):
-                pid = len(self.tallies)
-                d = discard_every if (fixed or mode == MODE_RESERVE) else 0
-                self.tallies[pid] = RingTally(mode, d)
-                self._spawn(cpu, self._step(pid, fixed, batch), pause)
+        for ring in (producer, *others):
+            for cpu in cpus():
+                for mode in (MODE_OUTPUT, MODE_RESERVE):
+                    pid = len(self.tallies)
+                    d = discard_every if (fixed or mode == MODE_RESERVE) else 0
+                    self.tallies[pid] = RingTally(mode, d)
+                    self._spawn(cpu, self._step(ring, pid, fixed, batch), pause)
 
-    def _step(self, pid: int, fixed: bool, batch: int) -> Callable[[], None]:
+    def _step(self, producer: Producer, pid: int, fixed: bool, batch: int) -> Callable[[], None]:
         tally = self.tallies[pid]
 
         def step() -> None:
-            r = self.producer.produce(
+            r = producer.produce(
                 batch, SIZES, mode=tally.mode, discard_every=tally.discard_every, producer=pid, fixed=fixed
             )
             tally.attempted += r.count
