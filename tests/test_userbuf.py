@@ -4,6 +4,7 @@ bpf_user_ringbuf_drain) -> back through a BPF ring buffer, read with RingBuffer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import pickle
@@ -675,7 +676,43 @@ def test_a_pinned_user_ring_by_path(bpf):
     try:
         with UserRingBuffer(path) as urb:
             assert urb.size == 8192 and urb.avail_space == 8192
-            with UserRingBuffer(urb.fileno()) as by_fd:  # a plain fd works too
-                assert by_fd.size == 8192
+        with bpfring.Map.from_pinned(path) as m, UserRingBuffer(m.fd) as by_fd:  # a plain fd works too
+            assert by_fd.size == 8192
     finally:
         os.unlink(path)
+
+
+# -- one producer per user ring ------------------------------------------------------------------
+
+
+PRODUCER = """
+import sys, time, bpfring
+urb = bpfring.UserRingBuffer(bpfring.Map.from_id(int(sys.argv[1])))
+print("producing", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_producer_of_a_user_ring_is_refused_naming_the_first_until_it_goes(user_drain):
+    """Two producers would reserve the same space (each keeps producer_pos for itself): the
+    second, in this process or another, gets EBUSY naming the first, until it closes or dies."""
+    import subprocess
+    import sys
+
+    with UserRingBuffer(user_drain.urb) as first:
+        with pytest.raises(bpfring.BPFError, match="already has a producer, a UserRingBuffer in this process") as info:
+            UserRingBuffer(user_drain.urb)
+        assert info.value.errno == errno.EBUSY
+        sent = send(first, 0, 24)  # the first goes on working
+        assert user_drain.drain().records == [sent]
+    holder = subprocess.Popen([sys.executable, "-c", PRODUCER, str(user_drain.urb.id)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "producing"
+        with pytest.raises(bpfring.BPFError, match=rf"already has a producer, pid {holder.pid} \(python"):
+            UserRingBuffer(user_drain.urb)
+    finally:
+        holder.kill()
+        holder.wait()
+    with UserRingBuffer(user_drain.urb) as urb:  # the kernel released the dead holder's claim
+        sent = send(urb, 1, 24)
+        assert user_drain.drain().records == [sent]

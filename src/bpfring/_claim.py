@@ -1,4 +1,5 @@
-"""One consumer per ring: a claim on a map, held by this process until close() or exit.
+"""One consumer per ring (and one producer per user ring): a claim on a map, held by this process
+until close() or exit.
 
 Two consumers of one ring take each other's records (a record goes to whichever walks it first,
 and a stale consumer_pos store hands records out twice). A claim is a POSIX record lock
@@ -95,15 +96,18 @@ def _describe(pid: int) -> str:
 
 
 class Claim:
-    """This process's claim on a map; ``release()`` (idempotent) gives it back."""
+    """This process's claim on a map; ``release()`` (idempotent) gives it back.
 
-    def __init__(self, m: Map, what: str) -> None:
+    ``producer``: the claim of a user ring buffer's one producer (the same lock, other words).
+    """
+
+    def __init__(self, m: Map, what: str, *, producer: bool = False) -> None:
         self.map_id = m.id
         self._fd = -1
         with _claimed_lock:
             holder = _claimed.get(m.id)
             if holder is not None:
-                raise _busy(m, f"a {holder} in this process", what)
+                raise _busy(m, f"a {holder} in this process", what, producer)
             try:
                 fd = _open_lock_file(m)
             except OSError as exc:
@@ -122,7 +126,7 @@ class Claim:
                     pid = _holder(fd)
                 finally:
                     os.close(fd)
-                raise _busy(m, _describe(pid) if pid > 0 else "another process", what) from None
+                raise _busy(m, _describe(pid) if pid > 0 else "another process", what, producer) from None
             self._fd = fd
             _claimed[m.id] = what
             _open.add(self)
@@ -146,7 +150,14 @@ class Claim:
         self.release()
 
 
-def _busy(m: Map, holder: str, what: str) -> BPFError:
+def _busy(m: Map, holder: str, what: str, producer: bool) -> BPFError:
+    if producer:
+        return BPFError(
+            errno.EBUSY,
+            f"user ring buffer {m.name!r} (id {m.id}) already has a producer, {holder}: it has one producer in "
+            "user space, and two would reserve the same space (each keeps producer_pos for itself). Close "
+            "that one first, or send this process's records through it",
+        )
     return BPFError(
         errno.EBUSY,
         f"map {m.name!r} (id {m.id}) is already consumed by {holder}: a ring has one consumer, and two "

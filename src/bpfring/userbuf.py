@@ -16,6 +16,7 @@ import time
 import warnings
 from types import TracebackType
 
+from ._claim import Claim
 from ._poller import Poller, forked_error
 from ._sys.bpf import MapType
 from .errors import RingFullError
@@ -118,8 +119,9 @@ class UserRingBuffer(MappedRing):
     ``map`` is a :class:`~bpfring.Map`, an fd or a pinned path; the buffer works on its own
     duplicate of the fd. Records may be submitted in any order: the kernel delivers them in ring
     order and stops at the first one still reserved. Reserving is thread-safe, blocking too (each
-    drain wakes every thread waiting in :meth:`reserve_blocking`); one process should be the only
-    producer of a map (as with libbpf).
+    drain wakes every thread waiting in :meth:`reserve_blocking`). A map has one producer: a second
+    UserRingBuffer on it, in this process or another, is refused (EBUSY, naming the holder) until
+    the first closes or exits.
 
     Example::
 
@@ -130,7 +132,13 @@ class UserRingBuffer(MappedRing):
     """
 
     def __init__(self, map: MapLike) -> None:
+        self._claim: Claim | None = None
         self._map = open_map(map, MapType.USER_RINGBUF)
+        try:
+            self._claim = Claim(self._map, "UserRingBuffer", producer=True)
+        except BaseException:
+            self._map.close()
+            raise
         self._lock = threading.Lock()
         self._pending: dict[int, Sample] = {}  # reserved samples by position, discarded on close()
         # One reserve_blocking() waits in epoll, the others on _woken (see _wait_for_drain);
@@ -145,6 +153,7 @@ class UserRingBuffer(MappedRing):
             # waits for its waiters to leave before closing), refused in a fork() child.
             self._poller = Poller("UserRingBuffer")
         except BaseException:
+            self._claim.release()
             self._map.close()
             raise
         try:
@@ -399,6 +408,7 @@ class UserRingBuffer(MappedRing):
         if self._aio is not None:  # wakes reserve_async() waits: their next reserve() says "closed"
             aio, self._aio = self._aio, None
             aio.close(lambda: None)  # (in a child, Poller.close touches nothing shared)
+        self._claim.release()  # (in a child, it holds none: nothing to give back)
         self._map.close()
 
     def close(self) -> None:
