@@ -94,11 +94,17 @@ class Kept:
     list it appends its counts to (an int per ring, or ``(cpu, samples, lost)`` per perf ring).
     ``slack``: the bytes a record may have beyond its dtype (a perf sample's padding to 8 bytes,
     dropped).
+
+    The first deque may be lent to async iterations (:meth:`lend`): they take its records one at
+    a time without the consumer lock, each with ``d[0]`` then ``del d[0]`` (no call between the
+    two, so no other thread and no signal can come between), and so does everyone else while it
+    is lent.
     """
 
     def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
         self._parts: collections.deque[Any] = collections.deque()
         self._filling: tuple[Any, list[Any]] | None = None
+        self._lent: collections.deque[Any] | None = None
         self._per_cpu = per_cpu
         self._slack = slack
 
@@ -115,7 +121,7 @@ class Kept:
 
     def rows(self) -> collections.deque[Any]:
         """The deque to append taken rows to (a walk's callback or ``into``): kept as it grows."""
-        if self._parts and isinstance(self._parts[-1], collections.deque):
+        if self._parts and type(self._parts[-1]) is collections.deque and self._parts[-1] is not self._lent:
             return self._parts[-1]
         part: collections.deque[Any] = collections.deque()
         self._parts.append(part)
@@ -166,6 +172,10 @@ class Kept:
     def put_back(self, rows: Any) -> None:
         """Rows handed over but stopped on their way to the caller (see :func:`handed`), first in
         line again."""
+        first = self._first()
+        if first is not None and first is self._lent:
+            first.extendleft(list(rows)[::-1])  # (one step for the lock-free takers of a lent deque)
+            return
         parts = collections.deque(self._parts)
         parts.appendleft(collections.deque(rows))
         self._parts = parts
@@ -182,15 +192,30 @@ class Kept:
 
     # -- handing over -----------------------------------------------------------------------------
 
-    def popleft(self) -> Any:
-        """The oldest kept record (``bytes``, or ``(cpu, bytes)`` with ``per_cpu``), or NOTHING, for
-        an async iteration; call under the consumer lock."""
+    def _first(self) -> Any:
+        """The first part with records in it (the empty ones before it dropped), or None."""
         parts = self._parts
         while parts and not len(parts[0]):
             parts.popleft()
-        if not parts:
+        return parts[0] if parts else None
+
+    def lend(self) -> collections.deque[Any] | None:
+        """The first part, if it is a deque of rows, lent to an async iteration that takes from it
+        without the lock (see the class); None if it is an array or nothing is kept. Call under the
+        consumer lock."""
+        first = self._first()
+        if first is None or type(first) is not collections.deque:
+            return None
+        self._lent = first
+        return first
+
+    def popleft(self) -> Any:
+        """The oldest kept record (``bytes``, or ``(cpu, bytes)`` with ``per_cpu``), or NOTHING, for
+        an async iteration; call under the consumer lock."""
+        part = self._first()
+        if part is None:
             return NOTHING
-        part = parts[0]
+        parts = self._parts
         if type(part) is collections.deque:
             record = part[0]
             del part[0]  # (no call between taking it out and the return: no signal check)
@@ -207,17 +232,41 @@ class Kept:
         rest = collections.deque(self._parts)
         pieces: list[tuple[Any, int]] = []
         have = 0
-        while rest and have < limit:
-            part = rest[0]
-            k = min(len(part), limit - have)
-            if k == len(part):
-                rest.popleft()
-            else:  # the rest of this part stays first in line
-                rest[0] = collections.deque(itertools.islice(part, k, None)) if isinstance(part, collections.deque) else part[k:]
-            if k:
-                pieces.append((part, k))
-                have += k
-        result = self._build(dt, pieces, out, with_cpus)
+        from_lent: list[Any] = []  # taken from the lent deque in place, one at a time
+        try:
+            while rest and have < limit:
+                part = rest[0]
+                if part is self._lent:
+                    while have + len(from_lent) < limit:
+                        try:
+                            row = part[0]
+                            del part[0]
+                        except IndexError:
+                            break
+                        from_lent.append(row)
+                    if from_lent:
+                        pieces.append((from_lent, len(from_lent)))
+                        have += len(from_lent)
+                    if len(part):
+                        break  # (the limit)
+                    rest.popleft()
+                    continue
+                k = min(len(part), limit - have)
+                if k == len(part):
+                    rest.popleft()
+                elif type(part) is collections.deque:  # the rest of this part stays first in line
+                    rest[0] = collections.deque(itertools.islice(part, k, None))
+                else:
+                    rest[0] = part[k:]
+                if k:
+                    pieces.append((part, k))
+                    have += k
+            result = self._build(dt, pieces, out, with_cpus)
+        except BaseException:
+            if from_lent:
+                part = self._lent
+                part.extendleft(from_lent[::-1])  # back where they were, in one step
+            raise
         self._parts = rest  # no signal check from here to the caller's return
         return result
 
@@ -231,7 +280,7 @@ class Kept:
         else:
             rows: list[Any] = []
             for part, k in pieces:
-                if isinstance(part, collections.deque):
+                if type(part) is collections.deque or type(part) is list:
                     rows.extend(itertools.islice(part, k))
                 else:
                     rows.extend(_as_bytes(part[:k]))
@@ -283,7 +332,7 @@ def _record_bytes(records: Any) -> list[bytes]:
 
 
 def _is_array_of(part: Any, dt: Any) -> bool:
-    return not isinstance(part, collections.deque) and part.dtype == dt
+    return type(part) is not collections.deque and type(part) is not list and part.dtype == dt
 
 
 def _as_bytes(array: Any) -> list[bytes]:

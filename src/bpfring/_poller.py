@@ -179,32 +179,43 @@ class Poller:
         """Yield the records ``kept`` holds one by one, ``refill()`` putting more there when it is
         empty, waiting when it stays empty; ends when the buffer is closed.
 
-        A record leaves ``kept`` only as it is yielded (under the consumer lock, as batch calls
-        take from it), so a cancelled iteration loses nothing: the next iteration or batch call
-        returns the rest.
+        A record leaves ``kept`` only as it is yielded, so a cancelled iteration loses nothing: the
+        next iteration or batch call returns the rest.
         """
         self.consuming()  # refused at once in a fork() child, or nested in a consumer call
-        lock = self._lock
+        lent: Any = None
         while True:
-            # One record at a time under the lock, as batch calls take from kept too; handed()'s
-            # work inline (this runs once a record): a Ctrl-C at the lock's release puts it back.
+            if lent is not None:
+                # Without the lock: the peek and the delete are one step (no call between them,
+                # so no other thread and no signal comes in between); batch calls take from a lent
+                # deque the same way (Kept.lend).
+                try:
+                    record = lent[0]
+                    del lent[0]
+                except IndexError:
+                    lent = None
+                else:
+                    yield record
+                    continue
             record = NOTHING
             try:
-                with lock:
-                    record = kept.popleft()
+                with self.consuming():
+                    lent = kept.lend()
+                    if lent is None:
+                        record = kept.popleft()  # (from an array kept after a Ctrl-C) or NOTHING
+                        if record is NOTHING and not (self.closed or self._closing):
+                            refill()
+                            lent = kept.lend()
             except BaseException:
-                if record is not NOTHING:
-                    with lock:
+                if record is not NOTHING:  # a Ctrl-C at the lock's release: first in line again
+                    with self.consuming():
                         kept.put_back([record])
                 raise
             if record is not NOTHING:
                 yield record
-                continue
-            with self.consuming():
+            elif lent is None:
                 if self.closed or self._closing:  # closed (maybe from another thread): the end
                     return
-                refill()
-            if not kept:
                 await self.wait_readable(interval)
 
     async def batches(self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None) -> AsyncIterator[Any]:
