@@ -324,3 +324,34 @@ def test_resync_keeps_the_records_already_taken(producer):
     got, kept, new = run(main())
     assert got + kept == [expected_record(i, 0, 40) for i in range(20)]
     assert new == [expected_record(i, 2, 40) for i in range(2)]
+
+
+def test_cancelling_an_iteration_as_its_wakeup_arrives_always_cancels_it(producer):
+    """The task is cancelled a few turns of the loop after data arrived, while the wake-up is on
+    its way to it: it must end cancelled every time, never swallow the cancellation and go on
+    iterating (asyncio.wait_for in Python 3.11 returns the inner result instead)."""
+
+    async def main() -> list[bool]:
+        cancelled: list[bool] = []
+        with RingBuffer(producer.ring, never) as rb:
+            for turns in range(10):
+
+                async def reader() -> None:
+                    async for _ in rb.records(interval=60):
+                        pass
+
+                task = asyncio.create_task(reader())
+                await asyncio.sleep(0.05)  # it waits: nothing to read
+                producer.produce(1, 24)
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                task.cancel()
+                _, pending = await asyncio.wait({task}, timeout=5)
+                if pending:  # it went on and waits again: the cancellation was lost
+                    task.cancel()
+                    await asyncio.wait({task})
+                cancelled.append(not pending and task.cancelled())
+                rb.consume_batch()  # what the iteration took and did not yield, out of the way
+        return cancelled
+
+    assert run(main()) == [True] * 10

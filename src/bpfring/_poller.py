@@ -277,14 +277,14 @@ class Poller:
             entry = self._async_waiters[loop] = (fd, set())
             loop.add_reader(fd, self._readable, loop)
         entry[1].add(waiter)
+        # The interval is a timer that resolves the waiter, not asyncio.wait_for: in Python 3.11
+        # wait_for swallows a cancellation that arrives while its inner wait completes.
+        timer = None if interval is None else loop.call_later(interval, _resolve, waiter)
         try:
-            if interval is None:
-                await waiter
-            else:
-                await asyncio.wait_for(asyncio.shield(waiter), interval)
-        except asyncio.TimeoutError:
-            pass
+            await waiter
         finally:
+            if timer is not None:
+                timer.cancel()
             entry[1].discard(waiter)
             if not entry[1] and self._async_waiters.get(loop) is entry:  # the last waiter leaves
                 del self._async_waiters[loop]
