@@ -158,8 +158,11 @@ class Kept:
                 rows.extend(_as_bytes(records[at : at + n]))
             at += n
         unreported = [(cpu, 0, lost) for cpu, _, lost in counts if lost] if self._per_cpu else []
-        parts = collections.deque(self._parts)
-        parts.append(rows)
+        # (Only parts with records: a take that raised before taking any, retried in a loop, would
+        # add an empty part a call, and every later call would walk them all.)
+        parts = collections.deque(part for part in self._parts if len(part))
+        if rows:
+            parts.append(rows)
         self._parts, self._filling = parts, ((records[:0], unreported) if unreported else None)
         return unreported
 

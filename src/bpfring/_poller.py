@@ -16,6 +16,7 @@ are shared with the parent, and a lock another thread held at the fork is held f
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import select
@@ -191,7 +192,15 @@ class Poller:
             record = NOTHING
             try:
                 with lock:
-                    record = kept.popleft()
+                    # Kept.popleft()'s common case inline (a row of a deque part; no call, so no
+                    # signal check between taking the row and removing it): a third of the cost.
+                    parts = kept._parts
+                    part = parts[0] if parts else None
+                    if part.__class__ is collections.deque and part:
+                        record = part[0]
+                        del part[0]
+                    else:
+                        record = kept.popleft()
             except BaseException:
                 if record is not NOTHING:
                     with lock:
@@ -204,7 +213,10 @@ class Poller:
                 if self.closed or self._closing:  # closed (maybe from another thread): the end
                     return
                 refill()
-            if not kept:
+                # Looked at under the lock: another thread's consumer call changes kept's parts
+                # in place, and iterating them meanwhile raises "deque mutated during iteration".
+                empty = not kept
+            if empty:
                 await self.wait_readable(interval)
 
     async def batches(self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None) -> AsyncIterator[Any]:

@@ -174,6 +174,7 @@ class PerfBuffer:
         self._by_fd: dict[int, PerfRing] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[PerfRing] = set()  # woken, not yet read to the end
+        self._misfit: PerfRing | None = None  # its sample that fits no dtype stopped the last batch
         # What batch calls and async iterations took from the rings and have not returned or
         # yielded yet (Ctrl-C, a corrupt ring among healthy ones, a cancelled task): the next
         # batch call or iteration returns it first. A sample may carry the kernel's padding to 8.
@@ -416,7 +417,13 @@ class PerfBuffer:
         self._kept.filling(records, taken)
         at = 0
         error: RingCorruptError | None = None
-        for buf in self._buffers:
+        # A ring whose misfit stopped the last call is read first, so its RecordSizeError is
+        # raised now; after an earlier ring's samples it would stop every call again, unraised,
+        # and the rings after it would never be read.
+        bufs, misfit, self._misfit = self._buffers, self._misfit, None
+        if misfit in bufs:
+            bufs = bufs[bufs.index(misfit) :] + bufs[: bufs.index(misfit)]
+        for buf in bufs:
             self._unfinished.add(buf)
             try:
                 n, stop = buf._state.take(dt.itemsize, records[at:], taken, at == 0)
@@ -428,6 +435,8 @@ class PerfBuffer:
             if stop == _fastring.PERF_TAKE_HEAD:
                 self._unfinished.discard(buf)
             else:
+                if at < len(records):  # not full: a misfit (or corruption after its samples)
+                    self._misfit = buf
                 break  # full (the rest waits), or a misfit: what came before it now, the next call raises
         self._report_lost(taken)
         if error is not None:

@@ -169,6 +169,8 @@ class Ring(MappedRing):
         per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
         it).
         """
+        if self._pid != os.getpid():  # (before what this ring kept is handed over: the parent has it too)
+            raise forked_error("Ring", self._pid)
         return handed(self._consuming(), self._kept, lambda: self._consume_batch(dtype, max_records, out))
 
     def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any, kept: Kept | None = None) -> Any:
