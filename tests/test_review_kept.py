@@ -7,6 +7,7 @@ as reviewed and pass since the fix. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import tracemalloc
@@ -19,6 +20,7 @@ from producer import expected_fixed, parse
 from test_perfbuf import two_cpus  # noqa: F401 (a fixture)
 
 import bpfring
+import bpfring._sys.perf
 from bpfring import PerfBuffer, RecordSizeError, Ring, RingBuffer
 from bpfring._batch import Kept
 
@@ -192,6 +194,117 @@ def test_a_misfit_on_a_later_cpu_is_raised_while_an_earlier_cpu_keeps_producing(
         assert raised >= 1, "the misfit on the later CPU was never raised"
         cpus, rest = pb.consume_batch(with_cpus=True)
         assert [(c, parse(d)[0]) for c, d in zip(cpus, rest) if c == second] == [(second, 0), (second, 1), (second, 2)]
+
+
+# -- async batches(): a Ctrl-C between the take and the yield lost the batch ------------------------
+
+
+def interrupted_at(k: int, call: Any) -> bool:
+    """``call()`` with a Ctrl-C at its k-th point where CPython can raise one (a Python function's
+    entry, a C function's return; as tests/test_faults.py's Interrupt, outside this file); True if
+    it landed."""
+    seen = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal seen
+        if event in ("call", "c_return") and frame.f_code.co_filename != __file__:
+            seen += 1
+            if seen == k:
+                raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.setprofile(None)
+    return False
+
+
+def batches_step(iteration: Any, deliver: Any) -> int:
+    """One step of ``async for batch in iteration`` driven without an event loop: its batch to
+    ``deliver`` (returning its length), or 0 where it would have waited. The iteration is then
+    closed (after the batch is delivered: a Ctrl-C landing in the close loses nothing)."""
+    step = iteration.__anext__()
+    try:
+        step.send(None)
+    except StopIteration as yielded:
+        n = deliver(yielded.value)
+        with contextlib.suppress(StopIteration, RuntimeError):
+            iteration.aclose().send(None)
+        return n
+    except RuntimeError as exc:
+        assert "no running event loop" in str(exc)
+        return 0
+    raise AssertionError("a batches() step neither yielded nor waited")
+
+
+def batches_at_every_point(produce: Any, take: Any, points: int = 150) -> int:
+    """For each point k: records in the rings, a step of batches() interrupted at its k-th point,
+    then steps until nothing is left. Returns how many steps were interrupted."""
+    landed = 0
+    for k in range(1, points):
+        produce()
+        landed += interrupted_at(k, take)
+        while take():
+            pass
+    return landed
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("dtype", [None, FIXED], ids=["bytes", "dtype"])
+def test_a_ctrl_c_at_every_point_of_an_async_batches_step_loses_nothing(make_producer, dtype):
+    """RingBuffer.batches(): the batch consume_batch() returned was checked for emptiness (a call:
+    a signal check) before it was yielded; a Ctrl-C there lost it (8 of 798 records here)."""
+    producers = [make_producer(ring_size=4096) for _ in range(2)]
+    got: list[bytes] = []
+    with RingBuffer() as rb:
+        for p in producers:
+            rb.add(p.ring)
+
+        def produce() -> None:
+            for i, p in enumerate(producers):
+                assert p.produce(2, fixed=True, producer=i).produced == 2
+
+        def deliver(batch: Any) -> int:
+            got.extend(batch if dtype is None else [row.tobytes() for row in batch])
+            return len(batch)
+
+        def take() -> int:
+            return batches_step(rb.batches(dtype), deliver)
+
+        landed = batches_at_every_point(produce, take)
+    assert landed >= 40
+    for i in range(2):
+        mine = [r for r in got if parse(r)[1] == i]
+        assert mine == [expected_fixed(seq, i) for seq in range(2 * 149)], f"ring {i}: lost, repeated or out of order"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("with_cpus", [False, True], ids=["records", "with-cpus"])
+def test_a_ctrl_c_at_every_point_of_an_async_perf_batches_step_loses_nothing(perf_producer, with_cpus):
+    got: list[bytes] = []
+    cpus = bpfring._sys.perf.online_cpus()[:2]
+    with PerfBuffer(perf_producer.array, 1, None, lambda cpu, n: pytest.fail(f"{n} samples lost on cpu {cpu}"), cpus=cpus) as pb:
+
+        def produce() -> None:
+            for cpu in cpus:
+                assert perf_producer.output(2, 40, cpu=cpu).produced == 2
+
+        def deliver(batch: Any) -> int:
+            records = batch[1] if with_cpus else batch
+            got.extend(records)
+            return len(records)
+
+        def take() -> int:
+            return batches_step(pb.batches(None, with_cpus=with_cpus), deliver)
+
+        landed = batches_at_every_point(produce, take)
+    assert landed >= 40
+    for cpu in cpus:
+        seqs = [parse(d)[0] for d in got if parse(d)[1] == cpu]
+        assert seqs == list(range(2 * 149)), f"cpu {cpu}: lost, repeated or out of order"
 
 
 # -- open: the consumer paths that do not look at kept ------------------------------------------

@@ -508,11 +508,12 @@ class PerfBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, max_records, with_cpus=with_cpus),
-            lambda batch: not len(batch[1] if with_cpus else batch),
+            lambda: self.consume_batch(dtype, max_records, with_cpus=True),  # (the CPUs, to put back)
+            lambda batch: not len(batch[1]),
             interval,
+            self._kept,
         ):
-            yield batch
+            yield batch if with_cpus else batch[1]  # (no call: no signal check)
 
     # -- lifetime -------------------------------------------------------------------------------
 

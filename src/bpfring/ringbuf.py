@@ -498,7 +498,7 @@ class RingBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, max_records), lambda batch: not len(batch), interval
+            lambda: self.consume_batch(dtype, max_records), lambda batch: not len(batch), interval, self._kept
         ):
             yield batch
 
