@@ -307,6 +307,25 @@ def test_a_ctrl_c_at_every_point_of_an_async_perf_batches_step_loses_nothing(per
         assert seqs == list(range(2 * 149)), f"cpu {cpu}: lost, repeated or out of order"
 
 
+# -- out= with no room: [] forever while records wait -------------------------------------------------
+
+
+def test_an_out_array_with_no_room_is_refused_not_answered_with_nothing(producer, perf_producer):
+    """consume_batch(dtype, out=<0 elements>) returned [] with records waiting (max_records=0 is
+    refused as a ValueError): a loop that waits when a batch is empty waited forever."""
+    empty = np.empty(0, dtype=FIXED)
+    with RingBuffer(producer.ring) as rb:
+        producer.produce(3, fixed=True)
+        with pytest.raises(ValueError, match=r"out has room for no record \(shape \(0,\)\)"):
+            rb.consume_batch(FIXED, out=empty)
+        assert rb.consume_batch(FIXED, out=np.empty(8, dtype=FIXED))["seq"].tolist() == [0, 1, 2]
+    with PerfBuffer(perf_producer.array, 1, cpus=[0]) as pb:
+        perf_producer.output(2, 64, cpu=0)
+        with pytest.raises(ValueError, match="out has room for no record"):
+            pb.consume_batch(FIXED, out=empty)
+        assert pb.consume_batch(FIXED)["seq"].tolist() == [0, 1]
+
+
 # -- open: the consumer paths that do not look at kept ------------------------------------------
 
 

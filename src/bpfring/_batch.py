@@ -55,6 +55,8 @@ def batch_dtype(dtype: DTypeLike, limit: int, out: Any) -> tuple[Any, Any, int]:
             raise TypeError(f"out must be a numpy array of {dt}, got {type(out).__name__}")
         if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+        if not len(out):  # (a call that can take nothing would return [] with records waiting)
+            raise ValueError(f"out has room for no record (shape {out.shape}): give it at least 1 element")
         limit = min(limit, len(out))
     return np, dt, limit
 
