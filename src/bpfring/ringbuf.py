@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
@@ -76,6 +77,7 @@ class Ring(MappedRing):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
+        self._lock = threading.RLock()  # a Ring on its own: one consumer call at a time
         # What this ring's own batch calls took and have not returned yet (a RingBuffer's calls
         # keep theirs in the RingBuffer's).
         self._kept = Kept()
@@ -142,8 +144,9 @@ class Ring(MappedRing):
     # -- consuming ------------------------------------------------------------------------------
 
     def _consuming(self) -> contextlib.AbstractContextManager[Any]:
-        """The owning RingBuffer's consumer lock, for ``with`` (nothing for a Ring on its own)."""
-        return self._poller.consuming() if self._poller is not None else contextlib.nullcontext()
+        """The owning RingBuffer's consumer lock, for ``with``; a Ring on its own has its own (two
+        threads' calls walked the ring and its kept records at once: records twice, and lost)."""
+        return self._poller.consuming() if self._poller is not None else self._lock
 
     def consume(self, max_records: int | None = None) -> int:
         """Deliver every record available now (up to ``max_records``); never waits.
