@@ -242,6 +242,40 @@ def test_a_misfit_on_a_later_cpu_is_raised_while_an_earlier_cpu_keeps_producing(
         assert [(c, parse(d)[0]) for c, d in zip(cpus, rest) if c == second] == [(second, 0), (second, 1), (second, 2)]
 
 
+# -- a large kept part handed over a few records at a time: quadratic -------------------------------
+
+
+def test_many_kept_records_handed_over_a_few_at_a_time_take_time_in_proportion(make_producer):
+    """A Ctrl-C that stopped consume_batch() of a full 16 MiB ring (about 700,000 records) kept
+    them all; handing them over 100 at a time copied the rest of the part each call (400,000 took
+    13 s here, 700,000 about 40 s, against 0.04 s with nothing kept). A bound for a hang, not a
+    speed: it takes well under a second now."""
+    producer = make_producer(ring_size=16 << 20)
+    with RingBuffer(producer.ring) as rb:
+        produced = producer.produce(700_000, 16).produced
+        assert produced > 600_000
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_return" and getattr(arg, "__name__", "") == "consume":  # the C walk
+                raise KeyboardInterrupt
+
+        sys.setprofile(profile)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                rb.consume_batch()
+        finally:
+            sys.setprofile(None)
+        started = time.monotonic()
+        seqs: list[int] = []
+        while time.monotonic() - started < 10:
+            batch = rb.consume_batch(None, 100)
+            if not batch:
+                break
+            seqs.extend(parse(r)[0] for r in batch)
+        assert len(seqs) == produced, f"{len(seqs)} of {produced} records handed over in 10 s"
+        assert seqs == list(range(produced))
+
+
 # -- async batches(): a Ctrl-C between the take and the yield lost the batch ------------------------
 
 

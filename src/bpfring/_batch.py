@@ -200,6 +200,10 @@ class Kept:
             record = part[0]
             del part[0]  # (no call between taking it out and the return: no signal check)
             return record
+        if type(part) is _Rest:
+            record = part.rows[part.at]
+            parts[0] = _Rest(part.rows, part.at + 1)
+            return record
         record = part[0].tobytes()
         parts[0] = part[1:]
         return record
@@ -218,7 +222,7 @@ class Kept:
             if k == len(part):
                 rest.popleft()
             else:  # the rest of this part stays first in line
-                rest[0] = collections.deque(itertools.islice(part, k, None)) if isinstance(part, collections.deque) else part[k:]
+                rest[0] = _rest_of(part, k)
             if k:
                 pieces.append((part, k))
                 have += k
@@ -238,6 +242,8 @@ class Kept:
             for part, k in pieces:
                 if isinstance(part, collections.deque):
                     rows.extend(itertools.islice(part, k))
+                elif isinstance(part, _Rest):
+                    rows.extend(part.rows[part.at : part.at + k])
                 else:
                     rows.extend(_as_bytes(part[:k]))
             if self._per_cpu:
@@ -288,7 +294,31 @@ def _record_bytes(records: Any) -> list[bytes]:
 
 
 def _is_array_of(part: Any, dt: Any) -> bool:
-    return not isinstance(part, collections.deque) and part.dtype == dt
+    return not isinstance(part, (collections.deque, _Rest)) and part.dtype == dt
+
+
+class _Rest:
+    """What is left of a part of rows after its first ones were handed over: a list and where
+    the rest starts. Handing over a few rows at a time from a large part then costs what they
+    cost, where copying the rest each time (a deque has no slices) cost its length: quadratic."""
+
+    __slots__ = ("rows", "at")
+
+    def __init__(self, rows: list[Any], at: int) -> None:
+        self.rows = rows
+        self.at = at
+
+    def __len__(self) -> int:
+        return len(self.rows) - self.at
+
+
+def _rest_of(part: Any, k: int) -> Any:
+    """``part`` without its first ``k`` records."""
+    if isinstance(part, collections.deque):
+        return _Rest(list(part), k)  # (the one copy)
+    if isinstance(part, _Rest):
+        return _Rest(part.rows, part.at + k)
+    return part[k:]
 
 
 def _as_bytes(array: Any) -> list[bytes]:
