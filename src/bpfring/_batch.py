@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import itertools
 import sys
+import warnings
 from typing import Any, Callable
 
 from ._protocol import _fastring
@@ -55,6 +56,8 @@ def batch_dtype(dtype: DTypeLike, limit: int, out: Any) -> tuple[Any, Any, int]:
             raise TypeError(f"out must be a numpy array of {dt}, got {type(out).__name__}")
         if out.dtype != dt or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError(f"out must be a writable contiguous 1-d array of {dt}, got {out.dtype} {out.shape}")
+        if not len(out):  # (a call that can take nothing would return [] with records waiting)
+            raise ValueError(f"out has room for no record (shape {out.shape}): give it at least 1 element")
         limit = min(limit, len(out))
     return np, dt, limit
 
@@ -109,13 +112,26 @@ class Kept:
         self._slack = slack
 
     def __len__(self) -> int:
-        return sum(len(part) for part in self._parts)
+        return sum(len(part) for part in tuple(self._parts))  # (a snapshot: safe outside the lock)
 
     def __bool__(self) -> bool:
-        for part in self._parts:
+        for part in tuple(self._parts):
             if len(part):
                 return True
         return False
+
+    def warn_dropped(self, what: str) -> None:
+        """At close(): say how many records were taken and never handed over (they go with it)."""
+        filling = self._filling
+        n = len(self) + (self._count(filling[1]) if filling is not None else 0)
+        if n:
+            warnings.warn(
+                f"closing this {what} drops {n} records it took from its rings and never handed over "
+                "(an async iteration left early, or a batch call interrupted): no consumer will see "
+                "them; take them with consume_batch() before close()",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- taking -----------------------------------------------------------------------------------
 
@@ -164,8 +180,11 @@ class Kept:
                 rows.extend(_as_bytes(records[at : at + n]))
             at += n
         unreported = [(cpu, 0, lost) for cpu, _, lost in counts if lost] if self._per_cpu else []
-        parts = collections.deque(self._parts)
-        parts.append(rows)
+        # (Only parts with records: a take that raised before taking any, retried in a loop, would
+        # add an empty part a call, and every later call would walk them all.)
+        parts = collections.deque(part for part in self._parts if len(part))
+        if rows:
+            parts.append(rows)
         self._parts, self._filling = parts, ((records[:0], unreported) if unreported else None)
         return unreported
 
@@ -220,6 +239,10 @@ class Kept:
             record = part[0]
             del part[0]  # (no call between taking it out and the return: no signal check)
             return record
+        if type(part) is _Rest:
+            record = part.rows[part.at]
+            parts[0] = _Rest(part.rows, part.at + 1)
+            return record
         record = part[0].tobytes()
         parts[0] = part[1:]
         return record
@@ -254,10 +277,8 @@ class Kept:
                 k = min(len(part), limit - have)
                 if k == len(part):
                     rest.popleft()
-                elif type(part) is collections.deque:  # the rest of this part stays first in line
-                    rest[0] = collections.deque(itertools.islice(part, k, None))
-                else:
-                    rest[0] = part[k:]
+                else:  # the rest of this part stays first in line
+                    rest[0] = _rest_of(part, k)
                 if k:
                     pieces.append((part, k))
                     have += k
@@ -282,6 +303,8 @@ class Kept:
             for part, k in pieces:
                 if type(part) is collections.deque or type(part) is list:
                     rows.extend(itertools.islice(part, k))
+                elif isinstance(part, _Rest):
+                    rows.extend(part.rows[part.at : part.at + k])
                 else:
                     rows.extend(_as_bytes(part[:k]))
             if self._per_cpu:
@@ -332,7 +355,31 @@ def _record_bytes(records: Any) -> list[bytes]:
 
 
 def _is_array_of(part: Any, dt: Any) -> bool:
-    return type(part) is not collections.deque and type(part) is not list and part.dtype == dt
+    return type(part) not in (collections.deque, list, _Rest) and part.dtype == dt
+
+
+class _Rest:
+    """What is left of a part of rows after its first ones were handed over: a list and where
+    the rest starts. Handing over a few rows at a time from a large part then costs what they
+    cost, where copying the rest each time (a deque has no slices) cost its length: quadratic."""
+
+    __slots__ = ("rows", "at")
+
+    def __init__(self, rows: list[Any], at: int) -> None:
+        self.rows = rows
+        self.at = at
+
+    def __len__(self) -> int:
+        return len(self.rows) - self.at
+
+
+def _rest_of(part: Any, k: int) -> Any:
+    """``part`` without its first ``k`` records."""
+    if isinstance(part, collections.deque):
+        return _Rest(list(part), k)  # (the one copy)
+    if isinstance(part, _Rest):
+        return _Rest(part.rows, part.at + k)
+    return part[k:]
 
 
 def _as_bytes(array: Any) -> list[bytes]:

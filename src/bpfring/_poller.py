@@ -218,17 +218,26 @@ class Poller:
                     return
                 await self.wait_readable(interval)
 
-    async def batches(self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None) -> AsyncIterator[Any]:
+    async def batches(
+        self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None, kept: Kept
+    ) -> AsyncIterator[Any]:
         """Yield each batch ``take()`` returns that is not ``empty``, waiting between them; nothing
-        is taken while waiting, so cancelling loses nothing."""
+        is taken while waiting, so cancelling loses nothing. A Ctrl-C that lands between the take
+        and the yield (``empty()`` is a call: a signal check) puts the batch back in ``kept``
+        (as ``handed()`` does) for the next call."""
         while not (self.closed or self._closing):
+            batch = NOTHING
             try:
                 batch = take()
-            except ValueError:
-                if self.closed or self._closing:
+                nothing = empty(batch)
+            except BaseException as exc:
+                if batch is not NOTHING:
+                    with self._lock:
+                        kept.put_back(kept.as_rows(batch))
+                elif isinstance(exc, ValueError) and (self.closed or self._closing):
                     return  # closed from another thread between the check and take(): the end
                 raise
-            if not empty(batch):
+            if not nothing:
                 yield batch
             else:
                 await self.wait_readable(interval)

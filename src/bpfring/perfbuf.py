@@ -174,6 +174,7 @@ class PerfBuffer:
         self._by_fd: dict[int, PerfRing] = {}
         self._slots: list[int] = []  # array indexes this object has set, cleared on close
         self._unfinished: set[PerfRing] = set()  # woken, not yet read to the end
+        self._misfit: PerfRing | None = None  # its sample that fits no dtype stopped the last batch
         # What batch calls and async iterations took from the rings and have not returned or
         # yielded yet (Ctrl-C, a corrupt ring among healthy ones, a cancelled task): the next
         # batch call or iteration returns it first. A sample may carry the kernel's padding to 8.
@@ -416,7 +417,13 @@ class PerfBuffer:
         self._kept.filling(records, taken)
         at = 0
         error: RingCorruptError | None = None
-        for buf in self._buffers:
+        # A ring whose misfit stopped the last call is read first, so its RecordSizeError is
+        # raised now; after an earlier ring's samples it would stop every call again, unraised,
+        # and the rings after it would never be read.
+        bufs, misfit, self._misfit = self._buffers, self._misfit, None
+        if misfit in bufs:
+            bufs = bufs[bufs.index(misfit) :] + bufs[: bufs.index(misfit)]
+        for buf in bufs:
             self._unfinished.add(buf)
             try:
                 n, stop = buf._state.take(dt.itemsize, records[at:], taken, at == 0)
@@ -428,6 +435,8 @@ class PerfBuffer:
             if stop == _fastring.PERF_TAKE_HEAD:
                 self._unfinished.discard(buf)
             else:
+                if at < len(records):  # not full: a misfit (or corruption after its samples)
+                    self._misfit = buf
                 break  # full (the rest waits), or a misfit: what came before it now, the next call raises
         self._report_lost(taken)
         if error is not None:
@@ -470,7 +479,7 @@ class PerfBuffer:
     def __aiter__(self) -> AsyncIterator[tuple[int, bytes]]:
         return self.records()
 
-    async def records(self, interval: float | None = None) -> AsyncIterator[tuple[int, bytes]]:
+    def records(self, interval: float | None = None) -> AsyncIterator[tuple[int, bytes]]:
         """Every sample as ``(cpu, data)``, waiting on the event loop (not ``sample_cb``).
 
         Cancelling the task that iterates (or leaving the loop) loses nothing: samples taken but
@@ -483,8 +492,8 @@ class PerfBuffer:
             if not self._kept:
                 self._each_ring(self._buffers, lambda buf: ASYNC_REFILL, self._kept.rows())
 
-        async for sample in self._poller.drain(self._kept, refill, interval):
-            yield sample
+        # The iteration is drain() itself: a generator around it would cost a fifth of each step.
+        return self._poller.drain(self._kept, refill, interval)
 
     async def batches(
         self,
@@ -499,11 +508,12 @@ class PerfBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, max_records, with_cpus=with_cpus),
-            lambda batch: not len(batch[1] if with_cpus else batch),
+            lambda: self.consume_batch(dtype, max_records, with_cpus=True),  # (the CPUs, to put back)
+            lambda batch: not len(batch[1]),
             interval,
+            self._kept,
         ):
-            yield batch
+            yield batch if with_cpus else batch[1]  # (no call: no signal check)
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -545,7 +555,12 @@ class PerfBuffer:
         idempotent. A poll() blocked in another thread returns first.
 
         In a fork() child it releases only the child's copies of the descriptors and mappings:
-        the events stay enabled and the slots set, for the parent."""
+        the events stay enabled and the slots set, for the parent.
+
+        Samples an async iteration or a batch call took and did not hand over go with it: a
+        RuntimeWarning says how many."""
+        if not (self._poller.closed or self._poller.forked):
+            self._kept.warn_dropped("PerfBuffer")
         self._poller.close(self._release, self._release_own)
 
     def __del__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
@@ -76,6 +77,7 @@ class Ring(MappedRing):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
+        self._lock = threading.RLock()  # a Ring on its own: one consumer call at a time
         # What this ring's own batch calls took and have not returned yet (a RingBuffer's calls
         # keep theirs in the RingBuffer's).
         self._kept = Kept()
@@ -142,8 +144,9 @@ class Ring(MappedRing):
     # -- consuming ------------------------------------------------------------------------------
 
     def _consuming(self) -> contextlib.AbstractContextManager[Any]:
-        """The owning RingBuffer's consumer lock, for ``with`` (nothing for a Ring on its own)."""
-        return self._poller.consuming() if self._poller is not None else contextlib.nullcontext()
+        """The owning RingBuffer's consumer lock, for ``with``; a Ring on its own has its own (two
+        threads' calls walked the ring and its kept records at once: records twice, and lost)."""
+        return self._poller.consuming() if self._poller is not None else self._lock
 
     def consume(self, max_records: int | None = None) -> int:
         """Deliver every record available now (up to ``max_records``); never waits.
@@ -169,6 +172,8 @@ class Ring(MappedRing):
         per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
         it).
         """
+        if self._pid != os.getpid():  # (before what this ring kept is handed over: the parent has it too)
+            raise forked_error("Ring", self._pid)
         return handed(self._consuming(), self._kept, lambda: self._consume_batch(dtype, max_records, out))
 
     def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any, kept: Kept | None = None) -> Any:
@@ -226,13 +231,21 @@ class Ring(MappedRing):
         valid only inside the block: after it, producers reuse that memory. A batch stops before a
         discarded record (a view cannot skip one); the next batch skips it. Records whose size is
         not ``dtype.itemsize`` raise :class:`RecordSizeError` and stay in the ring. An exception
-        inside the block leaves the records unconsumed.
+        inside the block leaves the records unconsumed. While records taken earlier wait (an async
+        iteration left early, an interrupted batch call), it raises RuntimeError: the view would
+        skip ahead of them.
         """
         with self._consuming(), self._batch(dtype, max_records) as records:
             yield records
 
     @contextlib.contextmanager
-    def _batch(self, dtype: DTypeLike, max_records: int | None) -> Iterator[Any]:
+    def _batch(self, dtype: DTypeLike, max_records: int | None, kept: Kept | None = None) -> Iterator[Any]:
+        kept = self._kept if kept is None else kept
+        if kept:  # the view would skip ahead of them
+            raise RuntimeError(
+                f"{len(kept)} records taken earlier (by an async iteration left early, or an interrupted "
+                "batch call) come before the ring's: take them with consume_batch() first"
+            )
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         np = numpy_module()
         dt = record_dtype(np, dtype)
@@ -275,6 +288,8 @@ class Ring(MappedRing):
         """Unmap the ring, close its fd and give up its claim; idempotent. In a fork() child it
         releases only the child's copies (nothing shared is written)."""
         if not self._map.closed:
+            if self._pid == os.getpid():
+                self._kept.warn_dropped("Ring")
             self._release()
 
     @property
@@ -461,7 +476,7 @@ class RingBuffer:
         self._poller.check_open()
         if len(self._rings) != 1:
             raise ValueError(f"batch() needs exactly one ring, this RingBuffer has {len(self._rings)}: use rings[i].batch()")
-        with self._poller.consuming(), self._rings[0]._batch(dtype, max_records) as records:
+        with self._poller.consuming(), self._rings[0]._batch(dtype, max_records, self._kept) as records:
             yield records
 
     # -- asyncio --------------------------------------------------------------------------------
@@ -469,7 +484,7 @@ class RingBuffer:
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self.records()
 
-    async def records(self, interval: float | None = None) -> AsyncIterator[bytes]:
+    def records(self, interval: float | None = None) -> AsyncIterator[bytes]:
         """Every record of every ring as ``bytes``, waiting on the event loop (not the callback).
 
         Cancelling the task that iterates (or leaving the loop) loses nothing: records taken from
@@ -485,8 +500,8 @@ class RingBuffer:
             if not kept:
                 self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, NO_LIMIT, kept.rows().append)
 
-        async for record in self._poller.drain(kept, refill, interval):
-            yield record
+        # The iteration is drain() itself: a generator around it would cost a fifth of each step.
+        return self._poller.drain(kept, refill, interval)
 
     async def batches(
         self, dtype: DTypeLike | None = None, max_records: int | None = None, interval: float | None = None
@@ -496,7 +511,7 @@ class RingBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, max_records), lambda batch: not len(batch), interval
+            lambda: self.consume_batch(dtype, max_records), lambda batch: not len(batch), interval, self._kept
         ):
             yield batch
 
@@ -512,7 +527,12 @@ class RingBuffer:
         """Unmap every ring and close every fd; a poll() blocked in another thread returns first.
 
         In a fork() child it releases only the child's copies of the descriptors and mappings:
-        nothing the parent shares (epoll, eventfd, consumer_pos) is touched."""
+        nothing the parent shares (epoll, eventfd, consumer_pos) is touched.
+
+        Records an async iteration or a batch call took and did not hand over go with it: a
+        RuntimeWarning says how many."""
+        if not (self._poller.closed or self._poller.forked):
+            self._kept.warn_dropped("RingBuffer")
         self._poller.close(self._release)
 
     def __del__(self) -> None:
