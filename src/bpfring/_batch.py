@@ -87,8 +87,10 @@ class Kept:
     - a call that meets a corrupt ring raises after the healthy rings were read;
     - an async iteration that is cancelled still holds records it has not yielded.
 
-    The next call of any kind returns what is kept first, in the order it was taken, and takes
-    nothing new while something is kept (so the order holds across kinds of call). Every change
+    The next batch call or iteration returns what is kept first, in the order it was taken, and
+    takes nothing new while something is kept (so the order holds across both kinds of call; the
+    zero-copy batch() refuses meanwhile, and close() warns what it drops; callbacks and a Ring of
+    a RingBuffer used directly do not see it yet: docs/guarantees.md). Every change
     that hands records over is one store, with no signal check between it and the return: a
     Ctrl-C lands either before it (the records stay) or after the caller has them.
 

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ._batch import NOTHING, Kept
 
+
 def forked_error(owner: str, pid: int) -> RuntimeError:
     return RuntimeError(
         f"this {owner} was opened in process {pid}, and this is process {os.getpid()} (a fork() child): "
