@@ -399,3 +399,64 @@ def test_maps_and_objects_dropped_without_close_release_their_fds_with_a_resourc
         gc.collect()
     assert open_fds() == before
     assert [w for w in caught if issubclass(w.category, ResourceWarning) and kind in str(w.message)]
+
+
+def test_a_claim_leaves_no_lock_file_behind(producer, tmp_path, monkeypatch):
+    """A claim's lock file goes with the claim: a long-running agent that opens consumers of ever
+    new maps does not fill the lock directory with a file per map id it ever claimed."""
+    monkeypatch.setenv("BPFRING_LOCK_DIR", str(tmp_path))
+    path = tmp_path / f"map-{producer.ring.id}.lock"
+    with RingBuffer(producer.ring):
+        assert path.exists()
+    assert not path.exists()
+    with RingBuffer(producer.ring):  # and the next claim makes it anew
+        with pytest.raises(bpfring.BPFError, match="already consumed"):
+            RingBuffer(producer.ring)
+    assert list(tmp_path.iterdir()) == []
+
+
+CLAIMER = textwrap.dedent(
+    """
+    import os, sys, bpfring
+    from bpfring._claim import Claim
+    m = bpfring.Map.from_id(int(sys.argv[1]))
+    inside = sys.argv[2]
+    held = refused = 0
+    for _ in range(int(sys.argv[3])):
+        try:
+            claim = Claim(m, "RingBuffer")
+        except bpfring.BPFError:
+            refused += 1
+            continue
+        fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another holder is inside
+        os.close(fd)
+        os.unlink(inside)
+        claim.release()
+        held += 1
+    print(held, refused)
+    """
+)
+
+
+def test_claims_racing_with_releases_that_unlink_their_files_are_never_held_twice(producer, tmp_path, monkeypatch):
+    """Three processes claim and release one map as fast as they can; each, while it holds the
+    claim, makes a file that only one process at a time can make. A claim taken on a lock file its
+    holder was unlinking would let two in at once: the second's O_EXCL fails."""
+    monkeypatch.setenv("BPFRING_LOCK_DIR", str(tmp_path / "locks"))
+    (tmp_path / "locks").mkdir()
+    inside = tmp_path / "inside"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, str(producer.ring.id), str(inside), "3000"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    held = [int(out.split()[0]) for out, _ in results]
+    assert sum(held) > 0 and all(h > 0 for h in held), held
+    assert list((tmp_path / "locks").iterdir()) == []

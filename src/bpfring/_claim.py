@@ -11,6 +11,7 @@ their own process). A fork() child holds none of its parent's locks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -70,15 +71,23 @@ def lock_dir() -> str:
     return own
 
 
-def _open_lock_file(m: Map) -> int:
-    """The lock file of map ``m``, opened read-write (a write lock needs it), never through a link."""
-    directory = lock_dir()
-    fd = os.open(
-        os.path.join(directory, f"map-{m.id}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666
-    )
+def _open_lock_file(path: str) -> int:
+    """The lock file at ``path``, opened read-write (a write lock needs it), never through a link."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     if os.fstat(fd).st_uid == os.geteuid():
         os.fchmod(fd, 0o666)  # past the umask: every user's consumer can lock it
     return fd
+
+
+def _still_there(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd``: its holder unlinks it on release, so a
+    lock taken on a file opened just before is a lock on nothing (open it again)."""
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _holder(fd: int) -> int:
@@ -109,14 +118,25 @@ class Claim:
             if holder is not None:
                 raise _busy(m, f"a {holder} in this process", what, producer)
             try:
-                fd = _open_lock_file(m)
+                self._path = os.path.join(lock_dir(), f"map-{m.id}.lock")
+                fd = self._lock(m, what, producer)
             except OSError as exc:
+                if isinstance(exc, BPFError):
+                    raise
                 raise BPFError(
                     exc.errno,
                     f"can't claim map {m.name!r} (id {m.id}) for this {what}: its lock file could not be "
-                    f"opened ({exc.strerror}: {exc.filename}); set BPFRING_LOCK_DIR to a writable directory, "
-                    "or pass shared=True",
+                    f"opened ({exc.strerror}: {exc.filename}); set BPFRING_LOCK_DIR to a writable directory"
+                    + ("" if producer else ", or pass shared=True"),
                 ) from None
+            self._fd = fd
+            _claimed[m.id] = what
+            _open.add(self)
+
+    def _lock(self, m: Map, what: str, producer: bool) -> int:
+        """The lock file, opened and write-locked (not waiting), or EBUSY naming its holder."""
+        while True:
+            fd = _open_lock_file(self._path)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
             except OSError as exc:
@@ -127,9 +147,9 @@ class Claim:
                 finally:
                     os.close(fd)
                 raise _busy(m, _describe(pid) if pid > 0 else "another process", what, producer) from None
-            self._fd = fd
-            _claimed[m.id] = what
-            _open.add(self)
+            if _still_there(fd, self._path):
+                return fd
+            os.close(fd)  # its holder let go and unlinked it meanwhile: the claim is a new file's
 
     def release(self) -> None:
         if self._fd < 0:
@@ -138,6 +158,11 @@ class Claim:
             fd, self._fd = self._fd, -1
             _open.discard(self)
             _claimed.pop(self.map_id, None)
+            # Unlinked while still locked (so /run/bpfring keeps no file per map ever claimed): one
+            # who opened it meanwhile finds it gone once it has the lock, and opens the new one.
+            # (Another user's file in the sticky directory cannot be unlinked: it stays.)
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
             os.close(fd)  # releases the lock
 
     def _forget(self) -> None:
