@@ -77,6 +77,7 @@ def _object_features(name: str) -> tuple:
     return {
         "producer": (features.BPF_LOOP, features.RINGBUF_DYNPTR),
         "user_drain": (features.USER_RINGBUF,),
+        "globals": (features.BPF_LOOP,),  # a SEC("syscall") program (5.14), which BPF_LOOP's probe stands for
     }.get(name, ())
 
 

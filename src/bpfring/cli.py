@@ -93,8 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main  # numpy and the benchmark's helpers load only for it
+        from .features import FeatureError
 
-        return bench_main(argv[1:])
+        try:
+            return bench_main(argv[1:])
+        except FeatureError as exc:  # a kernel older than the benchmark's programs need
+            print(f"bpfring bench: error: {exc.strerror}", file=sys.stderr)
+            return EXIT_ERROR
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)

@@ -83,9 +83,28 @@ def _helper(helper_id: int) -> Callable[[], bool | None]:
     return probe
 
 
+# Where libbpf looks for the kernel's BTF when VMLINUX_BTF is absent: vmlinux images kept beside
+# the kernel ({r}: the release), whose BTF it reads instead (libbpf's btf__load_vmlinux_btf).
+BTF_FALLBACKS = (
+    "/boot/vmlinux-{r}",
+    "/lib/modules/{r}/vmlinux-{r}",
+    "/lib/modules/{r}/build/vmlinux",
+    "/usr/lib/modules/{r}/kernel/vmlinux",
+    "/usr/lib/debug/boot/vmlinux-{r}",
+    "/usr/lib/debug/boot/vmlinux-{r}.debug",
+    "/usr/lib/debug/lib/modules/{r}/vmlinux",
+)
+
+
+def _kernel_btf() -> bool:
+    """Whether libbpf will find this kernel's BTF (CO-RE relocations are resolved against it)."""
+    release = kernel_release()
+    return any(os.path.exists(path.format(r=release)) for path in (VMLINUX_BTF, *BTF_FALLBACKS))
+
+
 RINGBUF = Feature("the BPF ring buffer (BPF_MAP_TYPE_RINGBUF)", (5, 8), _map_type(MapType.RINGBUF))
 USER_RINGBUF = Feature("the user ring buffer (BPF_MAP_TYPE_USER_RINGBUF)", (6, 1), _map_type(MapType.USER_RINGBUF))
-BTF = Feature(f"kernel BTF ({VMLINUX_BTF}, CONFIG_DEBUG_INFO_BTF)", (5, 4), lambda: os.path.exists(VMLINUX_BTF))
+BTF = Feature(f"kernel BTF ({VMLINUX_BTF}, CONFIG_DEBUG_INFO_BTF)", (5, 4), lambda: _kernel_btf())
 BPF_LOOP = Feature("bpf_loop() (and SEC(\"syscall\") programs, 5.14)", (5, 17), _helper(181))
 RINGBUF_DYNPTR = Feature("bpf_ringbuf_reserve_dynptr() (variable-size reservations)", (5, 19), _helper(198))
 # Not probed: from 5.11 BPF memory is charged to the memory cgroup instead of RLIMIT_MEMLOCK.

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import warnings
 from typing import Any, Iterator
 
@@ -31,6 +32,38 @@ log = logging.getLogger("bpfring")
 
 # Section prefixes whose auto-attach goes through tracefs (tracepoint ids, legacy k/uprobes).
 _TRACEFS_SECTIONS = ("tp/", "tracepoint/", "kprobe/", "kretprobe/", "ksyscall/", "kretsyscall/", "uprobe", "uretprobe")
+
+
+def _core_relocations(path: str) -> int:
+    """How many bytes of CO-RE relocation records the ELF object at ``path`` carries (0: none).
+
+    They live in the .BTF.ext section, after its header's func_info and line_info parts
+    (include/uapi/linux/btf.h's btf_ext_header; the core_relo fields exist when hdr_len >= 32).
+    The part starts with its record size (4 bytes), so records are there when it is longer.
+    """
+    with open(path, "rb") as f:
+        elf = f.read()
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:  # ELFCLASS64, as clang -target bpf writes
+        return 0
+    end = "<" if elf[5] == 1 else ">"  # ELFDATA2LSB: bpfel
+    shoff, = struct.unpack_from(end + "Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from(end + "HHH", elf, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:  # (name offset, file offset, size) of section i
+        name, = struct.unpack_from(end + "I", elf, shoff + i * shentsize)
+        offset, size = struct.unpack_from(end + "QQ", elf, shoff + i * shentsize + 24)
+        return name, offset, size
+
+    _, names, _ = section(shstrndx)
+    for i in range(shnum):
+        name, offset, size = section(i)
+        if elf[names + name : names + name + 9] == b".BTF.ext\0":
+            hdr_len, = struct.unpack_from(end + "I", elf, offset + 4)
+            if hdr_len < 32 or size < 32:
+                return 0
+            _, relo_len = struct.unpack_from(end + "II", elf, offset + 24)
+            return relo_len - 4 if relo_len > 4 else 0
+    return 0
 
 
 def _file_kind(mode: int) -> str:
@@ -335,6 +368,14 @@ class Object:
     def load(self) -> Object:
         """Create the maps and load the programs (libbpf's ``bpf_object__load``)."""
         self._check_not_loaded("load")
+        if not features.has(features.BTF) and _core_relocations(self.path):
+            # libbpf would stop at "failed to find valid kernel BTF"; say what is missing instead
+            raise features.FeatureError(
+                errno.EOPNOTSUPP,
+                f"loading BPF object {self.path!r}: its programs read kernel structures through CO-RE "
+                f"relocations, which need {features.BTF} (Linux {'.'.join(map(str, features.BTF.since))} or "
+                f"later, built with it); this kernel, {features.kernel_release()}, has none",
+            )
         bump_memlock_rlimit()
         with capture_log() as lines:
             ret = lib.bpf_object__load(self._ptr)

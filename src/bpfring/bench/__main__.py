@@ -1,5 +1,5 @@
 import sys
 
-from .command import main
+from ..cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))  # the command line's errors, as `bpfring bench` reports them

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from typing import Sequence
 
+from .. import features
 from . import drain, workload
 from .consumers import bpfring_consumers, libbpf_consumers
 from .native import compile_helper
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= args.batch_cnt <= 1 << 20:
         parser.error(f"--batch-cnt must be between 1 and {1 << 20}, got {args.batch_cnt}")
 
+    # Every program of the benchmark loops with bpf_loop() (the syscall-run ones are SEC("syscall"),
+    # 5.14): on an older kernel say so here, not through the verifier's log of the first load.
+    features.require(features.BPF_LOOP)
     do_drain = args.only in (None, "drain")
     do_workload = args.only in (None, "workload")
     n_consumers = len(wanted)

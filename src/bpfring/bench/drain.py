@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 
+from .. import features
 from .._sys import libbpf
 from ..objects import Object, bundled_object
 from ..ringbuf import BPF_RB_NO_WAKEUP, Ring, RingBuffer
@@ -64,6 +65,7 @@ class Bench:
     """One loaded bench.bpf.o with a ring big enough for ``count`` records of ``size`` bytes."""
 
     def __init__(self, size: int, count: int) -> None:
+        features.require(features.BPF_LOOP)  # its programs: SEC("syscall") calling bpf_loop()
         self.size = size
         self.count = count
         stride = (size + 8 + 7) & ~7

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import features
 from ..objects import Object, bundled_object
 
 # struct bench_settings of bench_workload.bpf.c: batch_cnt, use_output, wakeup_data_size, ts_every, pad
@@ -115,6 +116,7 @@ class Workload:
     """bench_workload.bpf.o loaded and attached for one scenario; shared by its consumer runs."""
 
     def __init__(self, scenario: Scenario) -> None:
+        features.require(features.BPF_LOOP)  # each batch runs under bpf_loop()
         self.scenario = scenario
         self.obj = Object(bundled_object("bench_workload"))
         try:
