@@ -559,7 +559,7 @@ static PyObject *ring_take(RingState *s, PyObject *const *args, Py_ssize_t nargs
 					ring_store(s, cons); /* past the discarded records before it, if any */
 					PyErr_Format(record_size_error,
 						     "the record at consumer_pos %llu is %u bytes, dtype %S expects %zd; it stays in "
-						     "the ring (read it with consume())",
+						     "the ring (read it with consume_batch() without a dtype)",
 						     (unsigned long long)cons, len & LEN_MASK, args[3], itemsize);
 					goto fail;
 				}
@@ -620,7 +620,7 @@ static PyObject *ring_scan(RingState *s, PyObject *const *args, Py_ssize_t nargs
 				ring_store(s, cons);
 				PyErr_Format(record_size_error,
 					     "the record at consumer_pos %llu is %u bytes, dtype %S expects %zd; it stays in the "
-					     "ring (read it with consume())",
+					     "ring (read it with consume_batch() without a dtype)",
 					     (unsigned long long)cons, len & LEN_MASK, args[2], itemsize);
 				return NULL;
 			}
@@ -949,7 +949,7 @@ static PyObject *perf_consume(PerfRingState *s, PyObject *const *args, Py_ssize_
 					PyErr_Format(record_size_error,
 						     "the sample at %llu of the perf buffer of cpu %S is %u bytes, the dtype expects "
 						     "%lu (up to %lu with the kernel's padding); it stays in the ring (read it with "
-						     "consume())",
+						     "consume_batch() without a dtype)",
 						     (unsigned long long)tail, s->cpu, raw_size, expect_lo, expect_hi);
 					goto out;
 				}
@@ -1080,7 +1080,7 @@ static PyObject *perf_take(PerfRingState *s, PyObject *const *args, Py_ssize_t n
 					PyErr_Format(record_size_error,
 						     "the sample at %llu of the perf buffer of cpu %S is %u bytes, the dtype expects "
 						     "%zd (up to %zd with the kernel's padding); it stays in the ring (read it with "
-						     "consume())",
+						     "consume_batch() without a dtype)",
 						     (unsigned long long)tail, s->cpu, raw_size, itemsize, itemsize + 7);
 					goto fail;
 				}
