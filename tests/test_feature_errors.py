@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+from pathlib import Path
 
 import pytest
 from bpfring import Object, cli, features
@@ -70,5 +71,17 @@ def test_the_bundled_programs_load_with_the_kernels_own_btf(bpf, execsnoop_objec
     """Every kernel of the matrix has BTF (Debian's are built with it): the same object loads."""
     assert features.has(features.BTF), f"no kernel BTF found on {os.uname().release}"
     with Object(execsnoop_object) as obj:
+        obj.load()
+        assert obj.loaded
+
+
+def test_an_object_file_garbled_after_open_does_not_break_the_btf_check(bpf_object, no_kernel_btf, tmp_path):
+    """The check reads the object's file again at load(): one changed meanwhile into something that
+    is not a BPF object (here an ELF header and then 0xff bytes, which sends a naive reader past
+    any int) is not a CO-RE object, and load() goes on to libbpf, which has the object in memory."""
+    copy = tmp_path / "producer_compat.bpf.o"
+    copy.write_bytes(Path(bpf_object("producer_compat")).read_bytes())
+    with Object(copy) as obj:
+        copy.write_bytes(b"\x7fELF\x02\x01" + b"\xff" * 100)
         obj.load()
         assert obj.loaded

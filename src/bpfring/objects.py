@@ -41,8 +41,15 @@ def _core_relocations(path: str) -> int:
     (include/uapi/linux/btf.h's btf_ext_header; the core_relo fields exist when hdr_len >= 32).
     The part starts with its record size (4 bytes), so records are there when it is longer.
     """
-    with open(path, "rb") as f:
-        elf = f.read()
+    try:
+        with open(path, "rb") as f:
+            elf = f.read()
+        return _relocation_bytes(elf)
+    except (OSError, ValueError, OverflowError, struct.error, IndexError):  # unreadable or malformed: libbpf says what
+        return 0
+
+
+def _relocation_bytes(elf: bytes) -> int:
     if elf[:4] != b"\x7fELF" or elf[4] != 2:  # ELFCLASS64, as clang -target bpf writes
         return 0
     end = "<" if elf[5] == 1 else ">"  # ELFDATA2LSB: bpfel
