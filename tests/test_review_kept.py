@@ -124,7 +124,7 @@ def test_iterations_in_two_threads_and_batch_calls_in_a_third_get_each_record_on
     thread's call changed them: "deque mutated during iteration". An iteration now touches kept
     only under the lock, or one row of its lent deque at a time, so that window is gone; this run
     is the smoke test around it, and it does not reproduce that race on the reviewed commit.)"""
-    total = 3000
+    total = 2000
     got: dict[str, list[int]] = {"A": [], "B": [], "batch": []}
     errors: list[BaseException] = []
     done = threading.Event()
@@ -147,7 +147,7 @@ def test_iterations_in_two_threads_and_batch_calls_in_a_third_get_each_record_on
                 while not done.is_set() or rb.rings[0].avail_data_size:
                     got[name].extend(parse(r)[0] for r in rb.consume_batch(None, 7))
             else:
-                run(iterate(name))
+                asyncio.run(iterate(name))  # (bounded by the join below: slow under qemu, not 10 s)
         except BaseException as exc:
             errors.append(exc)
 
@@ -166,7 +166,7 @@ def test_iterations_in_two_threads_and_batch_calls_in_a_third_get_each_record_on
                     time.sleep(0.001)  # now and then nothing to read: the iterations look and wait
             done.set()
             for t in threads:
-                t.join(60)
+                t.join(300)
             assert not any(t.is_alive() for t in threads), "a consumer did not stop"
             rest = [parse(r)[0] for r in rb.consume_batch()]  # what an iteration took and left
     finally:
