@@ -15,7 +15,9 @@ def test_quick_start_traces_an_exec(bpf, tmp_path):
     assert "while True:" in code
     script = tmp_path / "quickstart.py"
     script.write_text(code.replace("while True:", "for _ in range(30):"))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    # -u: a pipe is block-buffered, so the header would come only at exit, after the polls
+    # (PYTHONUNBUFFERED in some environments hid that; the kernel matrix's guests have none)
+    proc = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, text=True)
     header = proc.stdout.readline()
     assert header.split() == ["TIME", "EVENT", "PID", "COMM", "FILENAME"]
     child = subprocess.Popen(["/bin/true"])
