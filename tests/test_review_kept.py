@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import fork_call
 from producer import expected_fixed, parse
+from test_faults import Interrupt
 from test_perfbuf import two_cpus  # noqa: F401 (a fixture)
 
 import bpfring
@@ -281,29 +282,6 @@ def test_many_kept_records_handed_over_a_few_at_a_time_take_time_in_proportion(m
 # -- async batches(): a Ctrl-C between the take and the yield lost the batch ------------------------
 
 
-def interrupted_at(k: int, call: Any) -> bool:
-    """``call()`` with a Ctrl-C at its k-th point where CPython can raise one (a Python function's
-    entry, a C function's return; as tests/test_faults.py's Interrupt, outside this file); True if
-    it landed."""
-    seen = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal seen
-        if event in ("call", "c_return") and frame.f_code.co_filename != __file__:
-            seen += 1
-            if seen == k:
-                raise KeyboardInterrupt
-
-    sys.setprofile(profile)
-    try:
-        call()
-    except KeyboardInterrupt:
-        return True
-    finally:
-        sys.setprofile(None)
-    return False
-
-
 def batches_step(iteration: Any, deliver: Any) -> int:
     """One step of ``async for batch in iteration`` driven without an event loop: its batch to
     ``deliver`` (returning its length), or 0 where it would have waited. The iteration is then
@@ -325,13 +303,13 @@ def batches_step(iteration: Any, deliver: Any) -> int:
 def batches_at_every_point(produce: Any, take: Any, points: int = 150) -> int:
     """For each point k: records in the rings, a step of batches() interrupted at its k-th point,
     then steps until nothing is left. Returns how many steps were interrupted."""
-    landed = 0
+    interrupt = Interrupt()
     for k in range(1, points):
         produce()
-        landed += interrupted_at(k, take)
+        interrupt.call(k, take)
         while take():
             pass
-    return landed
+    return interrupt.landed
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
