@@ -373,14 +373,14 @@ def test_two_bpfring_tails_on_one_pinned_ring_the_second_is_refused_unless_share
     path = f"{BPFFS}/bpfring-test-tail-{os.getpid()}"
     producer.ring.pin(path)
     cmd = [sys.executable, "-m", "bpfring", "tail", path]
-    first = subprocess.Popen([*cmd, "--duration", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([*cmd, "--duration", "600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "tailing ring" in first.stderr.readline()
-        second = subprocess.run([*cmd, "--count", "1"], capture_output=True, text=True, timeout=30)
+        second = subprocess.run([*cmd, "--count", "1"], capture_output=True, text=True, timeout=300)
         assert second.returncode == 1 and second.stdout == ""
         assert second.stderr.count("\n") == 1, second.stderr
         assert f"already consumed by pid {first.pid} (" in second.stderr
-        shared = subprocess.run([*cmd, "--shared", "--duration", "0.3"], capture_output=True, text=True, timeout=30)
+        shared = subprocess.run([*cmd, "--shared", "--duration", "0.3"], capture_output=True, text=True, timeout=300)
         assert shared.returncode == 0, shared.stderr
     finally:
         first.terminate()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from conftest import as_nobody, fork_call, open_fds
@@ -96,6 +100,50 @@ def test_pinned_path_errors_say_what_is_wrong(bpf, tmp_path):
     plain.write_text("x")
     with pytest.raises(bpfring.BPFError, match="is not a BPF object pinned on bpffs"):
         Map.from_pinned(plain)
+
+
+def without_bpffs(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a Python whose mount namespace is a fresh boot's: /sys/fs/bpf unmounted."""
+    script = f"umount {BPFFS} 2>/dev/null; exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_pin_on_a_fresh_boot_mounts_bpffs_and_a_pin_elsewhere_says_what_is_wrong(bpf, tmp_path):
+    """A fresh boot leaves /sys/fs/bpf unmounted, and the kernel's answer to a pin there is a bare
+    ENOENT; outside bpffs it is EPERM, read as a lack of privilege."""
+    done = without_bpffs(textwrap.dedent(f"""
+        import os
+        from bpfring import Map, MapType
+        from bpfring._sys.mounts import is_mounted_bpffs
+        assert not is_mounted_bpffs("{BPFFS}")
+        try:
+            Map.from_pinned("{BPFFS}/bpfring-test-gone")
+        except FileNotFoundError as exc:
+            print("get:", exc)
+        with Map.create(MapType.RINGBUF, 4096, name="fresh") as m:
+            m.pin("{BPFFS}/bpfring-test-fresh")
+            with Map.from_pinned("{BPFFS}/bpfring-test-fresh") as again:
+                print("pinned:", again.name, again.id == m.id, is_mounted_bpffs("{BPFFS}"))
+            os.unlink("{BPFFS}/bpfring-test-fresh")
+            for where in ("{tmp_path}/pin", "{tmp_path}/no-such-dir/pin", "{BPFFS}/no-such-dir/pin"):
+                try:
+                    m.pin(where)
+                except OSError as exc:
+                    print(f"{{type(exc).__name__}}: {{exc}}")
+    """))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"get: [Errno 2] nothing is pinned at '{BPFFS}/bpfring-test-gone': bpffs is not mounted at {BPFFS} "
+        "(pins do not outlive a reboot)",
+        "pinned: fresh True True",
+        f"BPFError: [Errno 22] can't pin at '{tmp_path}/pin': '{tmp_path}' is not on bpffs (pins live on a bpf "
+        f"filesystem: pin under {BPFFS}, or mount one with `mount -t bpf none {tmp_path}`)",
+        f"BPFNotFoundError: [Errno 2] can't pin at '{tmp_path}/no-such-dir/pin': directory "
+        f"'{tmp_path}/no-such-dir' does not exist",
+        f"BPFNotFoundError: [Errno 2] can't pin at '{BPFFS}/no-such-dir/pin': directory "
+        f"'{BPFFS}/no-such-dir' does not exist",
+    ]
 
 
 def test_from_id_of_a_missing_map(bpf):

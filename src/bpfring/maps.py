@@ -13,8 +13,8 @@ from typing import Union
 from . import features
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType, map_type_name
-from ._sys.mounts import is_mounted_bpffs
-from .errors import BPFError
+from ._sys.mounts import BPFFS, ensure_bpffs, is_mounted_bpffs
+from .errors import BPFError, BPFNotFoundError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -132,6 +132,11 @@ class Map:
                 raise BPFError(errno.EISDIR, f"{path!r} is a directory, not a BPF object pinned on bpffs") from None
             if exc.errno in (errno.EACCES, errno.EPERM) and os.path.exists(path) and not is_mounted_bpffs(path):
                 raise BPFError(errno.EINVAL, f"{path!r} is not a BPF object pinned on bpffs") from None
+            if exc.errno == errno.ENOENT and _under(os.path.abspath(path), BPFFS) and not is_mounted_bpffs(BPFFS):
+                raise BPFNotFoundError(
+                    errno.ENOENT,
+                    f"nothing is pinned at {path!r}: bpffs is not mounted at {BPFFS} (pins do not outlive a reboot)",
+                ) from None
             raise
         return cls(fd, _origin=f"{path!r}")
 
@@ -157,8 +162,23 @@ class Map:
         return map_type_name(self.type)
 
     def pin(self, path: str | os.PathLike[str]) -> None:
-        """Pin the map on bpffs so it outlives this process (BPF_OBJ_PIN)."""
-        sys_bpf.obj_pin(self.fd, os.fspath(path))
+        """Pin the map on bpffs so it outlives this process (BPF_OBJ_PIN).
+
+        A fresh boot leaves /sys/fs/bpf unmounted, and the kernel then answers ENOENT (it is a
+        sysfs directory): a pin under it mounts bpffs there first (root only), as bpftool does.
+        A directory elsewhere must already be on bpffs; the error says which one is not.
+        """
+        path = os.fspath(path)
+        fd = self.fd
+        directory = os.path.dirname(os.path.abspath(path))
+        if _under(directory, BPFFS) and not is_mounted_bpffs(BPFFS):
+            ensure_bpffs()
+        try:
+            sys_bpf.obj_pin(fd, path)
+        except BPFError as exc:
+            if exc.errno in (errno.ENOENT, errno.EPERM, errno.EACCES):
+                _why_not_pinned(path, directory)
+            raise
 
     def unpin(self, path: str | os.PathLike[str]) -> None:
         """Remove the pin of this map at ``path`` (the map lives on while anyone holds it).
@@ -249,3 +269,20 @@ def _as_map_type(value: int) -> int:
         return MapType(value)
     except ValueError:
         return value
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory + "/")
+
+
+def _why_not_pinned(path: str, directory: str) -> None:
+    """For a pin at ``path`` the kernel refused: raise what is wrong with ``directory``, if it is
+    missing or not on bpffs (the kernel says ENOENT or EPERM, as for a lack of privilege)."""
+    if not os.path.isdir(directory):
+        raise BPFNotFoundError(errno.ENOENT, f"can't pin at {path!r}: directory {directory!r} does not exist") from None
+    if not is_mounted_bpffs(directory):
+        raise BPFError(
+            errno.EINVAL,
+            f"can't pin at {path!r}: {directory!r} is not on bpffs (pins live on a bpf filesystem: pin under "
+            f"{BPFFS}, or mount one with `mount -t bpf none {directory}`)",
+        ) from None
