@@ -15,7 +15,7 @@ import pytest
 from conftest import as_nobody, fork_call, open_fds
 
 import bpfring
-from bpfring import BPFError, Map, MapType, PerfBuffer, RingBuffer, UserRingBuffer
+from bpfring import BPFError, Map, MapType, PerfBuffer, RingBuffer, UserRingBuffer, features
 from bpfring._sys import bpf as sys_bpf
 from bpfring._sys.mounts import BPFFS, ensure_bpffs
 from bpfring.maps import PAGE_SIZE
@@ -233,8 +233,16 @@ def test_opening_a_pin_without_privileges_says_root_is_needed(pin_dir, opener):
         m.pin(path)  # mode 0600, owned by root: bpffs permissions are the access control
         os.chmod(pin_dir, 0o755)
         said = fork_call(as_nobody(lambda: PATH_OPENERS[opener](path)))
-    assert said.startswith("BPFPermissionError: [Errno 13] BPF_OBJ_GET"), said
+    # bpffs refuses by the file's mode (EACCES); before 5.19, kernel.unprivileged_bpf_disabled
+    # refused every bpf() call to an unprivileged process first (EPERM; Debian 11's 5.10 sets it).
+    refused = errno.EPERM if every_bpf_call_refused_unprivileged() else errno.EACCES
+    assert said.startswith(f"BPFPermissionError: [Errno {refused}] BPF_OBJ_GET"), said
     assert "needs root, or CAP_BPF" in said
+
+
+def every_bpf_call_refused_unprivileged() -> bool:
+    with open("/proc/sys/kernel/unprivileged_bpf_disabled") as f:
+        return features.kernel_version() < (5, 19) and int(f.read()) != 0
 
 
 def test_a_perf_buffer_without_privileges_says_root_is_needed_even_with_the_map(perf_producer):

@@ -146,6 +146,25 @@ def test_a_pin_on_a_fresh_boot_mounts_bpffs_and_a_pin_elsewhere_says_what_is_wro
     ]
 
 
+@pytest.mark.parametrize("kind", [MapType.RINGBUF, MapType.PERF_EVENT_ARRAY, MapType.ARRAY])
+def test_fdinfo_tells_what_bpf_obj_get_info_tells_but_the_name(bpf, kind):
+    """Where the kernel refuses BPF_OBJ_GET_INFO_BY_FD to an unprivileged holder of a map fd (before
+    5.19, with kernel.unprivileged_bpf_disabled: tests/test_bad_input.py shows it in the 5.10
+    guest), Map reads /proc/self/fdinfo instead; it must say the same."""
+    sizes = {MapType.RINGBUF: (0, 0, 8192), MapType.PERF_EVENT_ARRAY: (4, 4, 2), MapType.ARRAY: (4, 24, 3)}[kind]
+    with Map.create(kind, sizes[2], key_size=sizes[0], value_size=sizes[1], name="fdinfo") as m:
+        info, fdinfo = sys_bpf.map_get_info(m.fd), sys_bpf.map_info_from_fdinfo(m.fd)
+        fields = ("type", "id", "key_size", "value_size", "max_entries", "map_flags")
+        assert [getattr(fdinfo, f) for f in fields] == [getattr(info, f) for f in fields]
+        assert (fdinfo.type, fdinfo.id, fdinfo.max_entries) == (kind, m.id, sizes[2])
+    r, w = os.pipe()
+    try:
+        assert sys_bpf.map_info_from_fdinfo(r) is None  # not a map: the fallback says nothing
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_from_id_of_a_missing_map(bpf):
     with pytest.raises(bpfring.BPFNotFoundError, match="BPF_MAP_GET_FD_BY_ID id=4000000000"):
         Map.from_id(4_000_000_000)

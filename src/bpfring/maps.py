@@ -14,7 +14,7 @@ from . import features
 from ._sys import bpf as sys_bpf
 from ._sys.bpf import MapType, map_type_name
 from ._sys.mounts import BPFFS, ensure_bpffs, is_mounted_bpffs
-from .errors import BPFError, BPFNotFoundError
+from .errors import BPFError, BPFNotFoundError, BPFPermissionError
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -61,7 +61,12 @@ class Map:
             kind = os.readlink(f"/proc/self/fd/{fd}")
             if kind != "anon_inode:bpf-map":
                 raise BPFError(errno.EINVAL, f"{what} is not a BPF map (it is {kind})")
-            info = sys_bpf.map_get_info(fd)
+            try:
+                info = sys_bpf.map_get_info(fd)
+            except BPFPermissionError:
+                info = sys_bpf.map_info_from_fdinfo(fd)  # (kernels before 5.19: see there)
+                if info is None:
+                    raise
         except BaseException:
             self._fd = -1
             os.close(fd)

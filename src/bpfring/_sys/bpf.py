@@ -351,6 +351,38 @@ def map_get_info(fd: int) -> MapInfo:
     return info
 
 
+# The lines of /proc/<pid>/fdinfo/<map fd> that fill a MapInfo (all there since 4.x; no name).
+_FDINFO_FIELDS = {
+    "map_type": "type",
+    "map_id": "id",
+    "key_size": "key_size",
+    "value_size": "value_size",
+    "max_entries": "max_entries",
+    "map_flags": "map_flags",
+}
+
+
+def map_info_from_fdinfo(fd: int) -> MapInfo | None:
+    """What /proc/self/fdinfo tells of map ``fd`` (no name), or None if it does not say.
+
+    For a process the kernel refuses BPF_OBJ_GET_INFO_BY_FD: before Linux 5.19,
+    kernel.unprivileged_bpf_disabled (set by default on Debian 11's 5.10) refused every bpf()
+    command to an unprivileged process, even on a map fd handed to it, while mmap and epoll of
+    that fd, all a ring consumer needs, work.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{check_fd('fd', fd)}") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    try:
+        values = {attr: int(fields[key].strip(), 0) for key, attr in _FDINFO_FIELDS.items()}
+    except (KeyError, ValueError):
+        return None
+    return MapInfo(**values)
+
+
 def prog_load(
     prog_type: int,
     insns: bytes,
