@@ -15,7 +15,7 @@ from conftest import require_bpf
 import bpfring
 
 TINY = [
-    "--duration", "0.1",
+    "--duration", "0.5",  # (0.1 s: a busy machine (load 8 on 2 cores) left the producers of a round unscheduled)
     "--records", "2000",
     "--rounds", "1",
     "--producers", "1",
