@@ -1,7 +1,6 @@
 """An adversarial review of Kept, the one holder per consumer of records taken from the rings and
 not yet handed over (commit 9b8fa79): each test reproduces one finding against the real kernel.
-Those marked xfail are open (the fix is described in the reason); the others failed on the code
-as reviewed and pass since the fix. Every wait is bounded.
+Each failed on the code as reviewed and passes since its fix. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -386,15 +385,12 @@ def test_an_out_array_with_no_room_is_refused_not_answered_with_nothing(producer
         assert pb.consume_batch(FIXED)["seq"].tolist() == [0, 1]
 
 
-# -- open: the consumer paths that do not look at kept ------------------------------------------
+# -- the consumer paths that did not look at kept ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a Ring of a RingBuffer has its own Kept; its consume_batch() takes new records "
-    "while the RingBuffer keeps older ones of the same ring",
-)
 def test_a_ring_used_directly_after_an_iteration_left_early_returns_its_records_in_order(producer):
+    """A Ring of a RingBuffer had a Kept of its own: its consume_batch() returned the ring's newer
+    records before the older ones the RingBuffer kept of that ring."""
     async def main() -> tuple[list[int], list[int], list[int]]:
         with RingBuffer(producer.ring) as rb:
             producer.produce(10, fixed=True)
@@ -411,12 +407,9 @@ def test_a_ring_used_directly_after_an_iteration_left_early_returns_its_records_
     assert got + direct + rest == list(range(13)), (got, direct, rest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: consume() and poll() with callbacks do not deliver what an iteration kept: the "
-    "callbacks get the newer records first, the kept ones wait for a batch call or an iteration",
-)
 def test_callbacks_after_an_iteration_left_early_get_the_records_in_order(producer):
+    """consume() and poll() with callbacks did not deliver what an iteration kept: the callbacks
+    got the newer records first, and a poll() loop never saw the kept ones."""
     delivered: list[int] = []
 
     async def main() -> None:
