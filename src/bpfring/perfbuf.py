@@ -90,6 +90,8 @@ class PerfRing:
         limit: int = NO_LIMIT,
     ) -> int:
         """Deliver every record available now; samples delivered, or a negative callback return.
+        The PerfBuffer's own walk: it takes neither its consumer lock nor the samples it keeps
+        (see :class:`PerfBuffer`): use :meth:`PerfBuffer.consume_buffer` instead.
 
         ``expect``: the sample sizes a batch accepts; another size raises RecordSizeError and
         that sample stays in the ring. ``into``: a list (or deque) that takes ``(cpu, data)``
@@ -403,7 +405,7 @@ class PerfBuffer:
         return result if with_cpus else result[1]  # (no call: no signal check)
 
     def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
-        """consume_batch as ``(cpus, records)``, with None for its runs (a perf row names its CPU)."""
+        """consume_batch as ``(cpus, records)``, with its runs (for a put_back)."""
         limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
         if dtype is None:
             if out is not None:
@@ -415,7 +417,7 @@ class PerfBuffer:
         return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out))
 
     def _consume_batch(self, np: Any, dt: Any, limit: int, out: Any) -> tuple[Any, Any]:
-        """consume_batch as ``((cpus, records), None)``."""
+        """consume_batch as ``(cpus, records)``, with its runs (unused: a perf row names its CPU)."""
         self._settle()
         if self._kept:  # what an earlier call took (interrupted, or raising), alone
             return self._kept.hand_over(dt, limit, out, with_cpus=True)

@@ -159,6 +159,7 @@ class Ring(MappedRing):
         """
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._consuming():
+            self._live_state()  # (a closed ring hands over nothing: its records went with close())
             kept = self._kept
             kept.settle()
             n = kept.deliver(Ring._callback_for, limit, self)
@@ -190,6 +191,7 @@ class Ring(MappedRing):
         """consume_batch, with the runs of its records (Kept.hand_over), keeping what it takes
         until it returns: what an earlier call kept of this ring is returned first, and alone."""
         kept = self._kept
+        self._live_state()  # (a closed ring hands over nothing: its records went with close())
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         if dtype is None:
             if out is not None:
@@ -282,7 +284,8 @@ class Ring(MappedRing):
         return slots["record"]
 
     def _consume(self, limit: int, callback: Callback | None = None) -> int:
-        return self._live_state().consume(callback or self._callback_for(), limit)
+        cb = callback or self._callback_for()
+        return self._live_state().consume(cb, limit)
 
     def _callback_for(self) -> Callback:
         """The callback for this ring's records; TypeError if it has none (before any is taken)."""
