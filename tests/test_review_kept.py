@@ -633,13 +633,58 @@ def test_any_interleaving_of_calls_delivers_each_ring_s_records_once_in_order(ma
         assert seqs_of(got, i) == list(range(produced[i])), f"ring {i}: lost, repeated or out of order"
 
 
+def interrupted_at_release(call: Any) -> None:
+    """``call()`` with a Ctrl-C landing as its consumer lock's ``__exit__`` returns: the records
+    it handed over are put back, first in line."""
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and getattr(arg, "__name__", "") == "__exit__":
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return
+    finally:
+        sys.setprofile(None)
+    raise AssertionError("the call was not interrupted")
+
+
+def test_records_put_back_come_before_those_a_paused_iteration_holds(make_producer):
+    """An iteration holds (lent, without the lock) ring a's kept records; ring b's call puts
+    records back before them, then ring a's call puts back one it took from them: the iteration
+    must yield that one next, not the newer ones it holds."""
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [None, None])
+        a.produce(4, fixed=True, producer=0)
+        b.produce(4, fixed=True, producer=1)
+        iteration = rb.records()
+
+        def step() -> bytes:
+            with pytest.raises(StopIteration) as yielded:
+                iteration.__anext__().send(None)
+            return yielded.value.value
+
+        got = [step()]  # a's 0; a's 1-3 lent to the iteration
+        interrupted_at_release(lambda: rb.rings[1].consume_batch(None, 2))
+        interrupted_at_release(lambda: rb.rings[0].consume_batch(None, 1))
+        got += [step(), step()]
+        with contextlib.suppress(StopIteration):
+            iteration.aclose().send(None)
+        rest = rb.consume_batch()
+    assert seqs_of(got + rest, 0) == [0, 1, 2, 3]
+    assert seqs_of(got + rest, 1) == [0, 1, 2, 3]
+
+
 def test_perf_callbacks_after_an_iteration_left_early_get_each_cpu_s_samples_in_order(perf_producer, two_cpus):
     """poll(), consume() and consume_buffer(i) deliver the samples an iteration kept to
     sample_cb first, each CPU's in order; consume_buffer(i) only ring i's. Without sample_cb,
     consume() raises its TypeError and the samples stay kept."""
     got: list[tuple[int, int]] = []
     first, second = two_cpus
-    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: got.append((cpu, parse(data)[0])), cpus=[first, second]) as pb:
+    sample = lambda cpu, data: got.append((cpu, parse(data)[0]))  # noqa: E731
+    with PerfBuffer(perf_producer.array, 1, sample, cpus=[first, second]) as pb:
         perf_producer.output(3, 40, cpu=first)
         perf_producer.output(3, 40, cpu=second)
         assert [parse(d)[0] for _, d in left_early(pb)] == [0]  # from the first CPU

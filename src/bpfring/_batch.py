@@ -106,8 +106,8 @@ class Kept:
     ring). ``slack``: the bytes a record may have beyond its dtype (a perf sample's padding to 8
     bytes, dropped).
 
-    The first deque may be lent to async iterations (:meth:`lend`): they take its records one at
-    a time without the consumer lock, each with ``d[0]`` then ``del d[0]`` (no call between the
+    The first part (made a deque of rows if it is not) may be lent to async iterations
+    (:meth:`lend`): they take its records one at a time without the consumer lock, each with ``d[0]`` then ``del d[0]`` (no call between the
     two, so no other thread and no signal can come between), and so does everyone else while it
     is lent.
     """
@@ -221,16 +221,17 @@ class Kept:
                 if rows[at : at + n]:
                     groups.append((tag, rows[at : at + n]))
                 at += n
-        first = self._first()
-        # The lent deque's ring's rows go back into it (an iteration takes from it, without the
-        # lock, before it looks at the parts again); the rest as parts of their own, before it.
-        lent_tag = first[0] if first is not None and first[1] is self._lent else NOTHING
+        # The rows of the lent deque's ring go back into it, wherever it is (an iteration takes
+        # from it, without the lock, before it looks at the parts again; it is the first part of
+        # its ring); the others first in line, as parts of their own.
+        lent = self._lent
+        lent_tag = next((tag for tag, part in self._parts if part is lent), NOTHING)
         into_lent = [row for tag, run in groups if tag == lent_tag for row in run][::-1]
         parts = collections.deque(self._parts)
         parts.extendleft([(tag, collections.deque(run)) for tag, run in groups[::-1] if tag != lent_tag])
         self._parts = parts
         if into_lent:
-            first[1].extendleft(into_lent)  # (no signal check since the store above)
+            lent.extendleft(into_lent)  # (no signal check since the store above)
 
     def as_rows(self, result: Any) -> list[Any]:
         """A :meth:`hand_over` result (``with_cpus`` for a perf buffer) as rows again."""
