@@ -128,6 +128,13 @@ class Kept:
                 return True
         return False
 
+    def has(self, tag: Any) -> bool:
+        """Records of ring ``tag`` are kept."""
+        for t, part in tuple(self._parts):
+            if len(part) and t == tag:
+                return True
+        return False
+
     def count(self, tag: Any) -> int:
         """How many records of ring ``tag`` are kept."""
         return sum(len(part) for t, part in tuple(self._parts) if t == tag)

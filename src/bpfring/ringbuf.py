@@ -183,26 +183,25 @@ class Ring(MappedRing):
         per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
         it).
         """
-        if self._pid != os.getpid():  # (before what this ring kept is handed over: the parent has it too)
-            raise forked_error("Ring", self._pid)
+        self._live_state()  # (before what is kept is handed over: a closed ring's went with close(),
+        # and a fork() child's parent has it too)
         return handed(self._consuming(), self._kept, lambda: self._consume_batch(dtype, max_records, out))[0]
 
     def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
         """consume_batch, with the runs of its records (Kept.hand_over), keeping what it takes
         until it returns: what an earlier call kept of this ring is returned first, and alone."""
         kept = self._kept
-        self._live_state()  # (a closed ring hands over nothing: its records went with close())
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         if dtype is None:
             if out is not None:
                 raise TypeError("out= needs a dtype")
             kept.settle()
-            if not kept.count(self):
+            if not kept.has(self):
                 self._consume(limit, kept.rows(self).append)  # each record kept as it leaves the ring
             return kept.hand_over(None, limit, only=self)
         np, dt, limit = batch_dtype(dtype, limit, out)
         kept.settle()
-        if kept.count(self):
+        if kept.has(self):
             return kept.hand_over(dt, limit, out, only=self)
         records = self._take(kept, np, dt, limit, out)
         runs = [(self, len(records))]
@@ -255,10 +254,9 @@ class Ring(MappedRing):
     def _batch(self, dtype: DTypeLike, max_records: int | None) -> Iterator[Any]:
         kept = self._kept
         kept.settle()
-        waiting = kept.count(self)
-        if waiting:  # the view would skip ahead of them
+        if kept.has(self):  # the view would skip ahead of them
             raise RuntimeError(
-                f"{waiting} records taken earlier (by an async iteration left early, or an interrupted "
+                f"{kept.count(self)} records taken earlier (by an async iteration left early, or an interrupted "
                 "batch call) come before the ring's: take them with consume_batch() first"
             )
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
@@ -484,7 +482,9 @@ class RingBuffer:
         the next call (with ``out=`` over several rings, it waits in ``out`` until then: leave
         ``out`` alone until that call).
         """
-        return self._handed_batch(dtype, max_records, out)[0]
+        self._poller.check_open()
+        limit = NO_LIMIT if max_records is None else check_limit(max_records)
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out))[0]
 
     def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
         """consume_batch, with the runs of its records (for a put_back)."""
