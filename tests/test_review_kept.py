@@ -34,12 +34,13 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
-def interrupted_after_take(call: Any) -> None:
+def interrupted_after_take(call: Any, c_function: str = "take") -> None:
     """``call()`` with a Ctrl-C landing where CPython can raise one: as the ring's C take returns
-    (the records have left the ring and are kept for the next call)."""
+    (the records have left the ring and are kept for the next call), or the first C function
+    named ``c_function``."""
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "c_return" and getattr(arg, "__name__", "") == "take":
+        if event == "c_return" and getattr(arg, "__name__", "") == c_function:
             raise KeyboardInterrupt
 
     sys.setprofile(profile)
@@ -633,24 +634,6 @@ def test_any_interleaving_of_calls_delivers_each_ring_s_records_once_in_order(ma
         assert seqs_of(got, i) == list(range(produced[i])), f"ring {i}: lost, repeated or out of order"
 
 
-def interrupted_at_release(call: Any) -> None:
-    """``call()`` with a Ctrl-C landing as its consumer lock's ``__exit__`` returns: the records
-    it handed over are put back, first in line."""
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "c_return" and getattr(arg, "__name__", "") == "__exit__":
-            raise KeyboardInterrupt
-
-    sys.setprofile(profile)
-    try:
-        call()
-    except KeyboardInterrupt:
-        return
-    finally:
-        sys.setprofile(None)
-    raise AssertionError("the call was not interrupted")
-
-
 def test_records_put_back_come_before_those_a_paused_iteration_holds(make_producer):
     """An iteration holds (lent, without the lock) ring a's kept records; ring b's call puts
     records back before them, then ring a's call puts back one it took from them: the iteration
@@ -667,8 +650,9 @@ def test_records_put_back_come_before_those_a_paused_iteration_holds(make_produc
             return yielded.value.value
 
         got = [step()]  # a's 0; a's 1-3 lent to the iteration
-        interrupted_at_release(lambda: rb.rings[1].consume_batch(None, 2))
-        interrupted_at_release(lambda: rb.rings[0].consume_batch(None, 1))
+        # Ctrl-C as the consumer lock's __exit__ returns: what each call handed over is put back.
+        interrupted_after_take(lambda: rb.rings[1].consume_batch(None, 2), "__exit__")
+        interrupted_after_take(lambda: rb.rings[0].consume_batch(None, 1), "__exit__")
         got += [step(), step()]
         with contextlib.suppress(StopIteration):
             iteration.aclose().send(None)
