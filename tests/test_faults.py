@@ -379,16 +379,23 @@ def ring_at_every_point(
     rings: int,
     take: Callable[[RingBuffer, list[bytes]], int],
     prepare: Callable[[RingBuffer, list[bytes]], Any] = lambda rb, got: 0,
+    callbacks: bool = False,
 ) -> None:
     """at_every_point on a RingBuffer of ``rings`` rings, each fed fixed records by a producer id
-    of its own, ``take(rb, got)`` consuming; then each ring's records all delivered, once, in
-    order, intact."""
+    of its own (with ``callbacks``, each ring's callback appending to ``got``), ``take(rb, got)``
+    consuming; then each ring's records all delivered, once, in order, intact, and each to its
+    own ring's callback."""
     ring_producers = [make_producer(ring_size=4096) for _ in range(rings)]
     got: list[bytes] = []
+    elsewhere: list[bytes] = []  # records a callback got of another ring
     interrupt = Interrupt()
+
+    def callback(i: int) -> Callable[[bytes], None]:
+        return lambda data: (got if parse(data)[1] == i else elsewhere).append(data)
+
     with RingBuffer() as rb:
-        for p in ring_producers:
-            rb.add(p.ring)
+        for i, p in enumerate(ring_producers):
+            rb.add(p.ring, callback(i) if callbacks else None)
 
         def produce() -> None:
             for i, p in enumerate(ring_producers):
@@ -396,6 +403,7 @@ def ring_at_every_point(
 
         at_every_point(interrupt, produce, lambda: take(rb, got), lambda: prepare(rb, got))
     assert interrupt.covered(POINTS - 1), (interrupt.landed, interrupt.most)
+    assert not elsewhere, f"{len(elsewhere)} records went to another ring's callback"
     for i in range(rings):
         mine = [r for r in got if parse(r)[1] == i]
         assert [parse(r)[0] for r in mine] == list(range(2 * (POINTS - 1))), f"ring {i}: lost, repeated or out of order"
@@ -491,6 +499,78 @@ def test_a_ctrl_c_at_every_point_of_an_async_iteration_loses_and_repeats_nothing
     take = batch if how == "batch-after-async" else async_step
     prepare = (lambda rb, got: 0) if how == "async" else async_step
     ring_at_every_point(make_producer, rings, take, prepare)
+
+
+@ignore_finalizer_interrupts
+@pytest.mark.parametrize(
+    "how", ["consume", "poll", "ring-consume", "ring-batch", "ring-dtype", "batch-then-consume", "batch-then-ring"]
+)
+@pytest.mark.parametrize("rings", [1, 2], ids=["one-ring", "two-rings"])
+def test_a_ctrl_c_at_every_point_of_a_call_handing_over_kept_records_loses_and_repeats_nothing(
+    make_producer, rings, how
+):
+    """After an iteration step left records kept: poll() and consume() delivering them to each
+    ring's callback, and each Ring of the RingBuffer handing over its own (to its callback, or
+    as a batch), interrupted at each point: nothing lost, nothing twice, each ring in order.
+    ``batch-then-*``: a RingBuffer batch call over both rings' kept records, and each call after
+    it one of those (a batch it puts back must keep each record's ring)."""
+    calls = 0
+
+    def take(rb: RingBuffer, got: list[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if how.startswith("batch-then-") and calls % 2:
+            records = rb.consume_batch(None, 3)
+            got.extend(records)
+            return len(records)
+        if how in ("consume", "batch-then-consume"):
+            return rb.consume(3)
+        if how == "poll":
+            return rb.poll(0)
+        n = 0
+        for ring in rb.rings:
+            if how == "ring-consume":
+                n += ring.consume(3)
+                continue
+            records = ring.consume_batch(FIXED, 3) if how == "ring-dtype" else ring.consume_batch(None, 3)
+            got.extend([r.tobytes() for r in records] if how == "ring-dtype" else records)
+            n += len(records)
+        return n
+
+    ring_at_every_point(make_producer, rings, take, async_step, callbacks=True)
+
+
+@ignore_finalizer_interrupts
+@pytest.mark.parametrize("how", ["consume", "poll", "consume-buffer"])
+def test_a_ctrl_c_at_every_point_of_a_perf_call_delivering_kept_samples_loses_and_repeats_nothing(perf_producer, how):
+    """After an iteration step left samples kept: sample_cb gets them first from poll(),
+    consume() and consume_buffer(i), each interrupted at each point."""
+    got: list[tuple[int, bytes]] = []
+    interrupt = Interrupt()
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def take() -> int:
+        if how == "consume":
+            return pb.consume()
+        if how == "poll":
+            return pb.poll(0)
+        return sum(pb.consume_buffer(i) for i in range(len(cpus)))
+
+    def sample(cpu: int, data: bytes) -> None:
+        got.append((cpu, data))
+
+    lost = lambda cpu, n: pytest.fail(f"{n} samples lost on cpu {cpu}")  # noqa: E731
+    with PerfBuffer(perf_producer.array, 1, sample, lost, cpus=cpus) as pb:
+
+        def produce() -> None:
+            for cpu in cpus:
+                assert perf_producer.output(2, 40, cpu=cpu).produced == 2
+
+        at_every_point(interrupt, produce, take, lambda: async_step(pb, got))
+    assert interrupt.covered(POINTS - 1), (interrupt.landed, interrupt.most)
+    for cpu in cpus:
+        seqs = [parse(data)[0] for on, data in got if on == cpu]
+        assert seqs == list(range(2 * (POINTS - 1))), f"cpu {cpu}: lost, repeated or out of order"
 
 
 @ignore_finalizer_interrupts

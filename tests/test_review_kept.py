@@ -1,13 +1,13 @@
 """An adversarial review of Kept, the one holder per consumer of records taken from the rings and
 not yet handed over (commit 9b8fa79): each test reproduces one finding against the real kernel.
-Those marked xfail are open (the fix is described in the reason); the others failed on the code
-as reviewed and pass since the fix. Every wait is bounded.
+Each failed on the code as reviewed and passes since its fix. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sys
 import threading
 import time
@@ -34,12 +34,13 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
-def interrupted_after_take(call: Any) -> None:
+def interrupted_after_take(call: Any, c_function: str = "take") -> None:
     """``call()`` with a Ctrl-C landing where CPython can raise one: as the ring's C take returns
-    (the records have left the ring and are kept for the next call)."""
+    (the records have left the ring and are kept for the next call), or the first C function
+    named ``c_function``."""
 
     def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "c_return" and getattr(arg, "__name__", "") == "take":
+        if event == "c_return" and getattr(arg, "__name__", "") == c_function:
             raise KeyboardInterrupt
 
     sys.setprofile(profile)
@@ -386,15 +387,12 @@ def test_an_out_array_with_no_room_is_refused_not_answered_with_nothing(producer
         assert pb.consume_batch(FIXED)["seq"].tolist() == [0, 1]
 
 
-# -- open: the consumer paths that do not look at kept ------------------------------------------
+# -- the consumer paths that did not look at kept ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a Ring of a RingBuffer has its own Kept; its consume_batch() takes new records "
-    "while the RingBuffer keeps older ones of the same ring",
-)
 def test_a_ring_used_directly_after_an_iteration_left_early_returns_its_records_in_order(producer):
+    """A Ring of a RingBuffer had a Kept of its own: its consume_batch() returned the ring's newer
+    records before the older ones the RingBuffer kept of that ring."""
     async def main() -> tuple[list[int], list[int], list[int]]:
         with RingBuffer(producer.ring) as rb:
             producer.produce(10, fixed=True)
@@ -411,12 +409,9 @@ def test_a_ring_used_directly_after_an_iteration_left_early_returns_its_records_
     assert got + direct + rest == list(range(13)), (got, direct, rest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: consume() and poll() with callbacks do not deliver what an iteration kept: the "
-    "callbacks get the newer records first, the kept ones wait for a batch call or an iteration",
-)
 def test_callbacks_after_an_iteration_left_early_get_the_records_in_order(producer):
+    """consume() and poll() with callbacks did not deliver what an iteration kept: the callbacks
+    got the newer records first, and a poll() loop never saw the kept ones."""
     delivered: list[int] = []
 
     async def main() -> None:
@@ -431,6 +426,267 @@ def test_callbacks_after_an_iteration_left_early_get_the_records_in_order(produc
 
     run(main())
     assert delivered == list(range(7))
+
+
+def left_early(buf: RingBuffer | PerfBuffer, n: int = 1) -> list[Any]:
+    """The first ``n`` records of an ``async for`` over ``buf``, left early: what it took and did
+    not yield stays kept."""
+
+    async def main() -> list[Any]:
+        got: list[Any] = []
+        async for record in buf:
+            got.append(record)
+            if len(got) == n:
+                break
+        return got
+
+    return run(main())
+
+
+def two_rings(make_producer: Any, rb: RingBuffer, callbacks: list[Any], ring_size: int = 4096) -> list[Any]:
+    producers = [make_producer(ring_size=ring_size) for _ in callbacks]
+    for p, callback in zip(producers, callbacks):
+        rb.add(p.ring, callback)
+    return producers
+
+
+def seqs_of(records: list[bytes], producer: int | None = None) -> list[int]:
+    return [parse(r)[0] for r in records if producer is None or parse(r)[1] == producer]
+
+
+def test_each_ring_s_callback_gets_its_kept_records_first_then_its_new_ones(make_producer):
+    """Two rings, a callback each, an iteration left early with records of both kept: consume()
+    delivers each kept record to its own ring's callback, before the ring's newer records, and
+    counts them all."""
+    got: list[list[bytes]] = [[], []]
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [got[0].append, got[1].append])
+        a.produce(4, fixed=True, producer=0)
+        b.produce(3, fixed=True, producer=1)
+        first = left_early(rb)
+        a.produce(2, fixed=True, producer=0)
+        b.produce(2, fixed=True, producer=1)
+        assert rb.consume() == 10
+    assert seqs_of(first) == [0] and parse(first[0])[1] == 0
+    assert seqs_of(got[0], 0) == [1, 2, 3, 4, 5] and seqs_of(got[0], 1) == []
+    assert seqs_of(got[1], 1) == [0, 1, 2, 3, 4] and seqs_of(got[1], 0) == []
+
+
+def test_poll_delivers_kept_records_without_waiting(make_producer):
+    """The rings are empty (the iteration took everything) but records are kept: poll() with a
+    long timeout delivers them at once, each to its ring's callback."""
+    got: list[list[bytes]] = [[], []]
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [got[0].append, got[1].append])
+        a.produce(3, fixed=True, producer=0)
+        b.produce(3, fixed=True, producer=1)
+        left_early(rb)
+        assert all(ring.avail_data_size == 0 for ring in rb.rings)
+        started = time.monotonic()
+        assert rb.poll(timeout_ms=10_000) == 5
+        assert time.monotonic() - started < 2, "poll() waited with records kept"
+    assert seqs_of(got[0]) == [1, 2] and seqs_of(got[1]) == [0, 1, 2]
+
+
+def test_a_callback_s_stop_and_exception_and_max_records_hold_for_kept_records(producer):
+    """As for records from the ring: max_records counts kept ones; a negative return stops and is
+    returned, its record consumed; an exception propagates, its record consumed, the rest stay
+    kept, in order, for the next call."""
+    delivered: list[int] = []
+    answers: dict[int, Any] = {3: -7, 5: RuntimeError("callback failed")}
+
+    def callback(data: bytes) -> Any:
+        seq = parse(data)[0]
+        delivered.append(seq)
+        answer = answers.pop(seq, None)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    with RingBuffer(producer.ring, callback) as rb:
+        producer.produce(10, fixed=True)
+        assert seqs_of(left_early(rb)) == [0]
+        assert rb.consume(max_records=2) == 2  # 1, 2
+        assert rb.consume() == -7  # 3 stops
+        assert rb.rings[0].consume(max_records=1) == 1  # 4
+        with pytest.raises(RuntimeError, match="callback failed"):
+            rb.poll(0)  # 5 raises
+        producer.produce(2, fixed=True)
+        assert rb.consume() == 6  # 6-9 kept, then 10, 11 from the ring
+    assert delivered == list(range(1, 12))
+
+
+def test_a_ring_without_a_callback_refuses_consume_and_keeps_its_records(make_producer):
+    """Kept records of a ring without a callback: consume() raises the TypeError it raises for
+    the ring itself, and they stay, in order, for a batch call; those of a ring with one, kept
+    before them, were delivered."""
+    got: list[bytes] = []
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [got.append, None])
+        a.produce(2, fixed=True, producer=0)
+        b.produce(3, fixed=True, producer=1)
+        left_early(rb)
+        with pytest.raises(TypeError, match="has no callback"):
+            rb.consume()
+        assert seqs_of(got) == [1]
+        b.produce(1, fixed=True, producer=1)
+        assert seqs_of(rb.consume_batch()) == [0, 1, 2]  # what is kept, alone
+        assert seqs_of(rb.consume_batch()) == [3]
+
+
+def test_every_call_of_a_ring_used_directly_hands_over_its_kept_records_first(make_producer):
+    """rings[i].consume() to its callback, rings[i].consume_batch() with and without a dtype:
+    that ring's kept records first; batch() refuses only while its own ring has some."""
+    got: list[bytes] = []
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [got.append, None])
+        a.produce(5, fixed=True, producer=0)
+        b.produce(5, fixed=True, producer=1)
+        left_early(rb)  # ring a's 0 yielded; a's 1-4 and b's 0-4 kept
+        a.produce(1, fixed=True, producer=0)
+        b.produce(1, fixed=True, producer=1)
+        with pytest.raises(RuntimeError, match="5 records taken earlier"):
+            with rb.rings[1].batch(FIXED):
+                pass
+        assert rb.rings[0].consume(max_records=2) == 2
+        assert seqs_of(got) == [1, 2]
+        assert rb.rings[1].consume_batch(FIXED, 3)["seq"].tolist() == [0, 1, 2]
+        assert seqs_of(rb.rings[1].consume_batch()) == [3, 4]
+        with rb.rings[1].batch(FIXED) as view:  # nothing of ring b kept now (a's do not matter)
+            assert view["seq"].tolist() == [5]
+        assert seqs_of(rb.rings[0].consume_batch()) == [3, 4]
+        assert seqs_of(rb.rings[0].consume_batch()) == [5]
+
+
+def test_a_ring_added_after_records_were_kept_is_read_at_once_and_the_kept_ones_keep_their_ring(make_producer):
+    """Records of ring a kept, then ring b added: b's calls are not held back by a's records,
+    and a's still go to a's callback, before a's newer ones."""
+    got: list[list[bytes]] = [[], []]
+    with RingBuffer() as rb:
+        (a,) = two_rings(make_producer, rb, [got[0].append])
+        a.produce(4, fixed=True, producer=0)
+        left_early(rb)
+        (b,) = two_rings(make_producer, rb, [got[1].append])
+        b.produce(2, fixed=True, producer=1)
+        assert seqs_of(rb.rings[1].consume_batch(None, 1)) == [0]
+        a.produce(1, fixed=True, producer=0)
+        b.produce(1, fixed=True, producer=1)
+        assert rb.consume() == 6
+    assert seqs_of(got[0]) == [1, 2, 3, 4]
+    assert seqs_of(got[1]) == [1, 2]
+
+
+def test_an_interrupted_batch_s_records_come_first_to_the_callbacks_too(producer):
+    """A dtype batch interrupted after the C take (its records left the ring, in its array):
+    the next poll() delivers them first, without waiting, and batch() refused meanwhile."""
+    delivered: list[int] = []
+    with RingBuffer(producer.ring, lambda data: delivered.append(parse(data)[0])) as rb:
+        producer.produce(4, fixed=True)
+        interrupted_after_take(lambda: rb.consume_batch(FIXED))
+        with pytest.raises(RuntimeError, match="4 records taken earlier"):
+            with rb.batch(FIXED):
+                pass
+        producer.produce(1, fixed=True)
+        assert rb.poll(timeout_ms=10_000) == 5
+    assert delivered == [0, 1, 2, 3, 4]
+
+
+def test_any_interleaving_of_calls_delivers_each_ring_s_records_once_in_order(make_producer):
+    """Batch calls with and without a dtype, iteration steps, callbacks, a Ring's own calls and
+    zero-copy views, in a random order over three rings: each ring's records arrive once, in
+    order."""
+    from test_faults import async_step
+
+    rng = random.Random(12)
+    got: list[bytes] = []
+    with RingBuffer() as rb:
+        producers = two_rings(make_producer, rb, [got.append] * 3, ring_size=1 << 16)
+
+        def view(i: int) -> None:
+            with contextlib.suppress(RuntimeError):  # (refused while ring i has kept records)
+                with rb.rings[i].batch(FIXED, rng.randint(1, 4)) as records:
+                    got.extend(r.tobytes() for r in records)
+
+        ops = [
+            lambda: got.extend(rb.consume_batch(None, rng.randint(1, 5))),
+            lambda: got.extend(r.tobytes() for r in rb.consume_batch(FIXED, rng.randint(1, 5))),
+            lambda: async_step(rb, got),
+            lambda: rb.consume(rng.randint(1, 5)),
+            lambda: rb.poll(0),
+            lambda: got.extend(rb.rings[rng.randrange(3)].consume_batch(None, rng.randint(1, 5))),
+            lambda: got.extend(r.tobytes() for r in rb.rings[rng.randrange(3)].consume_batch(FIXED, rng.randint(1, 5))),
+            lambda: rb.rings[rng.randrange(3)].consume(rng.randint(1, 5)),
+            lambda: view(rng.randrange(3)),
+        ]
+        for _ in range(3000):
+            if rng.random() < 0.3:
+                i, n = rng.randrange(3), rng.randint(1, 6)
+                assert producers[i].produce(n, fixed=True, producer=i).produced == n
+            rng.choice(ops)()
+        while True:
+            rest = rb.consume_batch()  # (what is kept, alone, then the rings)
+            if not rest:
+                break
+            got.extend(rest)
+        produced = [producers[i]._next_seq.get(i, 0) for i in range(3)]
+    assert min(produced) > 500
+    for i in range(3):
+        assert seqs_of(got, i) == list(range(produced[i])), f"ring {i}: lost, repeated or out of order"
+
+
+def test_records_put_back_come_before_those_a_paused_iteration_holds(make_producer):
+    """An iteration holds (lent, without the lock) ring a's kept records; ring b's call puts
+    records back before them, then ring a's call puts back one it took from them: the iteration
+    must yield that one next, not the newer ones it holds."""
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [None, None])
+        a.produce(4, fixed=True, producer=0)
+        b.produce(4, fixed=True, producer=1)
+        iteration = rb.records()
+
+        def step() -> bytes:
+            with pytest.raises(StopIteration) as yielded:
+                iteration.__anext__().send(None)
+            return yielded.value.value
+
+        got = [step()]  # a's 0; a's 1-3 lent to the iteration
+        # Ctrl-C as the consumer lock's __exit__ returns: what each call handed over is put back.
+        interrupted_after_take(lambda: rb.rings[1].consume_batch(None, 2), "__exit__")
+        interrupted_after_take(lambda: rb.rings[0].consume_batch(None, 1), "__exit__")
+        got += [step(), step()]
+        with contextlib.suppress(StopIteration):
+            iteration.aclose().send(None)
+        rest = rb.consume_batch()
+    assert seqs_of(got + rest, 0) == [0, 1, 2, 3]
+    assert seqs_of(got + rest, 1) == [0, 1, 2, 3]
+
+
+def test_perf_callbacks_after_an_iteration_left_early_get_each_cpu_s_samples_in_order(perf_producer, two_cpus):
+    """poll(), consume() and consume_buffer(i) deliver the samples an iteration kept to
+    sample_cb first, each CPU's in order; consume_buffer(i) only ring i's. Without sample_cb,
+    consume() raises its TypeError and the samples stay kept."""
+    got: list[tuple[int, int]] = []
+    first, second = two_cpus
+    sample = lambda cpu, data: got.append((cpu, parse(data)[0]))  # noqa: E731
+    with PerfBuffer(perf_producer.array, 1, sample, cpus=[first, second]) as pb:
+        perf_producer.output(3, 40, cpu=first)
+        perf_producer.output(3, 40, cpu=second)
+        assert [parse(d)[0] for _, d in left_early(pb)] == [0]  # from the first CPU
+        perf_producer.output(1, 40, cpu=second)
+        assert pb.consume_buffer(1) == 4
+        assert got == [(second, 0), (second, 1), (second, 2), (second, 3)]
+        got.clear()
+        perf_producer.output(1, 40, cpu=first)
+        started = time.monotonic()
+        assert pb.poll(timeout_ms=10_000) == 3
+        assert time.monotonic() - started < 2, "poll() waited with samples kept"
+        assert got == [(first, 1), (first, 2), (first, 3)]
+    with PerfBuffer(perf_producer.array, 1, cpus=[first]) as pb:
+        perf_producer.output(3, 40, cpu=first)
+        assert [parse(d)[0] for _, d in left_early(pb)] == [4]
+        with pytest.raises(TypeError, match="has no sample_cb"):
+            pb.consume()
+        assert [parse(d)[0] for d in pb.consume_batch()] == [5, 6]
 
 
 def test_a_zero_copy_batch_after_an_iteration_left_early_does_not_skip_ahead(producer):

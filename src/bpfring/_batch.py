@@ -35,6 +35,7 @@ def record_dtype(np: Any, dtype: DTypeLike) -> Any:
 
 
 NO_LIMIT = sys.maxsize
+LONG_MIN = -(1 << 63)  # a callback's negative return beyond 64 bits stops as this (as in the C walks)
 
 
 def new_records(np: Any, dt: Any, n: int) -> Any:
@@ -73,54 +74,75 @@ def release_batch_memory() -> int:
 ASYNC_REFILL = 4096
 
 
-NOTHING = object()  # Kept.popleft() and handed(): nothing to hand over
+NOTHING = object()  # handed(): nothing handed over yet
+ANY = object()  # Kept's ``only``: the records of every ring
+CHUNK = ASYNC_REFILL  # kept records at most turned into rows at a time (see Kept._rows_at)
 
 
 class Kept:
     """The records a consumer took from its rings but has not handed to its caller yet.
 
-    One per consumer (a Ring used on its own, a RingBuffer, a PerfBuffer), shared by its batch
-    calls and its async iteration, so a record taken by one is returned by whichever comes next:
+    One per consumer (a Ring used on its own, a RingBuffer with its Rings, a PerfBuffer), shared
+    by all its calls, so a record taken by one is handed over by whichever comes next:
 
     - Python raises KeyboardInterrupt between bytecodes, so a call interrupted after records left
       a ring would lose them; the C walks put each record here as it leaves the ring;
     - a call that meets a corrupt ring raises after the healthy rings were read;
     - an async iteration that is cancelled still holds records it has not yielded.
 
-    The next batch call or iteration returns what is kept first, in the order it was taken, and
-    takes nothing new while something is kept (so the order holds across both kinds of call; the
-    zero-copy batch() refuses meanwhile, and close() warns what it drops; callbacks and a Ring of
-    a RingBuffer used directly do not see it yet: docs/guarantees.md). Every change
-    that hands records over is one store, with no signal check between it and the return: a
-    Ctrl-C lands either before it (the records stay) or after the caller has them.
+    Each part holds the records of one ring and says which (its tag: the Ring, or a perf ring's
+    CPU), so every call hands over what is kept of a ring before it takes from that ring, and
+    each ring's records keep their order: batch calls and iterations take what is kept first (and
+    nothing new while something is); callbacks get the kept records of their ring first
+    (:meth:`deliver`); a Ring of a RingBuffer used directly hands over its own first (``only``);
+    the zero-copy batch() refuses while its ring has some, and close() warns what it drops. Every
+    change that hands records over is one store, with no signal check between it and the return
+    (or the callback's entry): a Ctrl-C lands either before it (the records stay) or after the
+    caller has them.
 
-    Parts, oldest first: deques of rows that the walks append to (``bytes``, or ``(cpu, bytes)``
-    with ``per_cpu``), whole arrays, and at most one array that a C take is filling, with the
-    list it appends its counts to (an int per ring, or ``(cpu, samples, lost)`` per perf ring).
-    ``slack``: the bytes a record may have beyond its dtype (a perf sample's padding to 8 bytes,
-    dropped).
+    Parts, oldest first, as ``(tag, part)``: deques of rows that the walks append to (``bytes``,
+    or ``(cpu, bytes)`` with ``per_cpu``), whole arrays, and at most one array that a C take is
+    filling, with the list it appends its counts to (an int, or ``(cpu, samples, lost)`` per perf
+    ring). ``slack``: the bytes a record may have beyond its dtype (a perf sample's padding to 8
+    bytes, dropped).
 
-    The first deque may be lent to async iterations (:meth:`lend`): they take its records one at
-    a time without the consumer lock, each with ``d[0]`` then ``del d[0]`` (no call between the
+    The first part (made a deque of rows if it is not) may be lent to async iterations
+    (:meth:`lend`): they take its records one at a time without the consumer lock, each with ``d[0]`` then ``del d[0]`` (no call between the
     two, so no other thread and no signal can come between), and so does everyone else while it
     is lent.
     """
 
     def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
-        self._parts: collections.deque[Any] = collections.deque()
-        self._filling: tuple[Any, list[Any]] | None = None
+        self._parts: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._filling: tuple[Any, list[Any], Any] | None = None
         self._lent: collections.deque[Any] | None = None
         self._per_cpu = per_cpu
         self._slack = slack
 
     def __len__(self) -> int:
-        return sum(len(part) for part in tuple(self._parts))  # (a snapshot: safe outside the lock)
+        return sum(len(part) for _, part in tuple(self._parts))  # (a snapshot: safe outside the lock)
 
     def __bool__(self) -> bool:
-        for part in tuple(self._parts):
+        for _, part in tuple(self._parts):
             if len(part):
                 return True
         return False
+
+    def has(self, tag: Any) -> bool:
+        """Records of ring ``tag`` are kept."""
+        for t, part in tuple(self._parts):
+            if len(part) and t == tag:
+                return True
+        return False
+
+    def count(self, tag: Any) -> int:
+        """How many records of ring ``tag`` are kept."""
+        return sum(len(part) for t, part in tuple(self._parts) if t == tag)
+
+    def waiting(self) -> bool:
+        """Records are kept, or an interrupted take left some in its array: a poll() has records
+        to deliver without waiting."""
+        return bool(self) or self._filling is not None
 
     def warn_dropped(self, what: str) -> None:
         """At close(): say how many records were taken and never handed over (they go with it)."""
@@ -137,18 +159,23 @@ class Kept:
 
     # -- taking -----------------------------------------------------------------------------------
 
-    def rows(self) -> collections.deque[Any]:
-        """The deque to append taken rows to (a walk's callback or ``into``): kept as it grows."""
-        if self._parts and type(self._parts[-1]) is collections.deque and self._parts[-1] is not self._lent:
-            return self._parts[-1]
+    def rows(self, tag: Any) -> collections.deque[Any]:
+        """The deque to append rows taken from ring ``tag`` to (a walk's callback or ``into``):
+        kept as it grows."""
+        parts = self._parts
+        if parts:
+            last_tag, last = parts[-1]
+            if type(last) is collections.deque and last_tag == tag and last is not self._lent:
+                return last
         part: collections.deque[Any] = collections.deque()
-        self._parts.append(part)
+        parts.append((tag, part))
         return part
 
-    def filling(self, records: Any, counts: list[Any]) -> None:
-        """``records`` is being filled by a C take that appends its counts to ``counts``; until
-        :meth:`filled` or :meth:`keep_filled`, what it filled is kept."""
-        self._filling = (records, counts)
+    def filling(self, records: Any, counts: list[Any], tag: Any = None) -> None:
+        """``records`` is being filled from ring ``tag`` (perf: the CPUs in ``counts``) by a C take
+        that appends its counts to ``counts``; until :meth:`filled` or :meth:`keep_filled`, what
+        it filled is kept."""
+        self._filling = (records, counts, tag)
 
     def filled(self) -> None:
         """The array being filled is the caller's now (it returns it next, with no signal check)."""
@@ -158,10 +185,10 @@ class Kept:
         """Keep what the array being filled holds, as a part; returns how many records that is."""
         if self._filling is None:
             return 0  # (the ring had nothing: no array was made)
-        records, counts = self._filling
+        records, counts, tag = self._filling
         n = self._count(counts)
         parts = collections.deque(self._parts)
-        parts.append(records[:n])
+        parts.append((tag, records[:n]))
         self._parts, self._filling = parts, None  # one step: kept once, never twice
         return n
 
@@ -171,35 +198,47 @@ class Kept:
         in its turn is made by the next call."""
         if self._filling is None:
             return []
-        records, counts = self._filling
-        rows: collections.deque[Any] = collections.deque()
+        records, counts, tag = self._filling
+        # (Only parts with records: a take that raised before taking any, retried in a loop, would
+        # add an empty part a call, and every later call would walk them all.)
+        parts = collections.deque((t, part) for t, part in self._parts if len(part))
         at = 0
         for count in counts:
             n = count[1] if self._per_cpu else count
-            if self._per_cpu:
-                rows.extend((count[0], data) for data in _as_bytes(records[at : at + n]))
-            else:
-                rows.extend(_as_bytes(records[at : at + n]))
+            if n and self._per_cpu:
+                cpu = count[0]
+                parts.append((cpu, collections.deque((cpu, data) for data in _as_bytes(records[at : at + n]))))
+            elif n:
+                parts.append((tag, collections.deque(_as_bytes(records[at : at + n]))))
             at += n
         unreported = [(cpu, 0, lost) for cpu, _, lost in counts if lost] if self._per_cpu else []
-        # (Only parts with records: a take that raised before taking any, retried in a loop, would
-        # add an empty part a call, and every later call would walk them all.)
-        parts = collections.deque(part for part in self._parts if len(part))
-        if rows:
-            parts.append(rows)
-        self._parts, self._filling = parts, ((records[:0], unreported) if unreported else None)
+        self._parts, self._filling = parts, ((records[:0], unreported, tag) if unreported else None)
         return unreported
 
-    def put_back(self, rows: Any) -> None:
+    def put_back(self, rows: Any, runs: Any) -> None:
         """Rows handed over but stopped on their way to the caller (see :func:`handed`), first in
-        line again."""
-        first = self._first()
-        if first is not None and first is self._lent:
-            first.extendleft(list(rows)[::-1])  # (one step for the lock-free takers of a lent deque)
-            return
+        line again: ``runs``, ``(tag, count)`` for each run of rows of one ring (perf: None, the
+        rows name their CPU)."""
+        rows = list(rows)
+        if self._per_cpu:
+            groups = [(cpu, list(run)) for cpu, run in itertools.groupby(rows, key=lambda row: row[0])]
+        else:
+            groups, at = [], 0
+            for tag, n in runs:
+                if rows[at : at + n]:
+                    groups.append((tag, rows[at : at + n]))
+                at += n
+        # The rows of the lent deque's ring go back into it, wherever it is (an iteration takes
+        # from it, without the lock, before it looks at the parts again; it is the first part of
+        # its ring); the others first in line, as parts of their own.
+        lent = self._lent
+        lent_tag = next((tag for tag, part in self._parts if part is lent), NOTHING)
+        into_lent = [row for tag, run in groups if tag == lent_tag for row in run][::-1]
         parts = collections.deque(self._parts)
-        parts.appendleft(collections.deque(rows))
+        parts.extendleft([(tag, collections.deque(run)) for tag, run in groups[::-1] if tag != lent_tag])
         self._parts = parts
+        if into_lent:
+            lent.extendleft(into_lent)  # (no signal check since the store above)
 
     def as_rows(self, result: Any) -> list[Any]:
         """A :meth:`hand_over` result (``with_cpus`` for a perf buffer) as rows again."""
@@ -213,55 +252,103 @@ class Kept:
 
     # -- handing over -----------------------------------------------------------------------------
 
-    def _first(self) -> Any:
-        """The first part with records in it (the empty ones before it dropped), or None."""
+    def _first(self) -> tuple[Any, Any] | None:
+        """The first part with records in it, as ``(tag, part)`` (the empty ones before it
+        dropped), or None."""
         parts = self._parts
-        while parts and not len(parts[0]):
+        while parts and not len(parts[0][1]):
             parts.popleft()
         return parts[0] if parts else None
 
-    def lend(self) -> collections.deque[Any] | None:
-        """The first part, if it is a deque of rows, lent to an async iteration that takes from it
-        without the lock (see the class); None if it is an array or nothing is kept. Call under the
-        consumer lock."""
+    def _rows_at(self, only: Any) -> tuple[Any, collections.deque[Any]] | None:
+        """The first part with records (of ring ``only``, unless ANY) as ``(tag, deque)``: an
+        array or the rest of a part is turned into a deque of rows first (up to CHUNK records, in
+        one store). None if there is none."""
         first = self._first()
-        if first is None or type(first) is not collections.deque:
+        if first is None:
             return None
-        self._lent = first
-        return first
+        for i, (tag, part) in enumerate(self._parts):
+            if not len(part) or (only is not ANY and tag != only):
+                continue
+            if type(part) is collections.deque:
+                return tag, part
+            k = min(len(part), CHUNK)
+            rows = collections.deque(self._rows_of(tag, part, k))
+            parts = collections.deque(self._parts)
+            parts[i] = (tag, rows)
+            if k < len(part):
+                parts.insert(i + 1, (tag, _rest_of(part, k)))
+            self._parts = parts
+            return tag, rows
+        return None
 
-    def popleft(self) -> Any:
-        """The oldest kept record (``bytes``, or ``(cpu, bytes)`` with ``per_cpu``), or NOTHING, for
-        an async iteration; call under the consumer lock."""
-        part = self._first()
-        if part is None:
-            return NOTHING
-        parts = self._parts
-        if type(part) is collections.deque:
-            record = part[0]
-            del part[0]  # (no call between taking it out and the return: no signal check)
-            return record
-        if type(part) is _Rest:
-            record = part.rows[part.at]
-            parts[0] = _Rest(part.rows, part.at + 1)
-            return record
-        record = part[0].tobytes()
-        parts[0] = part[1:]
-        return record
+    def _rows_of(self, tag: Any, part: Any, k: int) -> list[Any]:
+        """The first ``k`` records of a part (not a deque) as rows."""
+        if isinstance(part, _Rest):
+            return part.rows[part.at : part.at + k]
+        if self._per_cpu:  # (never an array today: a perf take's array is settled as rows)
+            return [(tag, data) for data in _as_bytes(part[:k])]
+        return _as_bytes(part[:k])
 
-    def hand_over(self, dt: Any, limit: int, out: Any = None, with_cpus: bool = False) -> Any:
-        """Up to ``limit`` kept records, oldest first, removed from here: as a list of ``bytes``
-        (``dt`` None) or an array of ``dt`` (into ``out`` if given); with ``with_cpus`` (perf) as
-        ``(cpus, records)``. A record that does not fit ``dt`` raises RecordSizeError and nothing
-        is removed."""
-        rest = collections.deque(self._parts)
+    def lend(self) -> collections.deque[Any] | None:
+        """The first part with records, as a deque of rows, lent to an async iteration that takes
+        from it without the lock (see the class); None if nothing is kept. Call under the
+        consumer lock."""
+        first = self._rows_at(ANY)
+        if first is None:
+            return None
+        self._lent = first[1]
+        return first[1]
+
+    def deliver(self, callback_of: Callable[[Any], Callable[..., Any]], limit: int, only: Any = ANY) -> int:
+        """Kept records (of ring ``only``, unless ANY), oldest first, up to ``limit``, each to the
+        callback ``callback_of(tag)`` names for its ring (which raises if there is none, before
+        that record leaves); perf rows go as ``callback(cpu, data)``. Returns how many, or a
+        callback's negative return (that record counts as delivered). An exception from a
+        callback propagates; its record counts as delivered, the rest stay. Call under the
+        consumer lock."""
+        n = 0
+        while n < limit:
+            first = self._rows_at(only)
+            if first is None:
+                break
+            tag, part = first
+            callback = callback_of(tag)
+            while n < limit:
+                try:
+                    row = part[0]
+                    del part[0]
+                except IndexError:  # (a lent deque, emptied by an iteration in another thread)
+                    break
+                # No signal check from the del to the callback's entry: once it is entered, the
+                # record is delivered (as the C walk delivers it).
+                ret = callback(*row) if self._per_cpu else callback(row)
+                n += 1
+                if type(ret) is not bool and isinstance(ret, int) and ret < 0:
+                    return max(ret, LONG_MIN)
+        return n
+
+    def hand_over(
+        self, dt: Any, limit: int, out: Any = None, with_cpus: bool = False, only: Any = ANY
+    ) -> tuple[Any, list[tuple[Any, int]]]:
+        """Up to ``limit`` kept records (of ring ``only``, unless ANY), oldest first, removed from
+        here: as a list of ``bytes`` (``dt`` None) or an array of ``dt`` (into ``out`` if given);
+        with ``with_cpus`` (perf) as ``(cpus, records)``. Returned with their runs, ``(tag,
+        count)`` for each run of one ring's records (for :meth:`put_back`). A record that does not
+        fit ``dt`` raises RecordSizeError and nothing is removed."""
+        rest: collections.deque[tuple[Any, Any]] = collections.deque()
         pieces: list[tuple[Any, int]] = []
+        runs: list[tuple[Any, int]] = []
         have = 0
+        lent = self._lent
         from_lent: list[Any] = []  # taken from the lent deque in place, one at a time
         try:
-            while rest and have < limit:
-                part = rest[0]
-                if part is self._lent:
+            for tag, part in tuple(self._parts):
+                if have >= limit or (only is not ANY and tag != only) or not len(part):
+                    if len(part):
+                        rest.append((tag, part))
+                    continue
+                if part is lent:
                     while have + len(from_lent) < limit:
                         try:
                             row = part[0]
@@ -271,27 +358,23 @@ class Kept:
                         from_lent.append(row)
                     if from_lent:
                         pieces.append((from_lent, len(from_lent)))
+                        runs.append((tag, len(from_lent)))
                         have += len(from_lent)
-                    if len(part):
-                        break  # (the limit)
-                    rest.popleft()
+                    rest.append((tag, part))  # (an iteration may hold it: it stays, maybe empty)
                     continue
                 k = min(len(part), limit - have)
-                if k == len(part):
-                    rest.popleft()
-                else:  # the rest of this part stays first in line
-                    rest[0] = _rest_of(part, k)
-                if k:
-                    pieces.append((part, k))
-                    have += k
+                if k < len(part):  # the rest of this part stays first in line
+                    rest.append((tag, _rest_of(part, k)))
+                pieces.append((part, k))
+                runs.append((tag, k))
+                have += k
             result = self._build(dt, pieces, out, with_cpus)
         except BaseException:
             if from_lent:
-                part = self._lent
-                part.extendleft(from_lent[::-1])  # back where they were, in one step
+                lent.extendleft(from_lent[::-1])  # back where they were, in one step
             raise
         self._parts = rest  # no signal check from here to the caller's return
-        return result
+        return result, runs
 
     def _build(self, dt: Any, pieces: list[tuple[Any, int]], out: Any, with_cpus: bool) -> Any:
         """The records of ``pieces`` (a part and how many of its first records) as hand_over returns them."""
@@ -332,8 +415,9 @@ class Kept:
         return records
 
 
-def handed(lock: Any, kept: Kept, take: Callable[[], Any]) -> Any:
-    """``take()`` under ``lock`` (a consumer call that hands records over), its result returned.
+def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """``take()`` under ``lock`` (a consumer call that hands records over): its result and the
+    runs of rings in it (see :meth:`Kept.hand_over`), returned.
 
     Python checks for signals when the lock's ``__exit__`` returns, after the records have left
     ``kept`` and the ring: a Ctrl-C landing there would lose them. They are put back instead, first
@@ -343,12 +427,12 @@ def handed(lock: Any, kept: Kept, take: Callable[[], Any]) -> Any:
     result = NOTHING
     try:
         with lock:
-            result = take()
-        return result
+            result, runs = take()
+        return result, runs
     except BaseException:
         if result is not NOTHING:
             with lock:
-                kept.put_back(kept.as_rows(result))
+                kept.put_back(kept.as_rows(result), runs)
         raise
 
 

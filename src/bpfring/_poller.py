@@ -198,23 +198,12 @@ class Poller:
                 else:
                     yield record
                     continue
-            record = NOTHING
-            try:
-                with self.consuming():
+            with self.consuming():  # (takes no record: a Ctrl-C at its release loses none)
+                lent = kept.lend()
+                if lent is None and not (self.closed or self._closing):
+                    refill()
                     lent = kept.lend()
-                    if lent is None:
-                        record = kept.popleft()  # (from an array kept after a Ctrl-C) or NOTHING
-                        if record is NOTHING and not (self.closed or self._closing):
-                            refill()
-                            lent = kept.lend()
-            except BaseException:
-                if record is not NOTHING:  # a Ctrl-C at the lock's release: first in line again
-                    with self.consuming():
-                        kept.put_back([record])
-                raise
-            if record is not NOTHING:
-                yield record
-            elif lent is None:
+            if lent is None:
                 if self.closed or self._closing:  # closed (maybe from another thread): the end
                     return
                 await self.wait_readable(interval)
@@ -222,19 +211,19 @@ class Poller:
     async def batches(
         self, take: Callable[[], Any], empty: Callable[[Any], bool], interval: float | None, kept: Kept
     ) -> AsyncIterator[Any]:
-        """Yield each batch ``take()`` returns that is not ``empty``, waiting between them; nothing
-        is taken while waiting, so cancelling loses nothing. A Ctrl-C that lands between the take
-        and the yield (``empty()`` is a call: a signal check) puts the batch back in ``kept``
-        (as ``handed()`` does) for the next call."""
+        """Yield each batch ``take()`` returns (with its runs, see ``handed()``) that is not
+        ``empty``, waiting between them; nothing is taken while waiting, so cancelling loses
+        nothing. A Ctrl-C that lands between the take and the yield (``empty()`` is a call: a
+        signal check) puts the batch back in ``kept`` (as ``handed()`` does) for the next call."""
         while not (self.closed or self._closing):
             batch = NOTHING
             try:
-                batch = take()
+                batch, runs = take()
                 nothing = empty(batch)
             except BaseException as exc:
                 if batch is not NOTHING:
                     with self._lock:
-                        kept.put_back(kept.as_rows(batch))
+                        kept.put_back(kept.as_rows(batch), runs)
                 elif isinstance(exc, ValueError) and (self.closed or self._closing):
                     return  # closed from another thread between the check and take(): the end
                 raise

@@ -22,7 +22,7 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RingCorruptError
 from .maps import PAGE_SIZE, Map, MapLike, map_shared, open_map
-from ._batch import ASYNC_REFILL, NO_LIMIT, DTypeLike, Kept, batch_dtype, check_positive_int, handed, new_records
+from ._batch import ANY, ASYNC_REFILL, NO_LIMIT, DTypeLike, Kept, batch_dtype, check_positive_int, handed, new_records
 
 SampleCallback = Callable[[int, bytes], Optional[int]]
 LostCallback = Callable[[int, int], Optional[int]]
@@ -90,6 +90,8 @@ class PerfRing:
         limit: int = NO_LIMIT,
     ) -> int:
         """Deliver every record available now; samples delivered, or a negative callback return.
+        The PerfBuffer's own walk: it takes neither its consumer lock nor the samples it keeps
+        (see :class:`PerfBuffer`): use :meth:`PerfBuffer.consume_buffer` instead.
 
         ``expect``: the sample sizes a batch accepts; another size raises RecordSizeError and
         that sample stays in the ring. ``into``: a list (or deque) that takes ``(cpu, data)``
@@ -128,6 +130,12 @@ class PerfBuffer:
     for the next call, so no sample is delivered twice. Without ``sample_cb`` the buffer serves
     :meth:`consume_batch` and ``async for``; :meth:`poll` and :meth:`consume` then raise TypeError
     (rather than drop the samples).
+
+    Samples taken and not handed over yet (an ``async for`` left early or cancelled, a batch call
+    interrupted by Ctrl-C or raising on a corrupt ring) are kept, and every consumer call hands
+    them over before it reads newer ones of their CPU: batch calls and iterations return them
+    first; :meth:`poll`, :meth:`consume` and :meth:`consume_buffer` (that CPU's) deliver them to
+    ``sample_cb`` first, without waiting. Each CPU's samples arrive in order, once.
 
     One reader per array: an array another PerfBuffer (in this process or any other) reads is
     refused with an error naming that process. ``shared=True`` opts out: this buffer then takes
@@ -284,14 +292,15 @@ class PerfBuffer:
     def poll(self, timeout_ms: int = -1) -> int:
         """Wait up to ``timeout_ms`` (-1: forever) for a wakeup, then read the rings that woke.
 
-        Returns samples delivered (0 on timeout) or a callback's negative return value. Rings
-        whose reading a callback cut short are read first, without waiting.
+        Returns samples delivered (0 on timeout) or a callback's negative return value. Samples
+        kept from an earlier call (see the class), and rings whose reading a callback cut short,
+        come first, without waiting.
         """
         self._poller.consuming()  # refused at once from a callback, rather than after the wait
         unfinished = self._unfinished
         try:
             # Holding no lock: consume() and batches in other threads go on meanwhile.
-            ready = self._poller.wait(0 if unfinished else timeout_ms)
+            ready = self._poller.wait(0 if unfinished or self._kept.waiting() else timeout_ms)
             # Reported once, so remembered until read to the end (see _consume).
             unfinished.update(self._by_fd.get(fd) for fd in ready)
             unfinished.discard(None)
@@ -303,18 +312,36 @@ class PerfBuffer:
         with self._poller.consuming():
             if self._poller.closing or self._poller.closed:
                 return 0  # closed from another thread while this one waited
+            n = self._deliver_kept()
+            if n < 0:
+                return n
             # At most a ring's worth of samples (16 bytes at least each) per poll: a producer as
             # fast as the callback cannot keep poll(), and a close() waiting for it, going.
-            return self._each_ring(list(unfinished), lambda buf: buf.size // 16)
+            more = self._each_ring(list(unfinished), lambda buf: buf.size // 16)
+            return more if more < 0 else n + more
 
-    def _each_ring(self, bufs: list[PerfRing], limit: Callable[[PerfRing], int], into: Any = None) -> int:
-        """Read ``bufs`` in turn; a corrupt one does not stop the others: its RingCorruptError is
-        raised once every healthy ring has delivered. A negative callback return stops at once."""
+    def _deliver_kept(self, only: Any = ANY) -> int:
+        """The kept samples (of CPU ``only``, unless ANY) to sample_cb (see Kept.deliver)."""
+        self._settle()
+        return self._kept.deliver(self._sample_callback, NO_LIMIT, only)
+
+    def _sample_callback(self, cpu: int) -> SampleCallback:
+        if not self._has_sample_cb:
+            raise TypeError(
+                f"PerfBuffer of map {self._map.name!r} has no sample_cb: pass one to PerfBuffer(), "
+                "or use consume_batch() or async for"
+            )
+        return self._sample_cb
+
+    def _each_ring(self, bufs: list[PerfRing], limit: Callable[[PerfRing], int], keep: Kept | None = None) -> int:
+        """Read ``bufs`` in turn, to sample_cb or into ``keep`` (tagged with their CPU); a corrupt
+        one does not stop the others: its RingCorruptError is raised once every healthy ring has
+        delivered. A negative callback return stops at once."""
         total = 0
         error: RingCorruptError | None = None
         for buf in bufs:
             try:
-                n = self._consume(buf, into=into, limit=limit(buf))
+                n = self._consume(buf, into=None if keep is None else keep.rows(buf.cpu), limit=limit(buf))
             except RingCorruptError as exc:
                 self._unfinished.discard(buf)  # wait for its next wakeup: no poll() spins on it
                 error = error or exc
@@ -330,16 +357,27 @@ class PerfBuffer:
         """Read every ring without waiting (libbpf's ``perf_buffer__consume``).
 
         Returns samples delivered or a callback's negative return value. This is how to drain
-        samples that have not reached ``wakeup_events`` yet.
+        samples that have not reached ``wakeup_events`` yet. Samples kept from an earlier call
+        (see the class) come first.
         """
         self._poller.check_open()
         with self._poller.consuming():
-            return self._each_ring(self._buffers, lambda buf: NO_LIMIT)
+            n = self._deliver_kept()
+            if n < 0:
+                return n
+            more = self._each_ring(self._buffers, lambda buf: NO_LIMIT)
+            return more if more < 0 else n + more
 
     def consume_buffer(self, i: int) -> int:
-        """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``)."""
+        """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``); the
+        samples of its CPU kept from an earlier call (see the class) first."""
         with self._poller.consuming():
-            return self._consume(self._buffer(i))  # checked under the lock: close() may race it
+            buf = self._buffer(i)  # checked under the lock: close() may race it
+            n = self._deliver_kept(buf.cpu)
+            if n < 0:
+                return n
+            more = self._consume(buf)
+            return more if more < 0 else n + more
 
     def consume_batch(
         self, dtype: DTypeLike | None = None, max_records: int | None = None, *, out: Any = None, with_cpus: bool = False
@@ -363,6 +401,11 @@ class PerfBuffer:
         Samples an earlier call or an async iteration took but did not return (a Ctrl-C, a
         corrupt ring among healthy ones, a cancelled task) come first, and alone.
         """
+        result = self._handed_batch(dtype, max_records, out)[0]
+        return result if with_cpus else result[1]  # (no call: no signal check)
+
+    def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
+        """consume_batch as ``(cpus, records)``, with its runs (for a put_back)."""
         limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
         if dtype is None:
             if out is not None:
@@ -371,26 +414,27 @@ class PerfBuffer:
         else:
             np, dt, limit = batch_dtype(dtype, limit, out)  # refused before anything is taken
         self._poller.check_open()
-        result = handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out))
-        return result if with_cpus else result[1]  # (no call: no signal check)
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out))
 
     def _consume_batch(self, np: Any, dt: Any, limit: int, out: Any) -> tuple[Any, Any]:
-        """consume_batch as ``(cpus, records)``."""
+        """consume_batch as ``(cpus, records)``, with its runs (unused: a perf row names its CPU)."""
         self._settle()
         if self._kept:  # what an earlier call took (interrupted, or raising), alone
             return self._kept.hand_over(dt, limit, out, with_cpus=True)
         if dt is not None:
-            return self._take_native(np, dt, limit, out)
+            return self._take_native(np, dt, limit, out), None
         return self._take_samples(limit)
 
-    def _take_samples(self, limit: int) -> tuple[list[int], list[bytes]]:
+    def _take_samples(self, limit: int) -> tuple[Any, Any]:
         """consume_batch without a dtype: each sample taken as ``bytes``, kept as it is taken."""
-        taken = self._kept.rows()
+        have = 0
         error: RingCorruptError | None = None
         for buf in self._buffers:
-            want = limit - len(taken)
+            want = limit - have
             if want <= 0:
                 break
+            taken = self._kept.rows(buf.cpu)
+            before = len(taken)
             self._unfinished.add(buf)
             try:
                 n = buf.consume(_ignore, self._lost_cb, into=taken, limit=want)
@@ -398,6 +442,8 @@ class PerfBuffer:
                 self._unfinished.discard(buf)
                 error = error or exc
                 continue
+            finally:
+                have += len(taken) - before
             if 0 <= n < want:
                 self._unfinished.discard(buf)  # read to its head
         if error is not None:
@@ -463,11 +509,8 @@ class PerfBuffer:
         # Marked unfinished until it is read to the end: after an exception, a negative return or
         # a read stopped at ``limit``, the rest of the ring will not be reported by epoll again
         # (perf reports a wakeup once), so the next poll() reads it without waiting.
-        if into is None and not self._has_sample_cb:
-            raise TypeError(
-                f"PerfBuffer of map {self._map.name!r} has no sample_cb: pass one to PerfBuffer(), "
-                "or use consume_batch() or async for"
-            )
+        if into is None:
+            self._sample_callback(buf.cpu)  # TypeError without one
         self._unfinished.add(buf)
         n = buf.consume(self._sample_cb, self._lost_cb, into=into, limit=limit)
         if 0 <= n < limit:
@@ -490,7 +533,7 @@ class PerfBuffer:
         def refill() -> None:
             self._settle()
             if not self._kept:
-                self._each_ring(self._buffers, lambda buf: ASYNC_REFILL, self._kept.rows())
+                self._each_ring(self._buffers, lambda buf: ASYNC_REFILL, self._kept)
 
         # The iteration is drain() itself: a generator around it would cost a fifth of each step.
         return self._poller.drain(self._kept, refill, interval)
@@ -508,7 +551,7 @@ class PerfBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, max_records, with_cpus=True),  # (the CPUs, to put back)
+            lambda: self._handed_batch(dtype, max_records, None),  # (with the CPUs, to put back)
             lambda batch: not len(batch[1]),
             interval,
             self._kept,

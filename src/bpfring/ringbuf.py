@@ -62,7 +62,9 @@ class Ring(MappedRing):
 
     Obtain rings from :meth:`RingBuffer.add` or :attr:`RingBuffer.rings`. The ring owns a
     duplicate of the map fd, so closing the caller's :class:`~bpfring.Map` does not affect it.
-    Its consumer calls hold its RingBuffer's consumer lock, as the RingBuffer's own do.
+    Its consumer calls hold its RingBuffer's consumer lock, as the RingBuffer's own do, and
+    share its RingBuffer's kept records (see :class:`RingBuffer`): each call hands over the ones
+    of this ring first, to its callback with :meth:`consume`.
     """
 
     # The owning RingBuffer's Poller (set by RingBuffer.add): its lock serializes every consumer.
@@ -78,8 +80,8 @@ class Ring(MappedRing):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._callback = callback
         self._lock = threading.RLock()  # a Ring on its own: one consumer call at a time
-        # What this ring's own batch calls took and have not returned yet (a RingBuffer's calls
-        # keep theirs in the RingBuffer's).
+        # What this ring's calls took and have not handed over yet; a RingBuffer replaces it with
+        # its own (add()), shared by all its rings, each part tagged with its ring.
         self._kept = Kept()
         self._claim: Claim | None = None
         self._map = open_map(source, MapType.RINGBUF)
@@ -151,11 +153,20 @@ class Ring(MappedRing):
     def consume(self, max_records: int | None = None) -> int:
         """Deliver every record available now (up to ``max_records``); never waits.
 
-        Returns the number of records delivered, or the callback's negative return value.
+        Records of this ring that an earlier call took and did not hand over (see
+        :class:`RingBuffer`) come first. Returns the number of records delivered, or the
+        callback's negative return value.
         """
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._consuming():
-            return self._consume(limit)
+            self._live_state()  # (a closed ring hands over nothing: its records went with close())
+            kept = self._kept
+            kept.settle()
+            n = kept.deliver(Ring._callback_for, limit, self)
+            if n < 0 or n >= limit:
+                return n
+            more = self._consume(limit - n)
+            return more if more < 0 else n + more
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Take every record available now in one call, bypassing the callback.
@@ -172,29 +183,30 @@ class Ring(MappedRing):
         per process, about the size of the last large batch; :func:`release_batch_memory` unmaps
         it).
         """
-        if self._pid != os.getpid():  # (before what this ring kept is handed over: the parent has it too)
-            raise forked_error("Ring", self._pid)
-        return handed(self._consuming(), self._kept, lambda: self._consume_batch(dtype, max_records, out))
+        self._live_state()  # (before what is kept is handed over: a closed ring's went with close(),
+        # and a fork() child's parent has it too)
+        return handed(self._consuming(), self._kept, lambda: self._consume_batch(dtype, max_records, out))[0]
 
-    def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any, kept: Kept | None = None) -> Any:
-        """consume_batch, keeping what it takes in ``kept`` (this ring's own by default) until it
-        returns: what an earlier call kept is returned first, and alone."""
-        kept = self._kept if kept is None else kept
+    def _consume_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
+        """consume_batch, with the runs of its records (Kept.hand_over), keeping what it takes
+        until it returns: what an earlier call kept of this ring is returned first, and alone."""
+        kept = self._kept
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
         if dtype is None:
             if out is not None:
                 raise TypeError("out= needs a dtype")
             kept.settle()
-            if not kept:
-                self._consume(limit, kept.rows().append)  # each record kept as it leaves the ring
-            return kept.hand_over(None, limit)
+            if not kept.has(self):
+                self._consume(limit, kept.rows(self).append)  # each record kept as it leaves the ring
+            return kept.hand_over(None, limit, only=self)
         np, dt, limit = batch_dtype(dtype, limit, out)
         kept.settle()
-        if kept:
-            return kept.hand_over(dt, limit, out)
+        if kept.has(self):
+            return kept.hand_over(dt, limit, out, only=self)
         records = self._take(kept, np, dt, limit, out)
+        runs = [(self, len(records))]
         kept.filled()  # no signal check from here to the return
-        return records
+        return records, runs
 
     def _take(self, kept: Kept, np: Any, dt: Any, limit: int, out: Any) -> Any:
         """Up to ``limit`` records of ``dt`` copied out of the ring in one pass (in C), into ``out``
@@ -210,7 +222,7 @@ class Ring(MappedRing):
         taken: list[int] = []
         # take() appends its count to taken and then moves consumer_pos, with no signal check in
         # between: a Ctrl-C that lands after it returns finds the records kept.
-        kept.filling(records, taken)
+        kept.filling(records, taken, self)
         state.take(dt.itemsize, records, taken, dt)
         return records[: taken[0]]
 
@@ -218,7 +230,7 @@ class Ring(MappedRing):
         """Up to ``limit`` records (``bytes``, or of ``dt``) moved from the ring into ``kept``, for
         a RingBuffer's call over several rings; returns how many."""
         if dt is None:
-            return self._consume(limit, kept.rows().append)
+            return self._consume(limit, kept.rows(self).append)
         self._take(kept, numpy_module(), dt, limit, None)
         return kept.keep_filled()
 
@@ -231,19 +243,20 @@ class Ring(MappedRing):
         valid only inside the block: after it, producers reuse that memory. A batch stops before a
         discarded record (a view cannot skip one); the next batch skips it. Records whose size is
         not ``dtype.itemsize`` raise :class:`RecordSizeError` and stay in the ring. An exception
-        inside the block leaves the records unconsumed. While records taken earlier wait (an async
-        iteration left early, an interrupted batch call), it raises RuntimeError: the view would
-        skip ahead of them.
+        inside the block leaves the records unconsumed. While records of this ring taken earlier
+        wait (an async iteration left early, an interrupted batch call), it raises RuntimeError:
+        the view would skip ahead of them.
         """
         with self._consuming(), self._batch(dtype, max_records) as records:
             yield records
 
     @contextlib.contextmanager
-    def _batch(self, dtype: DTypeLike, max_records: int | None, kept: Kept | None = None) -> Iterator[Any]:
-        kept = self._kept if kept is None else kept
-        if kept:  # the view would skip ahead of them
+    def _batch(self, dtype: DTypeLike, max_records: int | None) -> Iterator[Any]:
+        kept = self._kept
+        kept.settle()
+        if kept.has(self):  # the view would skip ahead of them
             raise RuntimeError(
-                f"{len(kept)} records taken earlier (by an async iteration left early, or an interrupted "
+                f"{kept.count(self)} records taken earlier (by an async iteration left early, or an interrupted "
                 "batch call) come before the ring's: take them with consume_batch() first"
             )
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
@@ -269,10 +282,14 @@ class Ring(MappedRing):
         return slots["record"]
 
     def _consume(self, limit: int, callback: Callback | None = None) -> int:
-        cb = callback or self._callback
-        if cb is None:
-            raise _no_callback(f"ring of map {self._map.name!r}")
+        cb = callback or self._callback_for()
         return self._live_state().consume(cb, limit)
+
+    def _callback_for(self) -> Callback:
+        """The callback for this ring's records; TypeError if it has none (before any is taken)."""
+        if self._callback is None:
+            raise _no_callback(f"ring of map {self._map.name!r}")
+        return self._callback
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -288,7 +305,7 @@ class Ring(MappedRing):
         """Unmap the ring, close its fd and give up its claim; idempotent. In a fork() child it
         releases only the child's copies (nothing shared is written)."""
         if not self._map.closed:
-            if self._pid == os.getpid():
+            if self._pid == os.getpid() and self._poller is None:  # (a RingBuffer's: it warns)
                 self._kept.warn_dropped("Ring")
             self._release()
 
@@ -317,6 +334,13 @@ class RingBuffer:
     :meth:`poll`/:meth:`consume` (that record counts as consumed). An exception raised by the
     callback propagates; its record counts as consumed and the records after it stay in the ring
     for the next call, so no record is delivered twice.
+
+    Records taken from a ring and not handed over yet (an ``async for`` left early or cancelled,
+    a batch call interrupted by Ctrl-C or raising on a corrupt ring) are kept, each with its ring,
+    and every consumer call hands them over before it takes newer ones of that ring: batch calls
+    and iterations return them first; :meth:`poll` and :meth:`consume` deliver them first (without
+    waiting), each to the callback of its ring, counted in ``max_records``; a :class:`Ring` used
+    directly hands over its own first. Each ring's records arrive in order, once.
 
     Example, as the seed's ``ring_buffer__new`` / ``ring_buffer__poll`` loop::
 
@@ -362,6 +386,7 @@ class RingBuffer:
         except BaseException:
             ring.close()
             raise
+        ring._kept = self._kept  # one holder for every ring (parts tagged with their ring)
         self._rings.append(ring)
         self._by_fd[ring.map_fd] = ring
         return ring
@@ -377,23 +402,36 @@ class RingBuffer:
     def poll(self, timeout_ms: int = -1) -> int:
         """Wait up to ``timeout_ms`` (-1: forever) for data, then consume the rings that have it.
 
-        Returns records delivered (0 on timeout) or a callback's negative return value.
+        Returns records delivered (0 on timeout) or a callback's negative return value. Records
+        kept from an earlier call (see the class) are delivered first, without waiting.
         """
         self._poller.consuming()  # refused at once from a callback, rather than after the wait
-        ready = self._poller.wait(timeout_ms)  # holding no lock: consume() in another thread goes on
+        # Holding no lock: consume() in another thread goes on.
+        ready = self._poller.wait(0 if self._kept.waiting() else timeout_ms)
         with self._poller.consuming():
             if self._poller.closing or self._poller.closed:
                 return 0  # closed from another thread while this one waited
+            n = self._deliver_kept(NO_LIMIT)
+            if n < 0:
+                return n
             # At most a ring's worth per ring: a producer as fast as the callback cannot keep
             # poll() (and a close() waiting for it) going; the level-triggered epoll reports what
             # is left at once.
             rings = [self._by_fd[fd] for fd in ready if fd in self._by_fd]
-            return self._each_ring(rings, lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ)
+            more = self._each_ring(rings, lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ)
+            return more if more < 0 else n + more
+
+    def _deliver_kept(self, limit: int) -> int:
+        """Up to ``limit`` kept records, each to its ring's callback (see Kept.deliver)."""
+        kept = self._kept
+        kept.settle()
+        return kept.deliver(Ring._callback_for, limit)
 
     def _each_ring(
-        self, rings: list[Ring], limit: Callable[[Ring, int], int], left: int = NO_LIMIT, callback: Callback | None = None
+        self, rings: list[Ring], limit: Callable[[Ring, int], int], left: int = NO_LIMIT, keep: Kept | None = None
     ) -> int:
-        """Consume ``rings`` in turn (up to ``limit(ring, left)`` records each, ``left`` in all).
+        """Consume ``rings`` in turn (up to ``limit(ring, left)`` records each, ``left`` in all),
+        to their callbacks, or into ``keep`` (tagged with their ring).
 
         A corrupt ring does not stop the others: its RingCorruptError is raised once every
         healthy ring has delivered, and poll() no longer waits on it until ``resync()``. A
@@ -405,7 +443,7 @@ class RingBuffer:
             if left <= 0:
                 break
             try:
-                n = ring._consume(limit(ring, left), callback)
+                n = ring._consume(limit(ring, left), None if keep is None else keep.rows(ring).append)
             except RingCorruptError as exc:
                 self._quarantine(ring)
                 error = error or exc
@@ -426,11 +464,16 @@ class RingBuffer:
             ring._quarantined = True
 
     def consume(self, max_records: int | None = None) -> int:
-        """Consume every ring without waiting, up to ``max_records`` in all (libbpf's consume_n)."""
+        """Consume every ring without waiting, up to ``max_records`` in all (libbpf's consume_n);
+        records kept from an earlier call (see the class) first."""
         self._poller.check_open()
         left = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._poller.consuming():
-            return self._each_ring(self._rings, lambda ring, left: left, left)
+            n = self._deliver_kept(left)
+            if n < 0 or n >= left:
+                return n
+            more = self._each_ring(self._rings, lambda ring, left: left, left - n)
+            return more if more < 0 else n + more
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`.
@@ -441,12 +484,18 @@ class RingBuffer:
         """
         self._poller.check_open()
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out))[0]
+
+    def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
+        """consume_batch, with the runs of its records (for a put_back)."""
+        self._poller.check_open()
+        limit = NO_LIMIT if max_records is None else check_limit(max_records)
         return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out))
 
-    def _consume_batch(self, dtype: DTypeLike | None, limit: int, out: Any) -> Any:
+    def _consume_batch(self, dtype: DTypeLike | None, limit: int, out: Any) -> tuple[Any, Any]:
         kept = self._kept
         if len(self._rings) == 1:
-            return self._rings[0]._consume_batch(dtype, limit, out, kept)
+            return self._rings[0]._consume_batch(dtype, limit, out)
         dt = None
         if dtype is not None:
             _, dt, limit = batch_dtype(dtype, limit, out)
@@ -476,7 +525,7 @@ class RingBuffer:
         self._poller.check_open()
         if len(self._rings) != 1:
             raise ValueError(f"batch() needs exactly one ring, this RingBuffer has {len(self._rings)}: use rings[i].batch()")
-        with self._poller.consuming(), self._rings[0]._batch(dtype, max_records, self._kept) as records:
+        with self._poller.consuming(), self._rings[0]._batch(dtype, max_records) as records:
             yield records
 
     # -- asyncio --------------------------------------------------------------------------------
@@ -498,7 +547,7 @@ class RingBuffer:
         def refill() -> None:
             kept.settle()
             if not kept:
-                self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, NO_LIMIT, kept.rows().append)
+                self._each_ring(self._rings, lambda ring, left: ASYNC_REFILL, NO_LIMIT, kept)
 
         # The iteration is drain() itself: a generator around it would cost a fifth of each step.
         return self._poller.drain(kept, refill, interval)
@@ -511,7 +560,7 @@ class RingBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self.consume_batch(dtype, max_records), lambda batch: not len(batch), interval, self._kept
+            lambda: self._handed_batch(dtype, max_records, None), lambda batch: not len(batch), interval, self._kept
         ):
             yield batch
 
