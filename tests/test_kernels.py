@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import PKG_BPF, fork_call
@@ -147,3 +151,50 @@ def test_an_object_with_a_user_ring_buffer_loads_or_names_the_missing_feature(bp
         else:
             with pytest.raises(FeatureError, match=r"the user ring buffer \(BPF_MAP_TYPE_USER_RINGBUF\) needs Linux 6\.1"):
                 obj.load()
+
+
+REPO = Path(__file__).resolve().parent.parent
+FRESH = os.environ.get("BPFRING_KERNELS_FRESH") == "1"
+
+
+def _as_nobody() -> list[str]:
+    """The command prefix that runs a program as an unprivileged user (nothing when not root already)."""
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+
+
+def test_scripts_kernels_not_as_root_stops_before_installing_and_says_how_to_run_it():
+    """A fresh Debian has no sudo: scripts/kernels must not reach for it, and must say how to run it.
+
+    Its own copy (where anyone can read it: pytest's tmp_path is root's alone), run by the system's
+    Python, with an empty cache directory: nothing may be installed or fetched before the message.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        script, cache = Path(tmp) / "kernels", Path(tmp) / "cache"
+        shutil.copy(REPO / "scripts" / "kernels", script)
+        done = subprocess.run([*_as_nobody(), "/usr/bin/python3", str(script), "--fetch-only"], capture_output=True,
+                              text=True, timeout=60, cwd=tmp, env={**os.environ, "BPFRING_KERNELS_CACHE": str(cache)})
+        cache_made = cache.exists()
+    assert done.returncode == 1, done
+    assert done.stderr.strip() == (
+        "kernels: run it as root: it installs its tools with apt-get, and the BPF tests need root "
+        f"(e.g. su -c '{script} --fetch-only', or sudo where sudo is installed)"
+    )
+    assert not cache_made
+
+
+if FRESH:  # minutes (apt-get installs, three kernels downloaded, a guest booted): asked for, never by default
+
+    def test_scripts_kernels_on_a_fresh_machine_installs_what_it_needs_and_passes():
+        """scripts/kernels-fresh: the README's set-up and the matrix in a Debian root with nothing installed.
+
+        BPFRING_KERNELS_FRESH=1 .venv/bin/python -m pytest tests/test_kernels.py -k fresh_machine (root)
+        """
+        done = subprocess.run([str(REPO / "scripts" / "kernels-fresh"), "--kernel", "6.12", "tests/test_maps.py"],
+                              capture_output=True, text=True, timeout=3600, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "lacks: python3 sudo qemu-system-x86_64 depmod busybox file clang gcc bpftool" in done.stderr
+        row = next(line for line in done.stdout.splitlines() if line.startswith("| 6.12 "))
+        kernel, release, passed, failed, skipped, errors, _ = (c.strip() for c in row.strip("|").split("|"))
+        assert release.startswith("6.12.") and int(passed) > 0 and (failed, skipped, errors) == ("0", "0", "0"), row
+        assert re.search(r"^matrix: \d+ passed, 0 failed, 0 skipped$", done.stdout, re.M), done.stdout
