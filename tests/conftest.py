@@ -12,6 +12,7 @@ through. This machine's kernel has every feature, so here nothing skips.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import sys
@@ -209,12 +210,20 @@ def fork_call(func) -> str:
     return said
 
 
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
 def as_nobody(func):
-    """``func`` wrapped to run after dropping to uid/gid 65534 (for fork_call)."""
+    """``func`` wrapped to run as a process started as uid/gid 65534 would (for fork_call).
+
+    A process that drops privileges with setuid() is no longer dumpable, which makes its own
+    /proc/self/fdinfo root's; one started unprivileged is, so it is made dumpable again."""
 
     def run():
         os.setgid(65534)
         os.setuid(65534)
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
         return func()
 
     return run
