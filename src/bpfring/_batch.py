@@ -157,6 +157,15 @@ class Kept:
                 stacklevel=3,
             )
 
+    def drop(self) -> None:
+        """At close(), after :meth:`warn_dropped`: forget every kept record, those of the lent
+        deque too (emptied in place: an iteration paused on it ends, rather than yield records
+        close() said no consumer would see)."""
+        lent = self._lent
+        self._parts, self._filling, self._lent = collections.deque(), None, None
+        if lent is not None:
+            lent.clear()
+
     # -- taking -----------------------------------------------------------------------------------
 
     def rows(self, tag: Any) -> collections.deque[Any]:
@@ -293,7 +302,17 @@ class Kept:
     def lend(self) -> collections.deque[Any] | None:
         """The first part with records, as a deque of rows, lent to an async iteration that takes
         from it without the lock (see the class); None if nothing is kept. Call under the
-        consumer lock."""
+        consumer lock.
+
+        The lent deque stays lent while it has records (a part put back in front of it does not
+        take its place): another iteration may hold it, and it must stay the one everybody takes
+        from in place. Once empty, it leaves the parts, so no walk appends to it."""
+        lent = self._lent
+        if lent is not None:
+            if len(lent):
+                return lent
+            self._parts = collections.deque((t, p) for t, p in self._parts if p is not lent)
+            self._lent = None
         first = self._rows_at(ANY)
         if first is None:
             return None

@@ -147,8 +147,18 @@ class Ring(MappedRing):
 
     def _consuming(self) -> contextlib.AbstractContextManager[Any]:
         """The owning RingBuffer's consumer lock, for ``with``; a Ring on its own has its own (two
-        threads' calls walked the ring and its kept records at once: records twice, and lost)."""
-        return self._poller.consuming() if self._poller is not None else self._lock
+        threads' calls walked the ring and its kept records at once: records twice, and lost).
+        Refused from the thread already inside one, as the RingBuffer's is: a callback's nested
+        call moved the ring (or took the kept part) under the walk that called it, which then
+        delivered those records again."""
+        if self._poller is not None:
+            return self._poller.consuming()
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError(
+                "Ring: this thread is already consuming (in a callback or a batch() block); "
+                "consume, batches and resync do not nest"
+            )
+        return self._lock
 
     def consume(self, max_records: int | None = None) -> int:
         """Deliver every record available now (up to ``max_records``); never waits.
@@ -307,6 +317,7 @@ class Ring(MappedRing):
         if not self._map.closed:
             if self._pid == os.getpid() and self._poller is None:  # (a RingBuffer's: it warns)
                 self._kept.warn_dropped("Ring")
+                self._kept.drop()
             self._release()
 
     @property
@@ -567,6 +578,7 @@ class RingBuffer:
     # -- lifetime -------------------------------------------------------------------------------
 
     def _release(self) -> None:
+        self._kept.drop()  # (close() said how many)
         for ring in self._rings:
             ring.close()
         self._rings.clear()

@@ -1,0 +1,151 @@
+"""A second adversarial review of Kept (merge 90eddb7: each kept part tagged with its ring, kept
+records delivered to callbacks first, a deque lent to async iterations): each test reproduces one
+finding against the real kernel and its producers, and compares what was delivered with the
+sequence numbers the producer wrote. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any
+
+import pytest
+from producer import parse
+from test_review_kept import FIXED, interrupted_after_take, seqs_of, two_rings
+
+from bpfring import PerfBuffer, Ring, RingBuffer
+
+
+def step(iteration: Any) -> Any:
+    """One step of ``async for`` over ``iteration``, driven without an event loop: what it
+    yielded, or None where it would have waited (or StopAsyncIteration: it ended)."""
+    try:
+        iteration.__anext__().send(None)
+    except StopIteration as yielded:
+        return yielded.value
+    except RuntimeError as exc:
+        assert "no running event loop" in str(exc)
+        return None
+    raise AssertionError("an iteration step neither yielded nor waited")
+
+
+def by_ring(records: list[bytes]) -> dict[int, list[int]]:
+    """Sequence numbers of each producer id (ring), in the order delivered."""
+    out: dict[int, list[int]] = {}
+    for r in records:
+        seq, producer, _ = parse(r)
+        out.setdefault(producer, []).append(seq)
+    return out
+
+
+# -- a Ring on its own: its callback consuming from it ----------------------------------------------
+
+
+@pytest.mark.parametrize("nested", ["consume_batch", "dtype", "consume", "batch", "resync"])
+@pytest.mark.parametrize("kept", [False, True], ids=["from-the-ring", "kept"])
+def test_a_callback_consuming_from_its_own_ring_on_its_own_is_refused_not_a_repeat(producer, nested, kept):
+    """A Ring on its own has its own lock, an RLock: a callback calling back into its ring was let
+    in. Inside the C walk the nested call moved consumer_pos, and the walk went on from where it
+    was: every record the nested call took was delivered again (and consumer_pos written back).
+    Inside Kept.deliver the nested batch copied the kept part the delivery was walking: the same.
+    Refused now, as for a RingBuffer's ring; the record whose callback called counts as delivered."""
+    got: list[int] = []
+    ring: Ring
+
+    def callback(data: bytes) -> None:
+        got.append(parse(data)[0])
+        if len(got) == 1:  # the first record's callback calls back into its ring
+            if nested == "consume_batch":
+                got.extend(parse(r)[0] for r in ring.consume_batch())
+            elif nested == "dtype":
+                got.extend(ring.consume_batch(FIXED)["seq"].tolist())
+            elif nested == "consume":
+                ring.consume()
+            elif nested == "batch":
+                with ring.batch(FIXED) as view:
+                    got.extend(view["seq"].tolist())
+            else:
+                ring.resync()
+
+    ring = Ring(producer.ring, callback)
+    try:
+        producer.produce(4, fixed=True)
+        if kept:  # the records left the ring and wait in Kept, for the callback
+            interrupted_after_take(lambda: ring.consume_batch(), "consume")
+            assert ring.avail_data_size == 0
+        with pytest.raises(RuntimeError, match="Ring: this thread is already consuming"):
+            ring.consume()
+        producer.produce(1, fixed=True)
+        assert ring.consume() == 4
+    finally:
+        ring.close()
+    assert got == [0, 1, 2, 3, 4], "records repeated or lost"
+
+
+# -- two iterations, a batch put back in front of the lent deque ------------------------------------
+
+
+def test_a_second_iteration_after_a_put_back_does_not_leave_the_first_ones_deque_to_be_copied(make_producer):
+    """Iteration I holds ring a's kept records (the lent deque); a Ctrl-C puts ring b's records
+    back in front of it; iteration J then lent b's part instead, so a's deque was no longer "the
+    lent one": a batch call copied its rows without taking them, and I yielded them again."""
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [None, None])
+        a.produce(4, fixed=True, producer=0)
+        b.produce(4, fixed=True, producer=1)
+        first, second = rb.records(), rb.records()
+        got = [step(first)]  # a's 0; a's 1-3 lent to it
+        interrupted_after_take(lambda: rb.rings[1].consume_batch(None, 2), "__exit__")  # b's 0, 1 put back
+        got.append(step(second))
+        got += rb.consume_batch()
+        got += [r for r in (step(first), step(second)) if r is not None]
+        got += rb.consume_batch()
+    assert by_ring(got) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+
+
+def test_a_deque_an_iteration_emptied_and_still_holds_takes_no_new_records(make_producer):
+    """Iteration I emptied ring a's lent deque and holds it; iteration J lent ring b's put-back
+    part instead; the emptied deque, last in line, was then filled by ring a's next walk, and I
+    yielded those records a second time (the batch call that walked had returned them)."""
+    with RingBuffer() as rb:
+        a, b = two_rings(make_producer, rb, [None, None])
+        a.produce(4, fixed=True, producer=0)
+        b.produce(2, fixed=True, producer=1)
+        first, second = rb.records(), rb.records()
+        got = [step(first)]  # a's 0 (b's 0, 1 taken too: the rings are read in turn)
+        interrupted_after_take(lambda: rb.rings[1].consume_batch(None, 2), "__exit__")  # put back first
+        got += [step(first) for _ in range(3)]  # a's 1-3: its deque is empty, and it holds it
+        got.append(step(second))  # lent b's part
+        a.produce(2, fixed=True, producer=0)
+        got += rb.rings[0].consume_batch()  # a's 4, 5
+        got += [r for r in (step(first), step(second)) if r is not None]
+        got += rb.consume_batch()
+    assert by_ring(got) == {0: [0, 1, 2, 3, 4, 5], 1: [0, 1]}
+
+
+# -- close() with an iteration paused on its lent deque -----------------------------------------------
+
+
+def test_an_iteration_paused_at_close_yields_none_of_the_records_close_said_it_drops(producer, perf_producer):
+    """close() warns that the records kept "go with it: no consumer will see them", yet an
+    iteration paused on its lent deque went on yielding them after close()."""
+
+    def after_close(buf: Any, what: str, kept: int, produce: Any) -> list[Any]:
+        produce()
+        iteration = buf.records()
+        assert step(iteration) is not None
+        with pytest.warns(RuntimeWarning, match=f"closing this {what} drops {kept} records"):
+            buf.close()
+        later = []
+        with contextlib.suppress(StopAsyncIteration):
+            for _ in range(kept + 1):
+                later.append(step(iteration))
+        return later
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rb = RingBuffer(producer.ring)
+        assert after_close(rb, "RingBuffer", 4, lambda: producer.produce(5, fixed=True)) == []
+        pb = PerfBuffer(perf_producer.array, 1, cpus=[0])
+        assert after_close(pb, "PerfBuffer", 4, lambda: perf_producer.output(5, 40, cpu=0)) == []
