@@ -360,26 +360,33 @@ class Kept:
         runs: list[tuple[Any, int]] = []
         have = 0
         lent = self._lent
-        from_lent: list[Any] = []  # taken from the lent deque in place, one at a time
+        # Rows taken from deques in place, one at a time (an iteration may hold the lent one), with
+        # their deque, to go back where they were if the call fails. (Copying the rest of a deque
+        # cost its length a call: callbacks and batch calls taking a few records in turn copied
+        # a chunk back and forth each time.)
+        from_deques: list[tuple[collections.deque[Any], list[Any]]] = []
         try:
             for tag, part in tuple(self._parts):
                 if have >= limit or (only is not ANY and tag != only) or not len(part):
                     if len(part):
                         rest.append((tag, part))
                     continue
-                if part is lent:
-                    while have + len(from_lent) < limit:
+                if type(part) is collections.deque:
+                    taken: list[Any] = []
+                    from_deques.append((part, taken))
+                    while have + len(taken) < limit:
                         try:
                             row = part[0]
                             del part[0]
                         except IndexError:
                             break
-                        from_lent.append(row)
-                    if from_lent:
-                        pieces.append((from_lent, len(from_lent)))
-                        runs.append((tag, len(from_lent)))
-                        have += len(from_lent)
-                    rest.append((tag, part))  # (an iteration may hold it: it stays, maybe empty)
+                        taken.append(row)
+                    if taken:
+                        pieces.append((taken, len(taken)))
+                        runs.append((tag, len(taken)))
+                        have += len(taken)
+                    if part is lent or len(part):
+                        rest.append((tag, part))  # (an iteration may hold the lent one: it stays, maybe empty)
                     continue
                 k = min(len(part), limit - have)
                 if k < len(part):  # the rest of this part stays first in line
@@ -389,8 +396,9 @@ class Kept:
                 have += k
             result = self._build(dt, pieces, out, with_cpus)
         except BaseException:
-            if from_lent:
-                lent.extendleft(from_lent[::-1])  # back where they were, in one step
+            for part, taken in from_deques:
+                if taken:
+                    part.extendleft(taken[::-1])  # back where they were, in one step
             raise
         self._parts = rest  # no signal check from here to the caller's return
         return result, runs
