@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import sys
 import warnings
+import weakref
 from typing import Any, Callable
 
 from ._protocol import _fastring
@@ -118,6 +120,7 @@ class Kept:
         self._lent: collections.deque[Any] | None = None
         self._per_cpu = per_cpu
         self._slack = slack
+        _every_kept.add(self)
 
     def __len__(self) -> int:
         return sum(len(part) for _, part in tuple(self._parts))  # (a snapshot: safe outside the lock)
@@ -440,6 +443,21 @@ class Kept:
         if with_cpus:
             return np.array(cpus, dtype=np.int32), records
         return records
+
+
+# Every Kept of this process: a fork() child forgets what they hold (see _forget_in_child).
+_every_kept: weakref.WeakSet[Kept] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """The records kept are the parent's to hand over: in a fork() child every consumer call is
+    refused, but an iteration paused on a lent deque takes from it without a call that checks
+    (the child yielded the parent's records too). Emptied here, it asks, and is refused."""
+    for kept in list(_every_kept):
+        kept.drop()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
