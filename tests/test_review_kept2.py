@@ -293,3 +293,40 @@ def test_a_fork_child_stepping_an_iteration_paused_on_its_lent_deque_is_refused(
         assert said.startswith("RuntimeError: this PerfBuffer was opened in process"), said
         samples += [step(iteration), step(iteration)]
         assert [parse(data)[0] for _, data in samples] == [0, 1, 2]
+
+
+# -- close() of a Ring from its own callback ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("owner", ["on-its-own", "on-its-own-kept", "ring-buffer"])
+def test_a_ring_closed_from_its_own_callback_is_refused_and_stays_whole(producer, owner):
+    """The C walk refused to unmap a ring it was walking, but close() went on and closed the map fd
+    and gave up the claim: the ring said closed, yet consume() went on delivering from it, and a
+    second consumer could claim the map meanwhile (two consumers, each record to one of them).
+    Delivering kept records (no C walk), a Ring on its own closed, said it dropped them, and the
+    delivery went on handing them to the callback."""
+    got: list[int] = []
+
+    def callback(data: bytes) -> None:
+        got.append(parse(data)[0])
+        if len(got) == 1:
+            ring.close()
+
+    with contextlib.ExitStack() as stack:
+        if owner.startswith("on-its-own"):
+            ring = Ring(producer.ring, callback)
+            stack.callback(ring.close)
+        else:
+            ring = stack.enter_context(RingBuffer(producer.ring, callback)).rings[0]
+        producer.produce(3, fixed=True)
+        if owner == "on-its-own-kept":
+            interrupted_after_take(lambda: ring.consume_batch(), "consume")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(RuntimeError, match="callback"):
+                ring.consume()
+        assert not ring.closed
+        with pytest.raises(OSError, match="already consumed"):
+            RingBuffer(producer.ring).close()  # still claimed: the ring has its consumer
+        assert ring.consume() == 2
+    assert got == [0, 1, 2]

@@ -315,6 +315,13 @@ class Ring(MappedRing):
         """Unmap the ring, close its fd and give up its claim; idempotent. In a fork() child it
         releases only the child's copies (nothing shared is written)."""
         if not self._map.closed:
+            if self._poller is None and self._lock._is_owned():  # type: ignore[attr-defined]
+                # (The walk or the delivery of kept records that called it would go on.)
+                raise RuntimeError("Ring.close() called from its own callback: return a negative value to stop")
+            if self._state is not None:
+                # Refused (RuntimeError) while a walk of this ring runs (close() from its callback):
+                # then nothing is released (the fd and the claim went, and the walk went on).
+                self._state.release()
             if self._pid == os.getpid() and self._poller is None:  # (a RingBuffer's: it warns)
                 self._kept.warn_dropped("Ring")
                 self._kept.drop()
