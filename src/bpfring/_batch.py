@@ -169,6 +169,20 @@ class Kept:
         if lent is not None:
             lent.clear()
 
+    def drop_ring(self, tag: Any) -> int:
+        """Forget the records kept of ring ``tag`` (it closed on its own); returns how many. Its
+        deques are emptied in place: a delivery or an iteration holding one takes no more."""
+        self.settle()
+        n = self.count(tag)
+        mine = [part for t, part in self._parts if t == tag]
+        self._parts = collections.deque((t, part) for t, part in self._parts if t != tag)
+        for part in mine:
+            if type(part) is collections.deque:
+                part.clear()
+        if self._lent is not None and any(part is self._lent for part in mine):
+            self._lent = None
+        return n
+
     # -- taking -----------------------------------------------------------------------------------
 
     def rows(self, tag: Any) -> collections.deque[Any]:

@@ -13,6 +13,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ._claim import Claim
@@ -72,6 +73,9 @@ class Ring(MappedRing):
     # Found corrupt by its RingBuffer: left out of the epoll (which would report it ready forever)
     # until resync().
     _quarantined = False
+    # The owning RingBuffer (a weak reference, set by RingBuffer.add): a Ring closed on its own
+    # leaves it (RingBuffer._forget).
+    _owner: Callable[[], Any] | None = None
 
     def __init__(
         self, source: MapLike, callback: Callback | None = None, *, index: int | None = None, shared: bool = False
@@ -325,6 +329,10 @@ class Ring(MappedRing):
             if self._pid == os.getpid() and self._poller is None:  # (a RingBuffer's: it warns)
                 self._kept.warn_dropped("Ring")
                 self._kept.drop()
+            elif self._pid == os.getpid():
+                owner = self._owner() if self._owner is not None else None
+                if owner is not None:
+                    owner._forget(self)
             self._release()
 
     @property
@@ -405,6 +413,7 @@ class RingBuffer:
             ring.close()
             raise
         ring._kept = self._kept  # one holder for every ring (parts tagged with their ring)
+        ring._owner = weakref.ref(self)
         self._rings.append(ring)
         self._by_fd[ring.map_fd] = ring
         return ring
@@ -473,6 +482,27 @@ class RingBuffer:
         if error is not None:
             raise error
         return total
+
+    def _forget(self, ring: Ring) -> None:
+        """``ring`` closes on its own (Ring.close(), this RingBuffer open): it leaves the epoll and
+        the rings (the others go on; it kept reporting its fd, and every call raised "closed"),
+        and what is kept of it goes, with a warning (it was handed over after the close)."""
+        poller = self._poller
+        if poller.closing or poller.closed or ring not in self._rings:
+            return  # (closing: its release closes the rings)
+        with poller._lock:  # (reentrant: close() inside the ring's own batch() block)
+            n = self._kept.drop_ring(ring)
+            if not ring._quarantined:
+                poller.unregister(ring.map_fd)
+            self._rings.remove(ring)
+            self._by_fd.pop(ring.map_fd, None)
+        if n:
+            warnings.warn(
+                f"closing this Ring of a RingBuffer drops {n} records taken from it and never handed over "
+                "(an async iteration left early, or a batch call interrupted): no consumer will see them",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _quarantine(self, ring: Ring) -> None:
         """Take a corrupt ring out of the epoll: it would be reported ready forever, and a poll()
