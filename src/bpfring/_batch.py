@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import sys
 import warnings
+import weakref
 from typing import Any, Callable
 
 from ._protocol import _fastring
@@ -118,6 +120,7 @@ class Kept:
         self._lent: collections.deque[Any] | None = None
         self._per_cpu = per_cpu
         self._slack = slack
+        _every_kept.add(self)
 
     def __len__(self) -> int:
         return sum(len(part) for _, part in tuple(self._parts))  # (a snapshot: safe outside the lock)
@@ -156,6 +159,29 @@ class Kept:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def drop(self) -> None:
+        """At close(), after :meth:`warn_dropped`: forget every kept record, those of the lent
+        deque too (emptied in place: an iteration paused on it ends, rather than yield records
+        close() said no consumer would see)."""
+        lent = self._lent
+        self._parts, self._filling, self._lent = collections.deque(), None, None
+        if lent is not None:
+            lent.clear()
+
+    def drop_ring(self, tag: Any) -> int:
+        """Forget the records kept of ring ``tag`` (it closed on its own); returns how many. Its
+        deques are emptied in place: a delivery or an iteration holding one takes no more."""
+        self.settle()
+        n = self.count(tag)
+        mine = [part for t, part in self._parts if t == tag]
+        self._parts = collections.deque((t, part) for t, part in self._parts if t != tag)
+        for part in mine:
+            if type(part) is collections.deque:
+                part.clear()
+        if self._lent is not None and any(part is self._lent for part in mine):
+            self._lent = None
+        return n
 
     # -- taking -----------------------------------------------------------------------------------
 
@@ -293,7 +319,17 @@ class Kept:
     def lend(self) -> collections.deque[Any] | None:
         """The first part with records, as a deque of rows, lent to an async iteration that takes
         from it without the lock (see the class); None if nothing is kept. Call under the
-        consumer lock."""
+        consumer lock.
+
+        The lent deque stays lent while it has records (a part put back in front of it does not
+        take its place): another iteration may hold it, and it must stay the one everybody takes
+        from in place. Once empty, it leaves the parts, so no walk appends to it."""
+        lent = self._lent
+        if lent is not None:
+            if len(lent):
+                return lent
+            self._parts = collections.deque((t, p) for t, p in self._parts if p is not lent)
+            self._lent = None
         first = self._rows_at(ANY)
         if first is None:
             return None
@@ -341,26 +377,33 @@ class Kept:
         runs: list[tuple[Any, int]] = []
         have = 0
         lent = self._lent
-        from_lent: list[Any] = []  # taken from the lent deque in place, one at a time
+        # Rows taken from deques in place, one at a time (an iteration may hold the lent one), with
+        # their deque, to go back where they were if the call fails. (Copying the rest of a deque
+        # cost its length a call: callbacks and batch calls taking a few records in turn copied
+        # a chunk back and forth each time.)
+        from_deques: list[tuple[collections.deque[Any], list[Any]]] = []
         try:
             for tag, part in tuple(self._parts):
                 if have >= limit or (only is not ANY and tag != only) or not len(part):
                     if len(part):
                         rest.append((tag, part))
                     continue
-                if part is lent:
-                    while have + len(from_lent) < limit:
+                if type(part) is collections.deque:
+                    taken: list[Any] = []
+                    from_deques.append((part, taken))
+                    while have + len(taken) < limit:
                         try:
                             row = part[0]
                             del part[0]
                         except IndexError:
                             break
-                        from_lent.append(row)
-                    if from_lent:
-                        pieces.append((from_lent, len(from_lent)))
-                        runs.append((tag, len(from_lent)))
-                        have += len(from_lent)
-                    rest.append((tag, part))  # (an iteration may hold it: it stays, maybe empty)
+                        taken.append(row)
+                    if taken:
+                        pieces.append((taken, len(taken)))
+                        runs.append((tag, len(taken)))
+                        have += len(taken)
+                    if part is lent or len(part):
+                        rest.append((tag, part))  # (an iteration may hold the lent one: it stays, maybe empty)
                     continue
                 k = min(len(part), limit - have)
                 if k < len(part):  # the rest of this part stays first in line
@@ -370,8 +413,9 @@ class Kept:
                 have += k
             result = self._build(dt, pieces, out, with_cpus)
         except BaseException:
-            if from_lent:
-                lent.extendleft(from_lent[::-1])  # back where they were, in one step
+            for part, taken in from_deques:
+                if taken:
+                    part.extendleft(taken[::-1])  # back where they were, in one step
             raise
         self._parts = rest  # no signal check from here to the caller's return
         return result, runs
@@ -413,6 +457,21 @@ class Kept:
         if with_cpus:
             return np.array(cpus, dtype=np.int32), records
         return records
+
+
+# Every Kept of this process: a fork() child forgets what they hold (see _forget_in_child).
+_every_kept: weakref.WeakSet[Kept] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """The records kept are the parent's to hand over: in a fork() child every consumer call is
+    refused, but an iteration paused on a lent deque takes from it without a call that checks
+    (the child yielded the parent's records too). Emptied here, it asks, and is refused."""
+    for kept in list(_every_kept):
+        kept.drop()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:

@@ -581,6 +581,7 @@ class PerfBuffer:
     def _release_own(self) -> None:
         """Close this process's descriptors and mappings; what the kernel shares (the events'
         state, the array's slots) is left alone. All a fork() child may do."""
+        self._kept.drop()  # (close() said how many)
         self._slots.clear()
         try:
             for buf in self._buffers:

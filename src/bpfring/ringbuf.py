@@ -13,6 +13,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ._claim import Claim
@@ -72,6 +73,9 @@ class Ring(MappedRing):
     # Found corrupt by its RingBuffer: left out of the epoll (which would report it ready forever)
     # until resync().
     _quarantined = False
+    # The owning RingBuffer (a weak reference, set by RingBuffer.add): a Ring closed on its own
+    # leaves it (RingBuffer._forget).
+    _owner: Callable[[], Any] | None = None
 
     def __init__(
         self, source: MapLike, callback: Callback | None = None, *, index: int | None = None, shared: bool = False
@@ -147,8 +151,18 @@ class Ring(MappedRing):
 
     def _consuming(self) -> contextlib.AbstractContextManager[Any]:
         """The owning RingBuffer's consumer lock, for ``with``; a Ring on its own has its own (two
-        threads' calls walked the ring and its kept records at once: records twice, and lost)."""
-        return self._poller.consuming() if self._poller is not None else self._lock
+        threads' calls walked the ring and its kept records at once: records twice, and lost).
+        Refused from the thread already inside one, as the RingBuffer's is: a callback's nested
+        call moved the ring (or took the kept part) under the walk that called it, which then
+        delivered those records again."""
+        if self._poller is not None:
+            return self._poller.consuming()
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError(
+                "Ring: this thread is already consuming (in a callback or a batch() block); "
+                "consume, batches and resync do not nest"
+            )
+        return self._lock
 
     def consume(self, max_records: int | None = None) -> int:
         """Deliver every record available now (up to ``max_records``); never waits.
@@ -305,8 +319,20 @@ class Ring(MappedRing):
         """Unmap the ring, close its fd and give up its claim; idempotent. In a fork() child it
         releases only the child's copies (nothing shared is written)."""
         if not self._map.closed:
+            if self._poller is None and self._lock._is_owned():  # type: ignore[attr-defined]
+                # (The walk or the delivery of kept records that called it would go on.)
+                raise RuntimeError("Ring.close() called from its own callback: return a negative value to stop")
+            if self._state is not None:
+                # Refused (RuntimeError) while a walk of this ring runs (close() from its callback):
+                # then nothing is released (the fd and the claim went, and the walk went on).
+                self._state.release()
             if self._pid == os.getpid() and self._poller is None:  # (a RingBuffer's: it warns)
                 self._kept.warn_dropped("Ring")
+                self._kept.drop()
+            elif self._pid == os.getpid():
+                owner = self._owner() if self._owner is not None else None
+                if owner is not None:
+                    owner._forget(self)
             self._release()
 
     @property
@@ -387,6 +413,7 @@ class RingBuffer:
             ring.close()
             raise
         ring._kept = self._kept  # one holder for every ring (parts tagged with their ring)
+        ring._owner = weakref.ref(self)
         self._rings.append(ring)
         self._by_fd[ring.map_fd] = ring
         return ring
@@ -455,6 +482,27 @@ class RingBuffer:
         if error is not None:
             raise error
         return total
+
+    def _forget(self, ring: Ring) -> None:
+        """``ring`` closes on its own (Ring.close(), this RingBuffer open): it leaves the epoll and
+        the rings (the others go on; it kept reporting its fd, and every call raised "closed"),
+        and what is kept of it goes, with a warning (it was handed over after the close)."""
+        poller = self._poller
+        if poller.closing or poller.closed or ring not in self._rings:
+            return  # (closing: its release closes the rings)
+        with poller._lock:  # (reentrant: close() inside the ring's own batch() block)
+            n = self._kept.drop_ring(ring)
+            if not ring._quarantined:
+                poller.unregister(ring.map_fd)
+            self._rings.remove(ring)
+            self._by_fd.pop(ring.map_fd, None)
+        if n:
+            warnings.warn(
+                f"closing this Ring of a RingBuffer drops {n} records taken from it and never handed over "
+                "(an async iteration left early, or a batch call interrupted): no consumer will see them",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _quarantine(self, ring: Ring) -> None:
         """Take a corrupt ring out of the epoll: it would be reported ready forever, and a poll()
@@ -567,6 +615,7 @@ class RingBuffer:
     # -- lifetime -------------------------------------------------------------------------------
 
     def _release(self) -> None:
+        self._kept.drop()  # (close() said how many)
         for ring in self._rings:
             ring.close()
         self._rings.clear()
