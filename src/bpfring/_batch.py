@@ -109,9 +109,9 @@ class Kept:
     bytes, dropped).
 
     The first part (made a deque of rows if it is not) may be lent to async iterations
-    (:meth:`lend`): they take its records one at a time without the consumer lock, each with ``d[0]`` then ``del d[0]`` (no call between the
-    two, so no other thread and no signal can come between), and so does everyone else while it
-    is lent.
+    (:meth:`lend`): they take its records one at a time without the consumer lock, each with
+    ``d[0]`` then ``del d[0]`` (no call between the two, so no other thread and no signal can
+    come between), and so does everyone else while it is lent.
     """
 
     def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
