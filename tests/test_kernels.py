@@ -12,7 +12,9 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,68 @@ def test_scripts_kernels_not_as_root_stops_before_installing_and_says_how_to_run
     )
     assert not cache_made
 
+
+
+FAKE_VNG = """#!/bin/sh
+# stands in for virtme-ng: the first BOOTS_THAT_HANG boots stop before the guest is up, as a 5.10
+# boot under TCG once did; the next comes up, "runs" the tests and leaves one passing case
+echo $$ >> "$FAKE_VNG_PIDS"
+n=$(wc -l < "$FAKE_VNG_PIDS")
+echo "[    0.000000] Linux version 5.10.0-32-amd64"
+if [ "$n" -le "$BOOTS_THAT_HANG" ]; then echo "[    2.200000] sched_clock: Marking stable"; exec sleep 600; fi
+echo "[   22.167501] virtme-ng-init: starting script (console fallback)"
+for arg; do case "$arg" in --rwdir=*) dir=${arg#--rwdir=};; esac; done
+echo 5.10.0-32-amd64 > "$dir/release"
+echo '<testsuites><testsuite><testcase classname="tests.test_x" name="test_y" time="1"/></testsuite></testsuites>' \
+    > "$dir/junit-000.xml"
+"""
+
+
+def _kernels_script(monkeypatch):
+    """scripts/kernels as a module (it has no .py suffix; its dataclasses need it in sys.modules)."""
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("bpfring_scripts_kernels", str(REPO / "scripts" / "kernels"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    monkeypatch.setitem(sys.modules, loader.name, module)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("hangs", [1, 3], ids=["once", "every-attempt"])
+def test_scripts_kernels_boots_again_when_a_boot_hangs_and_kills_the_hung_guest(tmp_path, monkeypatch, hangs):
+    """A guest whose console never shows that it is up is killed and booted again, up to three times.
+
+    Without the watchdog a hung boot used up the run's whole --timeout (an hour and more) and
+    ran nothing. The fake vng hangs the way that boot did; what a user sees is the report.
+    """
+    kernels = _kernels_script(monkeypatch)
+    fake = tmp_path / "vng"
+    fake.write_text(FAKE_VNG)
+    fake.chmod(0o755)
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(kernels, "vng", lambda: fake)
+    monkeypatch.setenv("FAKE_VNG_PIDS", str(pids))
+    monkeypatch.setenv("BOOTS_THAT_HANG", str(hangs))
+    start = time.monotonic()
+    result = kernels.run_guest(kernels.Kernel("5.10", "bullseye"), tmp_path / "vmlinuz", ["tests/test_x.py"],
+                               False, 2, "2G", tmp_path / "logs", timeout=120, boot_timeout=3)
+    took = time.monotonic() - start
+    boots = pids.read_text().split()
+    for pid in boots:  # every hung guest is gone, not left running beside the next
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
+    hung = sorted(p.name for p in (tmp_path / "logs" / "5.10").glob("console.log.hung-*"))
+    if hangs < kernels.BOOT_ATTEMPTS:
+        assert (result.passed, result.failed, result.errors, result.note) == (1, 0, 0, "")
+        assert result.release == "5.10.0-32-amd64"
+        assert len(boots) == hangs + 1
+    else:
+        assert (result.passed, result.errors, result.note) == (0, 1, "boot hung")
+        assert len(boots) == kernels.BOOT_ATTEMPTS
+    assert hung == [f"console.log.hung-{i}" for i in range(1, min(hangs, kernels.BOOT_ATTEMPTS) + 1)]
+    assert took < 60, f"{took:.0f} s: the hung boots were not cut off after their 3 s"
 
 if FRESH:  # minutes (apt-get installs, three kernels downloaded, a guest booted): asked for, never by default
 
