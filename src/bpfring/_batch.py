@@ -474,6 +474,15 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
+def kept_first(n: int, limit: int, walk: Callable[[int], int]) -> int:
+    """What a call that delivers kept records first returns: ``n`` kept records delivered (or a
+    callback's negative return, which stops there), then ``walk(limit - n)`` over the ring(s)
+    unless ``limit`` is reached."""
+    if n < 0 or n >= limit:
+        return n
+    more = walk(limit - n)
+    return more if more < 0 else n + more
+
 def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
     """``take()`` under ``lock`` (a consumer call that hands records over): its result and the
     runs of rings in it (see :meth:`Kept.hand_over`), returned.

@@ -22,7 +22,18 @@ from ._sys import perf as sys_perf
 from ._sys.bpf import MapType
 from .errors import BPFError, RingCorruptError
 from .maps import PAGE_SIZE, Map, MapLike, map_shared, open_map
-from ._batch import ANY, ASYNC_REFILL, NO_LIMIT, DTypeLike, Kept, batch_dtype, check_positive_int, handed, new_records
+from ._batch import (
+    ANY,
+    ASYNC_REFILL,
+    NO_LIMIT,
+    DTypeLike,
+    Kept,
+    batch_dtype,
+    check_positive_int,
+    handed,
+    kept_first,
+    new_records,
+)
 
 SampleCallback = Callable[[int, bytes], Optional[int]]
 LostCallback = Callable[[int, int], Optional[int]]
@@ -312,13 +323,10 @@ class PerfBuffer:
         with self._poller.consuming():
             if self._poller.closing or self._poller.closed:
                 return 0  # closed from another thread while this one waited
-            n = self._deliver_kept()
-            if n < 0:
-                return n
             # At most a ring's worth of samples (16 bytes at least each) per poll: a producer as
             # fast as the callback cannot keep poll(), and a close() waiting for it, going.
-            more = self._each_ring(list(unfinished), lambda buf: buf.size // 16)
-            return more if more < 0 else n + more
+            walk = lambda left: self._each_ring(list(unfinished), lambda buf: buf.size // 16)  # noqa: E731
+            return kept_first(self._deliver_kept(), NO_LIMIT, walk)
 
     def _deliver_kept(self, only: Any = ANY) -> int:
         """The kept samples (of CPU ``only``, unless ANY) to sample_cb (see Kept.deliver)."""
@@ -362,22 +370,16 @@ class PerfBuffer:
         """
         self._poller.check_open()
         with self._poller.consuming():
-            n = self._deliver_kept()
-            if n < 0:
-                return n
-            more = self._each_ring(self._buffers, lambda buf: NO_LIMIT)
-            return more if more < 0 else n + more
+            return kept_first(
+                self._deliver_kept(), NO_LIMIT, lambda left: self._each_ring(self._buffers, lambda buf: NO_LIMIT)
+            )
 
     def consume_buffer(self, i: int) -> int:
         """Read ring ``i`` only, without waiting (libbpf's ``perf_buffer__consume_buffer``); the
         samples of its CPU kept from an earlier call (see the class) first."""
         with self._poller.consuming():
             buf = self._buffer(i)  # checked under the lock: close() may race it
-            n = self._deliver_kept(buf.cpu)
-            if n < 0:
-                return n
-            more = self._consume(buf)
-            return more if more < 0 else n + more
+            return kept_first(self._deliver_kept(buf.cpu), NO_LIMIT, lambda left: self._consume(buf))
 
     def consume_batch(
         self, dtype: DTypeLike | None = None, max_records: int | None = None, *, out: Any = None, with_cpus: bool = False

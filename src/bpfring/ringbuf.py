@@ -34,6 +34,7 @@ from ._batch import (
     batch_dtype,
     check_limit,
     handed,
+    kept_first,
     new_records,
     numpy_module,
     record_dtype,
@@ -176,11 +177,7 @@ class Ring(MappedRing):
             self._live_state()  # (a closed ring hands over nothing: its records went with close())
             kept = self._kept
             kept.settle()
-            n = kept.deliver(Ring._callback_for, limit, self)
-            if n < 0 or n >= limit:
-                return n
-            more = self._consume(limit - n)
-            return more if more < 0 else n + more
+            return kept_first(kept.deliver(Ring._callback_for, limit, self), limit, self._consume)
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Take every record available now in one call, bypassing the callback.
@@ -438,15 +435,15 @@ class RingBuffer:
         with self._poller.consuming():
             if self._poller.closing or self._poller.closed:
                 return 0  # closed from another thread while this one waited
-            n = self._deliver_kept(NO_LIMIT)
-            if n < 0:
-                return n
-            # At most a ring's worth per ring: a producer as fast as the callback cannot keep
-            # poll() (and a close() waiting for it) going; the level-triggered epoll reports what
-            # is left at once.
-            rings = [self._by_fd[fd] for fd in ready if fd in self._by_fd]
-            more = self._each_ring(rings, lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ)
-            return more if more < 0 else n + more
+
+            def walk(left: int) -> int:
+                # At most a ring's worth per ring: a producer as fast as the callback cannot keep
+                # poll() (and a close() waiting for it) going; the level-triggered epoll reports
+                # what is left at once. (The rings still open once the kept records are out.)
+                rings = [self._by_fd[fd] for fd in ready if fd in self._by_fd]
+                return self._each_ring(rings, lambda ring, left: ring.size // BPF_RINGBUF_HDR_SZ)
+
+            return kept_first(self._deliver_kept(NO_LIMIT), NO_LIMIT, walk)
 
     def _deliver_kept(self, limit: int) -> int:
         """Up to ``limit`` kept records, each to its ring's callback (see Kept.deliver)."""
@@ -517,11 +514,9 @@ class RingBuffer:
         self._poller.check_open()
         left = NO_LIMIT if max_records is None else check_limit(max_records)
         with self._poller.consuming():
-            n = self._deliver_kept(left)
-            if n < 0 or n >= left:
-                return n
-            more = self._each_ring(self._rings, lambda ring, left: left, left - n)
-            return more if more < 0 else n + more
+            return kept_first(
+                self._deliver_kept(left), left, lambda rest: self._each_ring(self._rings, lambda ring, left: left, rest)
+            )
 
     def consume_batch(self, dtype: DTypeLike | None = None, max_records: int | None = None, out: Any = None) -> Any:
         """Every record available now, from every ring, in one call: see :meth:`Ring.consume_batch`.
