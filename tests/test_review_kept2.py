@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 import tracemalloc
 import warnings
@@ -238,27 +239,25 @@ def while_building(step_other: Any, call: Any) -> None:
         sys.setprofile(None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: while hand_over holds rows it took from the lent deque that may go back (a RecordSizeError, "
-    "a Ctrl-C, up to handed()'s put_back), a flag on Kept set under the consumer lock must send iterations "
-    "through the lock instead of taking from the deque: Poller.drain tests it right before `lent[0]` (no "
-    "switch point between the test and the take), so no iteration yields a newer record before they are back",
-)
 def test_a_dtype_call_on_misfit_kept_rows_puts_nothing_back_behind_what_an_iteration_took_meanwhile(producer):
     """consume_batch(dtype) takes the lent deque's rows in place, then RecordSizeError (the records
     are 16 bytes) puts them back in front: an iteration in another thread that took the next row
-    meanwhile (it needs no lock) yielded it, then the older ones: records out of order."""
+    meanwhile (it needs no lock) yielded it, then the older ones: records out of order. It must
+    wait for the batch call instead (Kept.holding) and yield the rows put back first."""
     with RingBuffer(producer.ring) as rb:
         producer.produce(6, 16)
         iteration = rb.records()
         got = [step(iteration)]  # 0; 1-5 lent to it
+        other = threading.Thread(target=lambda: got.append(step(iteration)))
 
-        def other() -> None:
-            got.append(step(iteration))
+        def start_other_and_give_it_a_second() -> None:  # (it finishes at once where it does not wait)
+            other.start()
+            other.join(1)
 
         with pytest.raises(RecordSizeError):
-            while_building(other, lambda: rb.consume_batch("V32", 2))
+            while_building(start_other_and_give_it_a_second, lambda: rb.consume_batch("V32", 2))
+        other.join(10)
+        assert not other.is_alive(), "the iteration still waits after the batch call ended"
         got += [r for r in (step(iteration) for _ in range(5)) if r is not None]
         got += rb.consume_batch()
     assert seqs_of(got) == [0, 1, 2, 3, 4, 5]

@@ -111,13 +111,17 @@ class Kept:
     The first part (made a deque of rows if it is not) may be lent to async iterations
     (:meth:`lend`): they take its records one at a time without the consumer lock, each with
     ``d[0]`` then ``del d[0]`` (no call between the two, so no other thread and no signal can
-    come between), and so does everyone else while it is lent.
+    come between), and so does everyone else while it is lent. While a batch call holds rows it
+    took from the lent deque that may go back (``holding``: its records may not fit the dtype),
+    iterations go through the consumer lock instead: one that took the next row meanwhile would
+    yield it before the older ones.
     """
 
     def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
         self._parts: collections.deque[tuple[Any, Any]] = collections.deque()
         self._filling: tuple[Any, list[Any], Any] | None = None
         self._lent: collections.deque[Any] | None = None
+        self.holding = False  # set and cleared under the consumer lock (see the class)
         self._per_cpu = per_cpu
         self._slack = slack
         _every_kept.add(self)
@@ -389,6 +393,8 @@ class Kept:
                         rest.append((tag, part))
                     continue
                 if type(part) is collections.deque:
+                    if part is lent:
+                        self.holding = True  # before the first take (see the class)
                     taken: list[Any] = []
                     from_deques.append((part, taken))
                     while have + len(taken) < limit:
@@ -417,6 +423,8 @@ class Kept:
                 if taken:
                     part.extendleft(taken[::-1])  # back where they were, in one step
             raise
+        finally:
+            self.holding = False
         self._parts = rest  # no signal check from here to the caller's return
         return result, runs
 

@@ -186,10 +186,11 @@ class Poller:
         self.consuming()  # refused at once in a fork() child, or nested in a consumer call
         lent: Any = None
         while True:
-            if lent is not None:
-                # Without the lock: the peek and the delete are one step (no call between them,
-                # so no other thread and no signal comes in between); batch calls take from a lent
-                # deque the same way (Kept.lend).
+            if lent is not None and not kept.holding:
+                # Without the lock: the test, the peek and the delete are one step (no call
+                # between them, so no other thread and no signal comes in between); batch calls
+                # take from a lent deque the same way (Kept.lend). While one holds rows it took
+                # from it that may go back (kept.holding), through the lock below instead.
                 try:
                     record = lent[0]
                     del lent[0]
