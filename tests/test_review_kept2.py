@@ -292,6 +292,103 @@ def test_a_fork_child_stepping_an_iteration_paused_on_its_lent_deque_is_refused(
         assert [parse(data)[0] for _, data in samples] == [0, 1, 2]
 
 
+# -- a PerfRing used directly, beside its PerfBuffer -------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["consume", "resync"])
+def test_a_perf_ring_used_from_a_callback_of_its_buffer_is_refused_not_a_repeat(perf_producer, call):
+    """PerfRing.consume and resync took no lock: from a sample_cb, consume walked the samples after
+    the one being delivered, then the outer walk went on from where it was and delivered them
+    again; resync moved data_tail to data_head and the outer walk delivered what it skipped."""
+    got: list[int] = []
+    errors: list[str] = []
+    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0]) as pb:
+        ring = pb.rings[0]
+
+        def sample_cb(cpu: int, data: bytes) -> None:
+            got.append(parse(data)[0])
+            if len(got) == 1:
+                try:
+                    if call == "consume":
+                        ring.consume(lambda cpu, data: got.append(parse(data)[0]), lambda cpu, lost: None)
+                    else:
+                        ring.resync()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+        pb._sample_cb = sample_cb
+        perf_producer.output(5, 40, cpu=0)
+        assert pb.consume() == 5
+    assert got == [0, 1, 2, 3, 4]
+    assert errors == ["PerfBuffer: this thread is already consuming (in a callback or a batch() block); "
+                      "poll, consume and batches do not nest"]
+
+
+def test_a_perf_ring_consumed_from_another_thread_waits_for_its_buffers_walk(perf_producer):
+    """From another thread while a sample_cb ran, PerfRing.consume walked from the data_tail the
+    walk had stored and delivered the samples the walk then delivered again. It waits now."""
+    entered, release = threading.Event(), threading.Event()
+    got: list[tuple[str, int]] = []
+
+    def sample_cb(cpu: int, data: bytes) -> None:
+        got.append(("poll", parse(data)[0]))
+        entered.set()
+        release.wait(10)
+
+    with PerfBuffer(perf_producer.array, 1, sample_cb, cpus=[0]) as pb:
+        perf_producer.output(4, 40, cpu=0)
+        other = threading.Thread(
+            target=lambda: pb.rings[0].consume(lambda cpu, data: got.append(("other", parse(data)[0])),
+                                               lambda cpu, lost: None)
+        )
+        walk = threading.Thread(target=pb.consume)
+        walk.start()
+        assert entered.wait(10)
+        other.start()
+        other.join(1)  # (where nothing stops it, it is done by now)
+        release.set()
+        walk.join(10)
+        other.join(10)
+        assert not walk.is_alive() and not other.is_alive()
+        perf_producer.output(1, 40, cpu=0)
+        pb.consume()
+    assert sorted(seq for _, seq in got) == [0, 1, 2, 3, 4], got
+
+
+def test_the_c_walk_refuses_a_second_walk_resync_or_commit_of_its_ring_whoever_calls(producer, perf_producer):
+    """Below the consumer locks (every public path takes one), the C walk itself: it goes on from
+    its own copy of the position, so a second walk, a resync or a commit of its ring meanwhile
+    would deliver records twice or move the position back. Each is refused while it runs."""
+    said: list[str] = []
+
+    def attempt(call: Any) -> None:
+        try:
+            call()
+        except RuntimeError as exc:
+            said.append(str(exc))
+
+    with RingBuffer(producer.ring, shared=True) as rb:
+        state = rb.rings[0]._state
+        producer.produce(4, fixed=True)
+        nested = [lambda: state.consume(lambda data: None, 10), state.resync, lambda: state.commit(state.positions()[0]),
+                  lambda: state.scan(16, 10, None)]
+        got = []
+        state.consume(lambda data: (got.append(parse(data)[0]), attempt(nested[len(got) - 1])), 4)
+        assert got == [0, 1, 2, 3]
+    assert said == ["the ring is being consumed (from its own callback, or another thread): one walk at a time"] * 4
+    said.clear()
+    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0]) as pb:
+        state = pb.rings[0]._state
+        perf_producer.output(2, 40, cpu=0)
+        nested = [lambda: state.consume(None, None, None, 0, 0, 10), state.resync]
+        got = []
+        state.consume(lambda cpu, data: (got.append(parse(data)[0]), attempt(nested[len(got) - 1])),
+                      lambda cpu, lost: None, None, 0, 0, 10)
+        assert got == [0, 1]
+    assert said == ["the perf ring of cpu 0 is being consumed (from its own callback, or another thread): one "
+                    "walk at a time"] * 2
+
+
 # -- close() of a Ring from its own callback ----------------------------------------------------------
 
 

@@ -251,6 +251,20 @@ static int ring_check_open(RingState *s)
 	return 0;
 }
 
+/* A walk stores the position before each callback and goes on from its own copy: a second walk, a
+ * resync or a commit of the same ring meanwhile (another thread, or that callback) would deliver
+ * records twice and move the position back. The consumer lock keeps them apart; this is for every
+ * caller. */
+static int ring_check_idle(RingState *s)
+{
+	if (s->walking) {
+		PyErr_SetString(PyExc_RuntimeError,
+				"the ring is being consumed (from its own callback, or another thread): one walk at a time");
+		return -1;
+	}
+	return 0;
+}
+
 static void ring_store(RingState *s, uint64_t cons)
 {
 	/* Pairs with the smp_load_acquire(&rb->consumer_pos) in __bpf_ringbuf_reserve(): our reads of
@@ -422,7 +436,7 @@ static PyObject *ring_resync(RingState *s, PyObject *unused)
 {
 	uint64_t prod, skipped;
 
-	if (ring_check_open(s) < 0)
+	if (ring_check_open(s) < 0 || ring_check_idle(s) < 0)
 		return NULL;
 	prod = __atomic_load_n(s->producer_pos, __ATOMIC_ACQUIRE);
 	skipped = prod >= s->last ? prod - s->last : 0;
@@ -448,7 +462,7 @@ static PyObject *ring_consume(RingState *s, PyObject *const *args, Py_ssize_t na
 		PyErr_SetString(PyExc_TypeError, "consume(callback, limit) takes 2 arguments");
 		return NULL;
 	}
-	if (as_limit(args[1], &limit) < 0 || ring_begin(s, &cons, &prod) < 0)
+	if (as_limit(args[1], &limit) < 0 || ring_check_idle(s) < 0 || ring_begin(s, &cons, &prod) < 0)
 		return NULL;
 	start = cons;
 	generation = fork_generation;
@@ -530,7 +544,7 @@ static PyObject *ring_take(RingState *s, PyObject *const *args, Py_ssize_t nargs
 		PyErr_SetString(PyExc_TypeError, "take(itemsize, out, taken, dtype) takes an int, a buffer, a list and a dtype");
 		return NULL;
 	}
-	if (as_itemsize(args[0], LEN_MASK, &itemsize) < 0)
+	if (as_itemsize(args[0], LEN_MASK, &itemsize) < 0 || ring_check_idle(s) < 0)
 		return NULL;
 	if (PyObject_GetBuffer(args[1], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
 		return NULL;
@@ -603,7 +617,7 @@ static PyObject *ring_scan(RingState *s, PyObject *const *args, Py_ssize_t nargs
 	}
 	if (as_itemsize(args[0], LEN_MASK, &itemsize) < 0)
 		return NULL;
-	if (as_limit(args[1], &limit) < 0 || ring_begin(s, &cons, &prod) < 0)
+	if (as_limit(args[1], &limit) < 0 || ring_check_idle(s) < 0 || ring_begin(s, &cons, &prod) < 0)
 		return NULL;
 	while (cons < prod) {
 		uint32_t len = ring_header(s, cons);
@@ -644,7 +658,7 @@ static PyObject *ring_commit(RingState *s, PyObject *arg)
 
 	if (pos == (unsigned long long)-1 && PyErr_Occurred())
 		return NULL;
-	if (ring_check_open(s) < 0)
+	if (ring_check_open(s) < 0 || ring_check_idle(s) < 0)
 		return NULL;
 	prod = __atomic_load_n(s->producer_pos, __ATOMIC_ACQUIRE);
 	if (pos < s->last || pos > prod || (pos & 7)) {
@@ -703,6 +717,18 @@ static int perf_check_open(PerfRingState *s)
 {
 	if (!s->open) {
 		PyErr_SetString(PyExc_ValueError, "the perf ring is closed");
+		return -1;
+	}
+	return 0;
+}
+
+/* As ring_check_idle. */
+static int perf_check_idle(PerfRingState *s)
+{
+	if (s->walking) {
+		PyErr_Format(PyExc_RuntimeError,
+			     "the perf ring of cpu %S is being consumed (from its own callback, or another thread): one walk "
+			     "at a time", s->cpu);
 		return -1;
 	}
 	return 0;
@@ -887,7 +913,7 @@ static PyObject *perf_resync(PerfRingState *s, PyObject *unused)
 {
 	uint64_t head, skipped;
 
-	if (perf_check_open(s) < 0)
+	if (perf_check_open(s) < 0 || perf_check_idle(s) < 0)
 		return NULL;
 	head = __atomic_load_n(s->head_ptr, __ATOMIC_ACQUIRE);
 	skipped = head >= s->last ? head - s->last : 0;
@@ -923,6 +949,8 @@ static PyObject *perf_consume(PerfRingState *s, PyObject *const *args, Py_ssize_
 	expect_lo = PyLong_AsUnsignedLong(args[3]);
 	expect_hi = PyLong_AsUnsignedLong(args[4]);
 	if (PyErr_Occurred() || as_limit(args[5], &limit) < 0)
+		return NULL;
+	if (perf_check_idle(s) < 0)
 		return NULL;
 	if (into != Py_None && !(append = PyObject_GetAttrString(into, "append")))
 		return NULL;
@@ -1049,7 +1077,7 @@ static PyObject *perf_take(PerfRingState *s, PyObject *const *args, Py_ssize_t n
 	}
 	if (as_itemsize(args[0], 0xFFFF, &itemsize) < 0) /* a perf record's size is a u16 */
 		return NULL;
-	if ((may_raise = PyObject_IsTrue(args[3])) < 0)
+	if ((may_raise = PyObject_IsTrue(args[3])) < 0 || perf_check_idle(s) < 0)
 		return NULL;
 	if (PyObject_GetBuffer(args[1], &out_buf, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
 		return NULL;

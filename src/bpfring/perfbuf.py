@@ -8,6 +8,7 @@ references are to include/uapi/linux/perf_event.h and kernel/events/ring_buffer.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -50,8 +51,11 @@ class PerfRing:
     (:meth:`PerfBuffer.consume_buffer` reads one).
     """
 
-    def __init__(self, m: Map, cpu: int, page_cnt: int, wakeup_events: int) -> None:
+    def __init__(
+        self, m: Map, cpu: int, page_cnt: int, wakeup_events: int, consuming: Callable[[], Any] = contextlib.nullcontext
+    ) -> None:
         self.cpu = cpu
+        self._consuming = consuming  # the owning PerfBuffer's consumer lock (see Poller.consuming)
         self.size = page_cnt * PAGE_SIZE
         self.fd = sys_perf.open_bpf_output(cpu, wakeup_events)
         try:
@@ -88,9 +92,11 @@ class PerfRing:
     def resync(self) -> int:
         """Move data_tail to data_head, skipping whatever is there; returns the bytes skipped.
 
-        The way out of a :class:`RingCorruptError` on this CPU's ring.
+        The way out of a :class:`RingCorruptError` on this CPU's ring. Takes the PerfBuffer's
+        consumer lock: a poll() in another thread finishes first; from a callback, refused.
         """
-        return self._state.resync()
+        with self._consuming():
+            return self._state.resync()
 
     def consume(
         self,
@@ -101,8 +107,8 @@ class PerfRing:
         limit: int = NO_LIMIT,
     ) -> int:
         """Deliver every record available now; samples delivered, or a negative callback return.
-        The PerfBuffer's own walk: it takes neither its consumer lock nor the samples it keeps
-        (see :class:`PerfBuffer`): use :meth:`PerfBuffer.consume_buffer` instead.
+        It takes the PerfBuffer's consumer lock, but not the samples it keeps (see
+        :class:`PerfBuffer`): :meth:`PerfBuffer.consume_buffer` delivers those first.
 
         ``expect``: the sample sizes a batch accepts; another size raises RecordSizeError and
         that sample stays in the ring. ``into``: a list (or deque) that takes ``(cpu, data)``
@@ -110,6 +116,14 @@ class PerfRing:
         taking a sample and keeping it, as it can at the entry of a Python callback. ``limit``:
         stop after that many samples.
         """
+        with self._consuming():
+            return self._walk(sample_cb, lost_cb, expect, into, limit)
+
+    def _walk(
+        self, sample_cb: SampleCallback, lost_cb: LostCallback, expect: range | None = None, into: Any = None,
+        limit: int = NO_LIMIT,
+    ) -> int:
+        """consume() under the lock the caller holds."""
         lo, hi = (expect.start, expect.stop - 1) if expect is not None else (0, 0)
         return self._state.consume(sample_cb, lost_cb, into, lo, hi, limit)
 
@@ -241,7 +255,7 @@ class PerfBuffer:
         return chosen
 
     def _open_cpu(self, cpu: int) -> None:
-        buf = PerfRing(self._map, cpu, self.page_cnt, self.wakeup_events)
+        buf = PerfRing(self._map, cpu, self.page_cnt, self.wakeup_events, self._poller.consuming)
         self._buffers.append(buf)
         self._by_fd[buf.fd] = buf
         # perf_poll reports a wakeup once (it clears rb->poll), so a ring is read to its end
@@ -439,7 +453,7 @@ class PerfBuffer:
             before = len(taken)
             self._unfinished.add(buf)
             try:
-                n = buf.consume(_ignore, self._lost_cb, into=taken, limit=want)
+                n = buf._walk(_ignore, self._lost_cb, into=taken, limit=want)
             except RingCorruptError as exc:
                 self._unfinished.discard(buf)
                 error = error or exc
@@ -514,7 +528,7 @@ class PerfBuffer:
         if into is None:
             self._sample_callback(buf.cpu)  # TypeError without one
         self._unfinished.add(buf)
-        n = buf.consume(self._sample_cb, self._lost_cb, into=into, limit=limit)
+        n = buf._walk(self._sample_cb, self._lost_cb, into=into, limit=limit)
         if 0 <= n < limit:
             self._unfinished.discard(buf)
         return n
