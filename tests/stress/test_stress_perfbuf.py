@@ -45,7 +45,10 @@ def run_perf(
     them, drain, flush the pending lost counts, drain again, and check the accounting."""
     cpus = list(producers.tallies)
     start = time.monotonic()
-    deadline = Deadline(seconds, name)
+    deadline = Deadline(
+        seconds, name, lambda: f"(delivered {checker.delivered} of {producers.total('produced')} produced, "
+        f"{laps.fewest(cpus)} laps)", progress=lambda: checker.delivered,
+    )
     with producers:
         while laps.fewest(cpus) < MIN_LAPS or time.monotonic() - start < seconds:
             deadline.check()

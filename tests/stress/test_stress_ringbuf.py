@@ -41,7 +41,10 @@ def run_ring(
     the accounting."""
     ring = rb.rings[0]
     start = time.monotonic()
-    deadline = Deadline(seconds, name)
+    deadline = Deadline(
+        seconds, name, lambda: f"(delivered {checker.delivered} of {producers.total('produced')} produced, "
+        f"{ring.consumer_pos // ring.size} laps)", progress=lambda: checker.delivered,
+    )
     with producers:
         while ring.consumer_pos < MIN_LAPS * ring.size or time.monotonic() - start < seconds:
             deadline.check()
