@@ -26,13 +26,13 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 struct my_sample {
 	__u32 pid;
-	char comm[TASK_COMM_LEN];
+	char comm[sizeof(((struct task_struct *)0)->comm)]; /* a vmlinux.h type (TASK_COMM_LEN: 5.10's BTF has none) */
 };
 struct my_sample unused_sample; /* a global, so struct my_sample reaches BTF */
 
 __u64 calls = 0;
 
-SEC("syscall")
+SEC("raw_tp") /* run by BPF_PROG_TEST_RUN from 5.10 on (SEC("syscall") from 5.14) */
 int bump(void *ctx)
 {
 	calls += STEP * SCALE;
@@ -63,7 +63,7 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } values SEC(".maps");
-SEC("syscall")
+SEC("raw_tp")
 int unchecked(void *ctx)
 {
 	__u32 zero = 0;
