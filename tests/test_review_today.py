@@ -69,8 +69,9 @@ def interrupted_on_the_way_out(where: str, step_other: Any, call: Any) -> None:
     "may still go back: a Ctrl-C at handed()'s lock release, or at Poller.batches()' empty(batch), puts them "
     "back in front (put_back) after an iteration in another thread took the next row without the lock. Fix: "
     "keep holding set from hand_over() until the caller has the rows (cleared by handed() right before its "
-    "return or after put_back, and by batches() after empty()), and let drain() take under the lock when it "
-    "finds holding set there, so a flag left set cannot make it spin",
+    "return or after put_back, and by batches() after empty()); drain() must then wait, outside the lock, while "
+    "it is set (taking under the lock would not order it after a put_back still to come, and looping through "
+    "the lock would spin)",
 )
 @pytest.mark.parametrize("kind", ["ring", "perf"])
 @pytest.mark.parametrize("where", ["handed", "batches"])
