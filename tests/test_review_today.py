@@ -5,6 +5,7 @@ finding against the real kernel and its producers; every wait is bounded.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import Any
@@ -108,3 +109,98 @@ def test_rows_put_back_after_a_ctrl_c_on_the_way_out_come_before_what_an_iterati
         got += [r for r in (step(iteration) for _ in range(5)) if r is not None]
         got += buf.consume_batch()
     assert seqs(got) == [0, 1, 2, 3, 4, 5]
+
+
+# -- a fork() child of a process where another thread walks a ring ------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ring", "perf"])
+def test_a_fork_child_closes_its_copy_while_another_thread_of_the_parent_walks_the_ring(producer, perf_producer, kind):
+    """A thread of the parent was inside a callback when another thread forked: the child has that
+    walk's count (no thread of the child will end it), so its close() met "the ring is being
+    consumed" and left its copies of the descriptors and mappings open (a child that closes what it
+    inherited, as the docs say to, raised instead). Nothing of the walk runs in the child."""
+    from conftest import fork_call, open_fds
+
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking(*args: Any) -> None:
+        entered.set()
+        release.wait(10)
+
+    if kind == "ring":
+        buf: Any = RingBuffer(producer.ring, blocking)
+        producer.produce(2, 16)
+    else:
+        buf = PerfBuffer(perf_producer.array, 1, blocking, cpus=[0])
+        perf_producer.output(2, 40, cpu=0)
+    with buf:
+        walk = threading.Thread(target=buf.consume)
+        walk.start()
+        try:
+            assert entered.wait(10)
+
+            def close_in_child() -> str:
+                before = open_fds()
+                buf.close()
+                return f"closed, {len(before - open_fds())} fds fewer"
+
+            said = fork_call(close_in_child)
+        finally:
+            release.set()
+            walk.join(10)
+        assert not walk.is_alive()
+    assert said.startswith("ok: closed,") and not said.endswith(" 0 fds fewer"), said
+
+
+@pytest.mark.parametrize("kind", ["ring", "perf"])
+def test_a_child_forked_inside_a_callback_closes_its_copy_there_and_the_parent_reads_on(producer, perf_producer, kind):
+    """A callback that forks a worker, which closes what it inherited before it goes on: the
+    child's close() ran inside the walk the parent started and was refused. It closes now, and the
+    child's walk stops at the callback's return (check_not_forked) without reading the mappings it
+    let go; the parent's walk goes on with every record once."""
+    from conftest import open_fds
+
+    got: list[int] = []
+    said: list[str] = []
+    buf: Any = None
+
+    def callback(*args: Any) -> None:
+        got.append(parse(args[-1])[0])
+        if len(got) != 1:
+            return
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: close what it inherited, say how it went, return into the walk
+            try:
+                before = open_fds()
+                buf.close()
+                message = f"closed, {len(before - open_fds())} fds fewer"
+            except BaseException as exc:
+                message = f"{type(exc).__name__}: {exc}"
+            os.write(w, message.encode())
+            os.close(w)
+            return None  # (the walk raises its fork() RuntimeError; os._exit below ends the child)
+        os.close(w)
+        with os.fdopen(r) as f:
+            said.append(f.read())
+        os.waitpid(pid, 0)
+
+    if kind == "ring":
+        buf = RingBuffer(producer.ring, callback)
+        producer.produce(3, 16)
+    else:
+        buf = PerfBuffer(perf_producer.array, 1, callback, cpus=[0])
+        perf_producer.output(3, 40, cpu=0)
+    me = os.getpid()
+    with buf:
+        try:
+            n = buf.consume()
+        except BaseException:
+            if os.getpid() != me:
+                os._exit(0)
+            raise
+        if os.getpid() != me:
+            os._exit(1)  # the child's walk went on: it must not
+    assert (n, got) == (3, [0, 1, 2])
+    assert len(said) == 1 and said[0].startswith("closed,") and not said[0].endswith(" 0 fds fewer"), said
