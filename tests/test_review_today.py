@@ -204,3 +204,84 @@ def test_a_child_forked_inside_a_callback_closes_its_copy_there_and_the_parent_r
             os._exit(1)  # the child's walk went on: it must not
     assert (n, got) == (3, [0, 1, 2])
     assert len(said) == 1 and said[0].startswith("closed,") and not said[0].endswith(" 0 fds fewer"), said
+
+
+# -- scripts/kernels: a second Ctrl-C while a guest that ignores SIGTERM is stopped -------------------
+
+IGNORES_TERM_VNG = """#!/bin/sh
+# stands in for virtme-ng with a qemu that does not listen to SIGTERM (busy under TCG): its
+# process group ignores SIGTERM and SIGINT, and it never comes up
+trap '' TERM INT
+sleep 600 &
+echo $$ $! > "$FAKE_VNG_PIDS"
+wait
+"""
+
+BOOT_ONE = """
+import importlib.machinery, importlib.util, sys
+from pathlib import Path
+loader = importlib.machinery.SourceFileLoader("kernels", sys.argv[1])
+module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+sys.modules[loader.name] = module
+loader.exec_module(module)
+import signal, os
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # as main() does
+print(module.boot([sys.argv[2]], dict(os.environ), Path(sys.argv[3]), 120, 120), flush=True)
+"""
+
+
+def test_scripts_kernels_a_second_ctrl_c_while_the_guest_is_stopped_leaves_no_guest_running(tmp_path):
+    """Ctrl-C sends the guest's process group SIGTERM and waits 5 s for it, then SIGKILL; a second
+    Ctrl-C (or SIGTERM) in those 5 s ended the wait with the group still running: vng and qemu
+    left behind, in a session of their own, using the cores until someone finds them."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "kernels"
+    fake = tmp_path / "vng"
+    fake.write_text(IGNORES_TERM_VNG)
+    fake.chmod(0o755)
+    pids_file = tmp_path / "pids"
+    env = {**os.environ, "FAKE_VNG_PIDS": str(pids_file)}
+    runner = subprocess.Popen(
+        [sys.executable, "-c", BOOT_ONE, str(script), str(fake), str(tmp_path / "console.log")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not pids and time.monotonic() < deadline:
+            text = pids_file.read_text() if pids_file.exists() else ""
+            pids = [int(p) for p in text.split()] if text.endswith("\n") else []
+            time.sleep(0.05)
+        assert len(pids) == 2, "the fake vng did not start"
+        time.sleep(1.5)  # boot() is in its wait loop
+        runner.send_signal(signal.SIGINT)  # Ctrl-C: SIGTERM to the guest, which does not listen
+        time.sleep(1)
+        runner.send_signal(signal.SIGTERM)  # and again, within the 5 s boot() gives it
+        runner.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in pids if _alive(pid)]
+            time.sleep(0.05)
+        assert not alive, f"left running after the second Ctrl-C: {alive}"
+    finally:
+        runner.kill()
+        runner.wait()
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL) if pid == pids[0] else os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, reaped by nobody here, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
