@@ -285,3 +285,22 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_scripts_kernels_reports_the_time_of_every_boot_of_a_kernel_the_hung_ones_too(tmp_path, monkeypatch):
+    """The per-kernel time in the report ("5.10: 1 passed ... in N s", and the table) counted only
+    the last boot: a kernel that hung twice for 300 s and then ran in 20 s read "20 s", and the
+    kernels' times did not add up to the run's total."""
+    from test_kernels import FAKE_VNG, _kernels_script
+
+    kernels = _kernels_script(monkeypatch)
+    fake = tmp_path / "vng"
+    fake.write_text(FAKE_VNG)
+    fake.chmod(0o755)
+    monkeypatch.setattr(kernels, "vng", lambda: fake)
+    monkeypatch.setenv("FAKE_VNG_PIDS", str(tmp_path / "pids"))
+    monkeypatch.setenv("BOOTS_THAT_HANG", "1")
+    result = kernels.run_guest(kernels.Kernel("5.10", "bullseye"), tmp_path / "vmlinuz", ["tests/test_x.py"],
+                               False, 2, "2G", tmp_path / "logs", timeout=120, boot_timeout=3)
+    assert (result.passed, result.note) == (1, "")
+    assert result.seconds >= 3, f"{result.seconds:.1f} s reported: the hung boot's 3 s are not counted"
