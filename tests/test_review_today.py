@@ -5,6 +5,7 @@ finding against the real kernel and its producers; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -304,3 +305,28 @@ def test_scripts_kernels_reports_the_time_of_every_boot_of_a_kernel_the_hung_one
                                False, 2, "2G", tmp_path / "logs", timeout=120, boot_timeout=3)
     assert (result.passed, result.note) == (1, "")
     assert result.seconds >= 3, f"{result.seconds:.1f} s reported: the hung boot's 3 s are not counted"
+
+
+# -- a PerfRing kept after its PerfBuffer closed ------------------------------------------------------
+
+
+def test_a_perf_ring_kept_after_its_buffer_closed_says_so_and_closes_nothing_of_anyone_else(perf_producer):
+    """PerfBuffer.rings hands the rings out; one kept past close() raised ValueError from repr()
+    (a log line or a debugger showing it failed), and its close() closed its fd number again: by
+    then another file of the process had that number, and it was closed under its owner."""
+    pb = PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0])
+    ring = pb.rings[0]
+    fd = ring.fd
+    pb.close()
+    assert "closed" in repr(ring)
+    r, w = os.pipe()
+    os.dup2(r, fd)  # another file of the process gets the ring's number, as the next open() may
+    try:
+        ring.close()
+        assert os.path.samestat(os.fstat(fd), os.fstat(r)), "the pipe's fd was closed (or replaced)"
+        with pytest.raises(ValueError, match="closed"):
+            ring.consume(lambda cpu, data: None, lambda cpu, lost: None)
+    finally:
+        for n in {r, w, fd}:
+            with contextlib.suppress(OSError):
+                os.close(n)

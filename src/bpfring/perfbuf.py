@@ -128,11 +128,18 @@ class PerfRing:
         return self._state.consume(sample_cb, lost_cb, into, lo, hi, limit)
 
     def close(self) -> None:
+        """Unmap and close (its PerfBuffer's close() does); idempotent: closing the fd number
+        again would close whichever file of the process has it by then."""
+        if self.fd < 0:
+            return
         self._state.release()
         self._mm.close()
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
 
     def __repr__(self) -> str:
+        if self.fd < 0:
+            return f"<PerfRing cpu={self.cpu} size={self.size} closed>"
         head, tail = self._state.positions()
         return f"<PerfRing cpu={self.cpu} size={self.size} data_head={head} data_tail={tail}>"
 
