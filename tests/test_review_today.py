@@ -362,3 +362,53 @@ def test_a_perf_dtype_call_on_misfit_kept_samples_puts_them_back_before_an_itera
         got += [r for r in (step(iteration) for _ in range(5)) if r is not None]
         got += pb.consume_batch(with_cpus=False)
     assert seqs(got) == [0, 1, 2, 3, 4, 5]
+
+
+SPEWING_VNG = """#!/bin/sh
+# a guest that never comes up and fills its console first (a warning in a loop): 64 MiB
+head -c 67108864 /dev/zero | tr '\\0' x
+exec sleep 600
+"""
+
+SLOW_MARK_VNG = """#!/bin/sh
+# a guest whose console line saying it is up arrives in two writes, a look apart
+printf 'virtme-ng-init: starting'
+sleep 2
+echo ' script (console fallback)'
+sleep 3
+"""
+
+
+def _boot(tmp_path: Any, monkeypatch: Any, fake_text: str, boot_timeout: float) -> tuple[str, int]:
+    from test_kernels import _kernels_script
+
+    kernels = _kernels_script(monkeypatch)
+    fake = tmp_path / "vng"
+    fake.write_text(fake_text)
+    fake.chmod(0o755)
+    return kernels.boot([str(fake)], dict(os.environ), tmp_path / "console.log", 60, boot_timeout)
+
+
+def test_scripts_kernels_watching_a_console_that_fills_before_the_guest_is_up_reads_each_byte_once(
+    tmp_path, monkeypatch
+):
+    """The boot watchdog read the whole console log every second until the guest was up: a guest
+    spewing before that (up to --boot-timeout, 300 s) had its whole log in memory, twice (bytes and
+    text), each second, and read again and again."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        outcome = _boot(tmp_path, monkeypatch, SPEWING_VNG, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome[0] == "hung"
+    assert (tmp_path / "console.log").stat().st_size == 64 << 20
+    assert peak < 16 << 20, f"{peak >> 20} MiB at the peak to watch a 64 MiB console"
+
+
+def test_scripts_kernels_sees_the_guest_up_when_its_console_line_arrives_in_two_writes(tmp_path, monkeypatch):
+    """The console is read as it grows: the line that says the guest is up, cut in two by a look
+    between its writes, still counts (else the boot is taken for hung, killed and booted again)."""
+    assert _boot(tmp_path, monkeypatch, SLOW_MARK_VNG, 3) == ("done", 0)
