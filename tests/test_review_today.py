@@ -62,19 +62,9 @@ def interrupted_on_the_way_out(where: str, step_other: Any, call: Any) -> None:
     raise AssertionError("the call was not interrupted")
 
 
-# -- Kept.holding ends before the records reach the caller --------------------------------------------
+# -- Kept.holding lasts until the records reach the caller ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: Kept.holding is cleared when hand_over() returns, but the rows it took from the lent deque "
-    "may still go back: a Ctrl-C at handed()'s lock release, or at Poller.batches()' empty(batch), puts them "
-    "back in front (put_back) after an iteration in another thread took the next row without the lock. Fix: "
-    "keep holding set from hand_over() until the caller has the rows (cleared by handed() right before its "
-    "return or after put_back, and by batches() after empty()); drain() must then wait, outside the lock, while "
-    "it is set (taking under the lock would not order it after a put_back still to come, and looping through "
-    "the lock would spin)",
-)
 @pytest.mark.parametrize("kind", ["ring", "perf"])
 @pytest.mark.parametrize("where", ["handed", "batches"])
 def test_rows_put_back_after_a_ctrl_c_on_the_way_out_come_before_what_an_iteration_took_meanwhile(
@@ -83,7 +73,8 @@ def test_rows_put_back_after_a_ctrl_c_on_the_way_out_come_before_what_an_iterati
     """A batch call took rows 1-2 of the deque lent to an iteration; Ctrl-C lands after the lock
     is released and before the caller has them, so they are put back in front. An iteration in
     another thread took row 3 meanwhile (Kept.holding was already clear) and yielded it: the user
-    sees 0, 3, 1, 2, ... It must wait until the rows are back, as it does for a RecordSizeError."""
+    sees 0, 3, 1, 2, ... It waits now until the rows are back (Kept.holding stays set until
+    handed() returns, or batches() has checked the batch), as it does for a RecordSizeError."""
     if kind == "ring":
         buf: Any = RingBuffer(producer.ring)
         producer.produce(6, 16)

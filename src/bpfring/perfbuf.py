@@ -424,11 +424,13 @@ class PerfBuffer:
         Samples an earlier call or an async iteration took but did not return (a Ctrl-C, a
         corrupt ring among healthy ones, a cancelled task) come first, and alone.
         """
-        result = self._handed_batch(dtype, max_records, out)[0]
+        result = self._handed_batch(dtype, max_records, out, False)[0]
         return result if with_cpus else result[1]  # (no call: no signal check)
 
-    def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
-        """consume_batch as ``(cpus, records)``, with its runs (for a put_back)."""
+    def _handed_batch(
+        self, dtype: DTypeLike | None, max_records: int | None, out: Any, hold: bool = True
+    ) -> tuple[Any, Any]:
+        """consume_batch as ``(cpus, records)``, with its runs (for a put_back); ``hold``: see handed()."""
         limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
         if dtype is None:
             if out is not None:
@@ -437,7 +439,7 @@ class PerfBuffer:
         else:
             np, dt, limit = batch_dtype(dtype, limit, out)  # refused before anything is taken
         self._poller.check_open()
-        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out))
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out), hold)
 
     def _consume_batch(self, np: Any, dt: Any, limit: int, out: Any) -> tuple[Any, Any]:
         """consume_batch as ``(cpus, records)``, with its runs (unused: a perf row names its CPU)."""
