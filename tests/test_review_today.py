@@ -403,3 +403,37 @@ def test_scripts_kernels_sees_the_guest_up_when_its_console_line_arrives_in_two_
     """The console is read as it grows: the line that says the guest is up, cut in two by a look
     between its writes, still counts (else the boot is taken for hung, killed and booted again)."""
     assert _boot(tmp_path, monkeypatch, SLOW_MARK_VNG, 3) == ("done", 0)
+
+
+@pytest.mark.parametrize("kind", ["ring", "perf"])
+def test_records_a_ctrl_c_puts_back_from_the_ring_come_before_what_an_iteration_reads_meanwhile(
+    producer, perf_producer, kind
+):
+    """As above, with nothing kept: the batch call took records 3-4 from the ring itself, and the
+    Ctrl-C at its lock's release puts them back (they are kept for the next call). An iteration in
+    another thread that refilled from the ring meanwhile took 5 and yielded it first."""
+    if kind == "ring":
+        buf: Any = RingBuffer(producer.ring)
+        more = lambda n: producer.produce(n, 16)  # noqa: E731
+    else:
+        buf = PerfBuffer(perf_producer.array, 1, cpus=[0])
+        more = lambda n: perf_producer.output(n, 40, cpu=0)  # noqa: E731
+    with buf:
+        more(3)
+        iteration = buf.records()
+        got = [step(iteration) for _ in range(3)]  # 0-2: the deque lent to it is empty
+        more(3)
+        other = threading.Thread(target=lambda: got.append(step(iteration)))
+
+        def start_other_and_give_it_a_second() -> None:
+            other.start()
+            other.join(1)
+
+        interrupted_on_the_way_out("handed", start_other_and_give_it_a_second,
+                                   lambda: buf.consume_batch(max_records=2))
+        other.join(10)
+        assert not other.is_alive(), "the iteration still waits after the batch call ended"
+        while len(got) < 6 and got[-1] is not None:  # (a step that would wait ends the iteration)
+            got.append(step(iteration))
+        got = [r for r in got if r is not None] + buf.consume_batch()
+    assert seqs(got) == [0, 1, 2, 3, 4, 5]

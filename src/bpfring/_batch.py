@@ -112,19 +112,19 @@ class Kept:
     The first part (made a deque of rows if it is not) may be lent to async iterations
     (:meth:`lend`): they take its records one at a time without the consumer lock, each with
     ``d[0]`` then ``del d[0]`` (no call between the two, so no other thread and no signal can
-    come between), and so does everyone else while it is lent. While a batch call holds rows it
-    took from the lent deque that may go back (``holding``, the threads of such calls: their
-    records may not fit the dtype, or a Ctrl-C may stop them before the caller has them, see
-    :func:`handed`), iterations wait instead: one that took the next row meanwhile would yield it
-    before the older ones.
+    come between), and so does everyone else while it is lent. While a batch call holds records
+    that may go back in front (``holding``, the threads of such calls, see :func:`handed`: rows
+    of the lent deque that do not fit the dtype, or any records a Ctrl-C stops before they reach
+    the caller), iterations take nothing, from the deque or the rings: one that took a newer
+    record meanwhile would yield it before the older ones.
     """
 
     def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
         self._parts: collections.deque[tuple[Any, Any]] = collections.deque()
         self._filling: tuple[Any, list[Any], Any] | None = None
         self._lent: collections.deque[Any] | None = None
-        # Set under the consumer lock, cleared by the call's thread with no call between the
-        # test and the store (no switch point): see the class.
+        # Set under the consumer lock, cleared by the call's thread with no call between its
+        # test and its store (no switch point): see the class and handed().
         self.holding: dict[int, bool] = {}
         self._per_cpu = per_cpu
         self._slack = slack
@@ -386,7 +386,6 @@ class Kept:
         runs: list[tuple[Any, int]] = []
         have = 0
         lent = self._lent
-        me = threading.get_ident()
         # Rows taken from deques in place, one at a time (an iteration may hold the lent one), with
         # their deque, to go back where they were if the call fails. (Copying the rest of a deque
         # cost its length a call: callbacks and batch calls taking a few records in turn copied
@@ -399,8 +398,6 @@ class Kept:
                         rest.append((tag, part))
                     continue
                 if type(part) is collections.deque:
-                    if part is lent:
-                        self.holding[me] = True  # before the first take; until the caller has them (handed)
                     taken: list[Any] = []
                     from_deques.append((part, taken))
                     while have + len(taken) < limit:
@@ -428,8 +425,6 @@ class Kept:
             for part, taken in from_deques:
                 if taken:
                     part.extendleft(taken[::-1])  # back where they were, in one step
-            if me in self.holding:
-                del self.holding[me]
             raise
         self._parts = rest  # no signal check from here to the caller's return
         return result, runs
@@ -511,6 +506,7 @@ def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]], hold: boo
     result = NOTHING
     try:
         with lock:
+            kept.holding[me] = True  # (iterations take nothing until it is cleared)
             result, runs = take()
         if not hold and me in kept.holding:
             del kept.holding[me]  # (no call from here to the caller's return: no signal check)

@@ -190,8 +190,8 @@ class Poller:
             if lent is not None and not kept.holding:
                 # Without the lock: the test, the peek and the delete are one step (no call
                 # between them, so no other thread and no signal comes in between); batch calls
-                # take from a lent deque the same way (Kept.lend). While one holds rows it took
-                # from it that may go back (kept.holding), through the lock below instead.
+                # take from a lent deque the same way (Kept.lend). While one holds records that
+                # may go back in front (kept.holding), it waits below instead.
                 try:
                     record = lent[0]
                     del lent[0]
@@ -201,15 +201,18 @@ class Poller:
                     yield record
                     continue
             with self.consuming():  # (takes no record: a Ctrl-C at its release loses none)
-                lent = kept.lend()
-                if lent is None and not (self.closed or self._closing):
-                    refill()
+                held = bool(kept.holding)
+                if not held:
                     lent = kept.lend()
-            if lent is not None and kept.holding:
-                # A batch call in another thread has left the lock, its rows not yet with its
+                    if lent is None and not (self.closed or self._closing):
+                        refill()
+                        lent = kept.lend()
+            if held:
+                # A batch call in another thread has left the lock, its records not yet with its
                 # caller: they may still go back in front (a Ctrl-C). A few bytecodes, unless
-                # they do: wait, without spinning on the lock.
+                # they do: wait for them, without spinning on the lock.
                 time.sleep(0.0005)
+                continue
             if lent is None:
                 if self.closed or self._closing:  # closed (maybe from another thread): the end
                     return
