@@ -424,11 +424,11 @@ class PerfBuffer:
         Samples an earlier call or an async iteration took but did not return (a Ctrl-C, a
         corrupt ring among healthy ones, a cancelled task) come first, and alone.
         """
-        result = self._handed_batch(dtype, max_records, out, False)[0]
+        result = self._handed_batch(dtype, max_records, out)[0]
         return result if with_cpus else result[1]  # (no call: no signal check)
 
     def _handed_batch(
-        self, dtype: DTypeLike | None, max_records: int | None, out: Any, hold: bool = True
+        self, dtype: DTypeLike | None, max_records: int | None, out: Any, hold: bool = False
     ) -> tuple[Any, Any]:
         """consume_batch as ``(cpus, records)``, with its runs (for a put_back); ``hold``: see handed()."""
         limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
@@ -576,7 +576,7 @@ class PerfBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self._handed_batch(dtype, max_records, None),  # (with the CPUs, to put back)
+            lambda: self._handed_batch(dtype, max_records, None, True),  # (with the CPUs, to put back)
             lambda batch: not len(batch[1]),
             interval,
             self._kept,
