@@ -492,6 +492,7 @@ def kept_first(n: int, limit: int, walk: Callable[[int], int]) -> int:
     more = walk(limit - n)
     return more if more < 0 else n + more
 
+
 def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]], hold: bool = False) -> tuple[Any, Any]:
     """``take()`` under ``lock`` (a consumer call that hands records over): its result and the
     runs of rings in it (see :meth:`Kept.hand_over`), returned.
