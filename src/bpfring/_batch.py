@@ -9,6 +9,7 @@ import collections
 import itertools
 import os
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Callable
@@ -111,17 +112,20 @@ class Kept:
     The first part (made a deque of rows if it is not) may be lent to async iterations
     (:meth:`lend`): they take its records one at a time without the consumer lock, each with
     ``d[0]`` then ``del d[0]`` (no call between the two, so no other thread and no signal can
-    come between), and so does everyone else while it is lent. While a batch call holds rows it
-    took from the lent deque that may go back (``holding``: its records may not fit the dtype),
-    iterations go through the consumer lock instead: one that took the next row meanwhile would
-    yield it before the older ones.
+    come between), and so does everyone else while it is lent. While a batch call holds records
+    that may go back in front (``holding``, the threads of such calls, see :func:`handed`: rows
+    of the lent deque that do not fit the dtype, or any records a Ctrl-C stops before they reach
+    the caller), iterations take nothing, from the deque or the rings: one that took a newer
+    record meanwhile would yield it before the older ones.
     """
 
     def __init__(self, *, per_cpu: bool = False, slack: int = 0) -> None:
         self._parts: collections.deque[tuple[Any, Any]] = collections.deque()
         self._filling: tuple[Any, list[Any], Any] | None = None
         self._lent: collections.deque[Any] | None = None
-        self.holding = False  # set and cleared under the consumer lock (see the class)
+        # Set under the consumer lock, cleared by the call's thread with no call between its
+        # test and its store (no switch point): see the class and handed().
+        self.holding: dict[int, bool] = {}
         self._per_cpu = per_cpu
         self._slack = slack
         _every_kept.add(self)
@@ -170,6 +174,7 @@ class Kept:
         close() said no consumer would see)."""
         lent = self._lent
         self._parts, self._filling, self._lent = collections.deque(), None, None
+        self.holding.clear()  # (a fork() child: the parent's threads' calls)
         if lent is not None:
             lent.clear()
 
@@ -393,8 +398,6 @@ class Kept:
                         rest.append((tag, part))
                     continue
                 if type(part) is collections.deque:
-                    if part is lent:
-                        self.holding = True  # before the first take (see the class)
                     taken: list[Any] = []
                     from_deques.append((part, taken))
                     while have + len(taken) < limit:
@@ -423,8 +426,6 @@ class Kept:
                 if taken:
                     part.extendleft(taken[::-1])  # back where they were, in one step
             raise
-        finally:
-            self.holding = False
         self._parts = rest  # no signal check from here to the caller's return
         return result, runs
 
@@ -491,25 +492,44 @@ def kept_first(n: int, limit: int, walk: Callable[[int], int]) -> int:
     more = walk(limit - n)
     return more if more < 0 else n + more
 
-def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+
+def handed(lock: Any, kept: Kept, take: Callable[[], tuple[Any, Any]], hold: bool = False) -> tuple[Any, Any]:
     """``take()`` under ``lock`` (a consumer call that hands records over): its result and the
     runs of rings in it (see :meth:`Kept.hand_over`), returned.
 
     Python checks for signals when the lock's ``__exit__`` returns, after the records have left
     ``kept`` and the ring: a Ctrl-C landing there would lose them. They are put back instead, first
     in line for the next call. (From here to the caller, no further check: a Python function's
-    return has none.)
+    return has none.) Until the records are the caller's, or back, iterations wait
+    (``Kept.holding``); ``hold``: the caller (Poller.batches) clears it itself, once it has them.
     """
+    me = threading.get_ident()
     result = NOTHING
     try:
         with lock:
+            kept.holding[me] = True  # (iterations take nothing until it is cleared)
             result, runs = take()
+        if not hold and me in kept.holding:
+            del kept.holding[me]  # (no call from here to the caller's return: no signal check)
         return result, runs
     except BaseException:
         if result is not NOTHING:
-            with lock:
-                kept.put_back(kept.as_rows(result), runs)
+            give_back(lock, kept, result, runs, me)
+        elif me in kept.holding:
+            del kept.holding[me]
         raise
+
+
+def give_back(lock: Any, kept: Kept, result: Any, runs: Any, me: int) -> None:
+    """Put ``result``, handed over by a call in thread ``me`` but stopped on its way to the
+    caller, back in ``kept``; the iterations that wait for it (``Kept.holding``, still set) go on
+    once it is back."""
+    try:
+        with lock:
+            kept.put_back(kept.as_rows(result), runs)
+    finally:
+        if me in kept.holding:
+            del kept.holding[me]
 
 
 def _record_bytes(records: Any) -> list[bytes]:

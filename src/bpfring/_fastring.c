@@ -61,6 +61,15 @@ static void on_fork_child(void)
 	fork_generation++;
 }
 
+/* A walk counted in ``walking`` that started in ``generation`` still reads the mappings. In a fork()
+ * child, a walk the parent started does not: the thread that ran it is not in the child, or it is
+ * the forking one, inside a callback, and its walk stops at check_not_forked before it reads them
+ * again. The child may then release its copies (close() in a child). */
+static int walk_is_ours(int walking, unsigned long generation)
+{
+	return walking && generation == fork_generation;
+}
+
 /* After a callback returns: -1 with RuntimeError set if it fork()ed and this is the child. */
 static int check_not_forked(unsigned long generation)
 {
@@ -239,6 +248,7 @@ typedef struct {
 	PyObject *corrupt;
 	int open;
 	int walking; /* a walk is running: release() is refused while it reads the mappings */
+	unsigned long walk_generation; /* the fork_generation it started in (see walk_is_ours) */
 	int shared;  /* other consumers may move consumer_pos too: no "another process wrote it" check */
 } RingState;
 
@@ -394,7 +404,7 @@ static void release_buffer(Py_buffer *view)
  * a walk of this ring is running (a callback that closes its own ring). */
 static PyObject *ring_release(RingState *s, PyObject *unused)
 {
-	if (s->walking) {
+	if (walk_is_ours(s->walking, s->walk_generation)) {
 		PyErr_SetString(PyExc_RuntimeError, "the ring is being consumed (close() from its own callback?)");
 		return NULL;
 	}
@@ -467,6 +477,7 @@ static PyObject *ring_consume(RingState *s, PyObject *const *args, Py_ssize_t na
 	start = cons;
 	generation = fork_generation;
 	s->walking++;
+	s->walk_generation = generation;
 	for (;;) {
 		while (cons < prod) {
 			const uint8_t *hdr = s->data + (cons & s->mask);
@@ -711,6 +722,7 @@ typedef struct {
 	uint64_t last; /* data_tail as this reader last stored (or found) it */
 	PyObject *cpu, *corrupt;
 	int open, walking;
+	unsigned long walk_generation; /* as RingState's */
 } PerfRingState;
 
 static int perf_check_open(PerfRingState *s)
@@ -871,7 +883,7 @@ static PyObject *perf_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static PyObject *perf_release(PerfRingState *s, PyObject *unused)
 {
-	if (s->walking) {
+	if (walk_is_ours(s->walking, s->walk_generation)) {
 		PyErr_SetString(PyExc_RuntimeError, "the perf ring is being consumed (close() from its own callback?)");
 		return NULL;
 	}
@@ -960,6 +972,7 @@ static PyObject *perf_consume(PerfRingState *s, PyObject *const *args, Py_ssize_
 	}
 	start = tail;
 	s->walking++;
+	s->walk_generation = generation;
 	for (;;) {
 		while (tail < head) {
 			uint64_t header = perf_u64(s, tail), next;

@@ -20,9 +20,10 @@ import contextlib
 import os
 import select
 import threading
+import time
 from typing import Any, AsyncIterator, Callable
 
-from ._batch import NOTHING, Kept
+from ._batch import NOTHING, Kept, give_back
 
 
 def forked_error(owner: str, pid: int) -> RuntimeError:
@@ -189,8 +190,8 @@ class Poller:
             if lent is not None and not kept.holding:
                 # Without the lock: the test, the peek and the delete are one step (no call
                 # between them, so no other thread and no signal comes in between); batch calls
-                # take from a lent deque the same way (Kept.lend). While one holds rows it took
-                # from it that may go back (kept.holding), through the lock below instead.
+                # take from a lent deque the same way (Kept.lend). While one holds records that
+                # may go back in front (kept.holding), it waits below instead.
                 try:
                     record = lent[0]
                     del lent[0]
@@ -200,10 +201,18 @@ class Poller:
                     yield record
                     continue
             with self.consuming():  # (takes no record: a Ctrl-C at its release loses none)
-                lent = kept.lend()
-                if lent is None and not (self.closed or self._closing):
-                    refill()
+                held = bool(kept.holding)
+                if not held:
                     lent = kept.lend()
+                    if lent is None and not (self.closed or self._closing):
+                        refill()
+                        lent = kept.lend()
+            if held:
+                # A batch call in another thread has left the lock, its records not yet with its
+                # caller: they may still go back in front (a Ctrl-C). A few bytecodes, unless
+                # they do: wait for them, without spinning on the lock.
+                time.sleep(0.0005)
+                continue
             if lent is None:
                 if self.closed or self._closing:  # closed (maybe from another thread): the end
                     return
@@ -216,16 +225,20 @@ class Poller:
         ``empty``, waiting between them; nothing is taken while waiting, so cancelling loses
         nothing. A Ctrl-C that lands between the take and the yield (``empty()`` is a call: a
         signal check) puts the batch back in ``kept`` (as ``handed()`` does) for the next call."""
+        me = threading.get_ident()
         while not (self.closed or self._closing):
             batch = NOTHING
             try:
-                batch, runs = take()
+                batch, runs = take()  # (handed(hold=True): iterations wait until it is cleared here)
                 nothing = empty(batch)
+                if me in kept.holding:
+                    del kept.holding[me]  # (no call from here to the yield: no signal check)
             except BaseException as exc:
                 if batch is not NOTHING:
-                    with self._lock:
-                        kept.put_back(kept.as_rows(batch), runs)
-                elif isinstance(exc, ValueError) and (self.closed or self._closing):
+                    give_back(self._lock, kept, batch, runs, me)
+                elif me in kept.holding:
+                    del kept.holding[me]
+                if batch is NOTHING and isinstance(exc, ValueError) and (self.closed or self._closing):
                     return  # closed from another thread between the check and take(): the end
                 raise
             if not nothing:

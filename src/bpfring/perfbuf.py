@@ -128,11 +128,18 @@ class PerfRing:
         return self._state.consume(sample_cb, lost_cb, into, lo, hi, limit)
 
     def close(self) -> None:
+        """Unmap and close (its PerfBuffer's close() does); idempotent: closing the fd number
+        again would close whichever file of the process has it by then."""
+        if self.fd < 0:
+            return
         self._state.release()
         self._mm.close()
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
 
     def __repr__(self) -> str:
+        if self.fd < 0:
+            return f"<PerfRing cpu={self.cpu} size={self.size} closed>"
         head, tail = self._state.positions()
         return f"<PerfRing cpu={self.cpu} size={self.size} data_head={head} data_tail={tail}>"
 
@@ -420,8 +427,10 @@ class PerfBuffer:
         result = self._handed_batch(dtype, max_records, out)[0]
         return result if with_cpus else result[1]  # (no call: no signal check)
 
-    def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
-        """consume_batch as ``(cpus, records)``, with its runs (for a put_back)."""
+    def _handed_batch(
+        self, dtype: DTypeLike | None, max_records: int | None, out: Any, hold: bool = False
+    ) -> tuple[Any, Any]:
+        """consume_batch as ``(cpus, records)``, with its runs (for a put_back); ``hold``: see handed()."""
         limit = NO_LIMIT if max_records is None else check_positive_int("max_records", max_records)
         if dtype is None:
             if out is not None:
@@ -430,7 +439,7 @@ class PerfBuffer:
         else:
             np, dt, limit = batch_dtype(dtype, limit, out)  # refused before anything is taken
         self._poller.check_open()
-        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out))
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(np, dt, limit, out), hold)
 
     def _consume_batch(self, np: Any, dt: Any, limit: int, out: Any) -> tuple[Any, Any]:
         """consume_batch as ``(cpus, records)``, with its runs (unused: a perf row names its CPU)."""
@@ -567,7 +576,7 @@ class PerfBuffer:
         Nothing is taken from the rings while the iteration waits, so cancelling it loses nothing.
         """
         async for batch in self._poller.batches(
-            lambda: self._handed_batch(dtype, max_records, None),  # (with the CPUs, to put back)
+            lambda: self._handed_batch(dtype, max_records, None, True),  # (with the CPUs, to put back)
             lambda batch: not len(batch[1]),
             interval,
             self._kept,

@@ -530,10 +530,10 @@ class RingBuffer:
         return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out))[0]
 
     def _handed_batch(self, dtype: DTypeLike | None, max_records: int | None, out: Any) -> tuple[Any, Any]:
-        """consume_batch, with the runs of its records (for a put_back)."""
+        """consume_batch, with the runs of its records (for a put_back), for batches() (handed's hold)."""
         self._poller.check_open()
         limit = NO_LIMIT if max_records is None else check_limit(max_records)
-        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out))
+        return handed(self._poller.consuming(), self._kept, lambda: self._consume_batch(dtype, limit, out), True)
 
     def _consume_batch(self, dtype: DTypeLike | None, limit: int, out: Any) -> tuple[Any, Any]:
         kept = self._kept
