@@ -247,6 +247,17 @@ def test_scripts_kernels_boots_again_when_a_boot_hangs_and_kills_the_hung_guest(
     assert hung == [f"console.log.hung-{i}" for i in range(1, min(hangs, kernels.BOOT_ATTEMPTS) + 1)]
     assert took < 60, f"{took:.0f} s: the hung boots were not cut off after their 3 s"
 
+
+@pytest.mark.parametrize("option", ["--timeout", "--boot-timeout", "--cpus"])
+def test_scripts_kernels_refuses_a_bound_of_zero_or_less_before_doing_anything(option):
+    """--boot-timeout 0 killed every boot at once (three boots, nothing run); say so instead."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "kernels"), option, "0", "--fetch-only"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"kernels: error: {option} must be more than 0, got 0" + (
+        "" if option == "--cpus" else ".0"
+    )
+
 if FRESH:  # minutes (apt-get installs, three kernels downloaded, a guest booted): asked for, never by default
 
     def test_scripts_kernels_on_a_fresh_machine_installs_what_it_needs_and_passes():

@@ -323,6 +323,22 @@ def test_a_perf_ring_kept_after_its_buffer_closed_says_so_and_closes_nothing_of_
                 os.close(n)
 
 
+def test_a_perf_ring_its_user_closed_leaves_the_buffers_close_whole(perf_producer):
+    """A ring closed by its user (PerfBuffer.rings hands them out) made the buffer's close() fail:
+    it disabled fd -1 (EBADF) and stopped there, the other rings, the claim and the map left open."""
+    pb = PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=sorted(os.sched_getaffinity(0))[:2])
+    first, rest = pb.rings[0], pb.rings[1:]
+    fds = [ring.fd for ring in rest]
+    first.close()
+    pb.close()
+    assert pb.closed
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed with the buffer (nothing else of this test opened files meanwhile)
+    with PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0]):
+        pass  # the array is free again: its claim went with the close
+
+
 # -- Kept.holding for a perf buffer's rows (cpu, data) ------------------------------------------------
 
 

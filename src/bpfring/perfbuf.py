@@ -588,7 +588,8 @@ class PerfBuffer:
     def _release(self) -> None:
         try:
             for buf in self._buffers:
-                sys_perf.disable(buf.fd)
+                if buf.fd >= 0:  # (a ring its user closed already)
+                    sys_perf.disable(buf.fd)
             for cpu in self._slots:
                 # Only slots this buffer still holds: a PerfBuffer opened later on the same array
                 # (shared=True) took over the others.
@@ -608,9 +609,15 @@ class PerfBuffer:
         state, the array's slots) is left alone. All a fork() child may do."""
         self._kept.drop()  # (close() said how many)
         self._slots.clear()
+        error: BaseException | None = None
         try:
             for buf in self._buffers:
-                buf.close()
+                try:
+                    buf.close()
+                except BaseException as exc:  # the others are closed all the same
+                    error = error or exc
+            if error is not None:
+                raise error
         finally:
             self._buffers.clear()
             self._by_fd.clear()
