@@ -6,7 +6,8 @@ value in ``consumer_pos`` or ``data_tail``. (The data pages are read-only to use
 a write faults, SIGBUS for perf. A bad record is planted through the BPF producer instead.) This module is that process:
 
 - ``python hostile_writer.py ring MAP_ID`` opens the ringbuf map by id (as an unrelated process
-  would) and maps its consumer page read-write and its producer page read-only, as ringbuf.py does.
+  would, with the raw bpf() syscall) and maps its consumer page read-write and its producer page
+  read-only, as ringbuf.py does.
 - ``python hostile_writer.py perf PID FD SIZE`` takes perf event fd ``FD`` out of process ``PID``
   with pidfd_getfd(2) (root) and maps it with the consumer's size (perf shares one ring per event).
 
@@ -38,6 +39,8 @@ U64 = 1 << 64
 PERF_DATA_HEAD = 1024  # struct perf_event_mmap_page: data_head, data_tail
 PERF_DATA_TAIL = 1032
 NR_PIDFD_GETFD = 438  # the same number on every architecture (the unified syscall table)
+NR_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_GET_FD_BY_ID = 14
 PR_SET_PDEATHSIG = 1
 # The largest ring buffer record the test producers write, header and padding included: garbage
 # "past the producer" by more than this stays past it (the kernel refuses to produce into it).
@@ -77,15 +80,27 @@ class _Target:
 
 
 
+def map_fd_by_id(map_id: int) -> int:
+    """bpf(BPF_MAP_GET_FD_BY_ID) with the raw syscall: no bpfring here, whose import was most of
+    this process's start (seconds a test case in a TCG guest), and which is the code under test."""
+    attr = ctypes.create_string_buffer(map_id.to_bytes(4, sys.byteorder), 16)  # map_id, next_id, open_flags
+    fd = _libc.syscall(NR_BPF[os.uname().machine], BPF_MAP_GET_FD_BY_ID, attr, ctypes.c_uint(len(attr)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_MAP_GET_FD_BY_ID {map_id}: {os.strerror(err)}")
+    return fd
+
+
 class _RingTarget(_Target):
     def __init__(self, map_id: int) -> None:
-        import bpfring
-
-        m = bpfring.Map.from_id(map_id)
-        self.size = m.max_entries
-        self._consumer = m.mmap(PAGE, mmap.PROT_READ | mmap.PROT_WRITE, 0, "consumer page")
-        self._producer = m.mmap(PAGE, mmap.PROT_READ, PAGE, "producer page")
-        m.close()  # the mappings keep the map alive
+        fd = map_fd_by_id(map_id)
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                self.size = int(next(line for line in info if line.startswith("max_entries:")).split()[1])
+            self._consumer = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            self._producer = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
+        finally:
+            os.close(fd)  # the mappings keep the map alive
         self._cons = memoryview(self._consumer).cast("Q")
         self._prod = memoryview(self._producer).cast("Q")
 
