@@ -344,9 +344,12 @@ class PerfBuffer:
         with self._poller.consuming():
             if self._poller.closing or self._poller.closed:
                 return 0  # closed from another thread while this one waited
-            # At most a ring's worth of samples (16 bytes at least each) per poll: a producer as
-            # fast as the callback cannot keep poll(), and a close() waiting for it, going.
-            walk = lambda left: self._each_ring(list(unfinished), lambda buf: buf.size // 16)  # noqa: E731
+
+            def walk(left: int) -> int:
+                # At most a ring's worth of samples (16 bytes at least each) per poll: a producer
+                # as fast as the callback cannot keep poll(), and a close() waiting for it, going.
+                return self._each_ring(list(unfinished), lambda buf: buf.size // 16)
+
             return kept_first(self._deliver_kept(), NO_LIMIT, walk)
 
     def _deliver_kept(self, only: Any = ANY) -> int:
