@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from conftest import ring_producer
 from hostile_harness import (
     FIXED,
     GuardedPerf,
@@ -241,7 +242,7 @@ SHARED_APIS = ("consume", "consume_batch(dtype)", "batch(dtype)", "records()")
 )
 @pytest.mark.parametrize("garbage", list(RING_GARBAGE))
 def test_garbage_consumer_pos_raises_delivers_nothing_and_resync_recovers(bpf_object, garbage, shared, api):
-    path = str(bpf_object("producer"))
+    path = str(bpf_object(ring_producer()))
     isolated(lambda: ring_garbage_scenario(path, garbage, api, shared))
 
 
@@ -280,12 +281,12 @@ def planted_header_scenario(path: str, api_name: str, length: int) -> None:
 @pytest.mark.parametrize("length", [0x3FF00000, 200, 0x3FFFFFF0], ids=["far-past", "just-past", "largest"])
 @pytest.mark.parametrize("api", SHARED_APIS)
 def test_a_header_past_the_producer_on_a_shared_ring_raises_and_resync_recovers(bpf_object, api, length):
-    path = str(bpf_object("producer"))
+    path = str(bpf_object(ring_producer()))
     isolated(lambda: planted_header_scenario(path, api, length))
 
 
 def test_resync_skips_the_pending_bytes_and_says_how_many(bpf_object):
-    path = str(bpf_object("producer"))
+    path = str(bpf_object(ring_producer()))
 
     def scenario() -> None:
         producer = Producer(path, ring_size=RING_SIZE)
@@ -311,7 +312,7 @@ def test_a_consumer_pos_exactly_one_ring_behind_is_corrupt_not_a_full_ring(bpf_o
     consumer_pos went back a lap. With records that tile the ring (56 bytes: 64 in the ring), it
     lands on the header of a record consumed a lap ago, and walking from there hands out a ring
     of stale records as new (and the kernel, seeing a full ring, drops everything meanwhile)."""
-    path = str(bpf_object("producer"))
+    path = str(bpf_object(ring_producer()))
 
     def scenario() -> None:
         producer = Producer(path, ring_size=RING_SIZE)
@@ -383,7 +384,7 @@ def ring_random_scenario(path: str, fixed: bool, seconds: float, seed: int, shar
     ids=["fixed-size-every-api", "any-size-bytes-apis", "shared-fixed-size-every-api"],
 )
 def test_random_consumer_pos_for_seconds_under_every_api(bpf_object, fixed, shared):
-    path = str(bpf_object("producer"))
+    path = str(bpf_object(ring_producer()))
     seconds = hostile_seconds()
     result = isolated(lambda: ring_random_scenario(path, fixed, seconds, seed=12 + fixed + 2 * shared, shared=shared))
     stats, writes = result["stats"], result["writes"]
@@ -465,7 +466,7 @@ def multi_ring_scenario(path: str, api_name: str, garbage: str, resync_at_once: 
 )
 @pytest.mark.parametrize("api", MULTI_APIS)
 def test_one_corrupt_ring_does_not_stop_the_others(bpf_object, api, garbage, resync_at_once):
-    path = str(bpf_object("producer"))
+    path = str(bpf_object(ring_producer()))
     isolated(lambda: multi_ring_scenario(path, api, garbage, resync_at_once))
 
 
