@@ -75,7 +75,7 @@ int unchecked(void *ctx)
 
 def bpfring_cmd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bpfring", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+        [sys.executable, "-m", "bpfring", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
     )
 
 

@@ -26,7 +26,7 @@ IDS = [
 
 def run_doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bpfring", "doctor", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "bpfring", "doctor", *args], capture_output=True, text=True, timeout=300, env=env
     )
 
 
