@@ -43,6 +43,12 @@ def interrupted_after_take(call: Any, c_function: str = "take") -> None:
         if event == "c_return" and getattr(arg, "__name__", "") == c_function:
             raise KeyboardInterrupt
 
+    interrupted_by(profile, call)
+
+
+def interrupted_by(profile: Any, call: Any) -> None:
+    """``call()`` under ``profile`` (sys.setprofile), which raises KeyboardInterrupt somewhere in
+    it: the call must end with it (the test asserts what the next calls hand over)."""
     sys.setprofile(profile)
     try:
         call()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from producer import parse
+from test_review_kept import interrupted_by
 from test_review_kept2 import step
 
 from bpfring import PerfBuffer, RingBuffer
@@ -52,14 +53,7 @@ def interrupted_on_the_way_out(where: str, step_other: Any, call: Any) -> None:
             step_other()
             raise KeyboardInterrupt
 
-    sys.setprofile(profile)
-    try:
-        call()
-    except KeyboardInterrupt:
-        return
-    finally:
-        sys.setprofile(None)
-    raise AssertionError("the call was not interrupted")
+    interrupted_by(profile, call)
 
 
 # -- Kept.holding lasts until the records reach the caller ---------------------------------------------
@@ -337,38 +331,6 @@ def test_a_perf_ring_its_user_closed_leaves_the_buffers_close_whole(perf_produce
             os.fstat(fd)  # closed with the buffer (nothing else of this test opened files meanwhile)
     with PerfBuffer(perf_producer.array, 1, lambda cpu, data: None, cpus=[0]):
         pass  # the array is free again: its claim went with the close
-
-
-# -- Kept.holding for a perf buffer's rows (cpu, data) ------------------------------------------------
-
-
-def test_a_perf_dtype_call_on_misfit_kept_samples_puts_them_back_before_an_iteration_in_another_thread_takes_more(
-    perf_producer,
-):
-    """As test_review_kept2's ring case, for a PerfBuffer: its kept rows are (cpu, data) and its
-    dtype call goes through with_cpus; the 40-byte samples do not fit V16 (16 bytes, up to 23 with
-    the kernel's padding), so RecordSizeError puts the rows it took back, and the iteration in
-    another thread must have waited for that rather than yield a newer sample first."""
-    from bpfring import RecordSizeError
-    from test_review_kept2 import while_building
-
-    with PerfBuffer(perf_producer.array, 1, cpus=[0]) as pb:
-        perf_producer.output(6, 40, cpu=0)
-        iteration = pb.records()
-        got = [step(iteration)]  # 0; 1-5 lent to it
-        other = threading.Thread(target=lambda: got.append(step(iteration)))
-
-        def start_other_and_give_it_a_second() -> None:
-            other.start()
-            other.join(1)
-
-        with pytest.raises(RecordSizeError):
-            while_building(start_other_and_give_it_a_second, lambda: pb.consume_batch("V16", 2))
-        other.join(10)
-        assert not other.is_alive(), "the iteration still waits after the batch call ended"
-        got += [r for r in (step(iteration) for _ in range(5)) if r is not None]
-        got += pb.consume_batch(with_cpus=False)
-    assert seqs(got) == [0, 1, 2, 3, 4, 5]
 
 
 SPEWING_VNG = """#!/bin/sh
