@@ -123,9 +123,15 @@ def wait_stopped(pid: int) -> None:
 # -- execsnoop --------------------------------------------------------------------------------------
 
 
+# The tests that assert nothing was dropped trace every exec() of a shared machine: a burst elsewhere
+# could fill the default ring (32 KB a CPU for the perf buffer, about 60 events) while the tracer
+# waits for a core. 4 MiB leaves room for thousands.
+ROOMY = ("--ring-size", str(4 << 20))
+
+
 @pytest.mark.parametrize("via", ["ringbuf-reserve", "ringbuf-output", "perfbuf"])
 def test_execsnoop_prints_the_seed_columns_for_an_exec(unique_program, via):
-    tracer = Running("execsnoop", "--via", via)
+    tracer = Running("execsnoop", "--via", via, *ROOMY)
     try:
         pid = run_program(unique_program)
         line = tracer.read_until(unique_program.name)
@@ -142,7 +148,7 @@ def test_execsnoop_prints_the_seed_columns_for_an_exec(unique_program, via):
 
 @pytest.mark.parametrize("via", ["ringbuf-reserve", "ringbuf-output", "perfbuf"])
 def test_execsnoop_json_and_duration(unique_program, via):
-    tracer = Running("execsnoop", "--via", via, "--json", "--duration", "3")
+    tracer = Running("execsnoop", "--via", via, "--json", "--duration", "3", *ROOMY)
     pid = run_program(unique_program)
     out, err = tracer.finish(None)  # it ends by itself
     assert tracer.returncode == 0
