@@ -8,7 +8,6 @@ references are to include/uapi/linux/perf_event.h and kernel/events/ring_buffer.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -51,9 +50,7 @@ class PerfRing:
     (:meth:`PerfBuffer.consume_buffer` reads one).
     """
 
-    def __init__(
-        self, m: Map, cpu: int, page_cnt: int, wakeup_events: int, consuming: Callable[[], Any] = contextlib.nullcontext
-    ) -> None:
+    def __init__(self, m: Map, cpu: int, page_cnt: int, wakeup_events: int, consuming: Callable[[], Any]) -> None:
         self.cpu = cpu
         self._consuming = consuming  # the owning PerfBuffer's consumer lock (see Poller.consuming)
         self.size = page_cnt * PAGE_SIZE
