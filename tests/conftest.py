@@ -12,8 +12,10 @@ through. This machine's kernel has every feature, so here nothing skips.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -227,6 +229,19 @@ def as_nobody(func):
         return func()
 
     return run
+
+
+@contextlib.contextmanager
+def without_collector():
+    """Run the block with the cyclic garbage collector off (as an agent may run): what is released
+    in it went by its reference count, not by a collection."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def open_fds() -> set[int]:

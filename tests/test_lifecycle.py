@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 import warnings
 
 import pytest
-from conftest import open_fds
+from conftest import open_fds, without_collector
 from producer import parse
 
 import bpfring
@@ -319,10 +318,9 @@ def test_objects_dropped_without_close_release_everything_with_a_resource_warnin
         else:
             obj = UserRingBuffer(drain.urb)
         assert open_fds() - before
-        with warnings.catch_warnings(record=True) as caught:
+        with without_collector(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             del obj
-            gc.collect()
         assert open_fds() == before
         assert [w for w in caught if issubclass(w.category, ResourceWarning) and kind in str(w.message)]
         if kind == "PerfBuffer":  # the slots were cleared: the program's output finds none
@@ -398,10 +396,9 @@ def test_maps_and_objects_dropped_without_close_release_their_fds_with_a_resourc
         obj.load()
         obj.map("rb")
     assert open_fds() - before
-    with warnings.catch_warnings(record=True) as caught:
+    with without_collector(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         del obj
-        gc.collect()
     assert open_fds() == before
     assert [w for w in caught if issubclass(w.category, ResourceWarning) and kind in str(w.message)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import logging
 import os
 import resource
@@ -11,9 +12,10 @@ import shutil
 import struct
 import subprocess
 import threading
+import warnings
 
 import pytest
-from conftest import as_nobody, fork_call, open_fds
+from conftest import as_nobody, fork_call, open_fds, without_collector
 
 import bpfring
 from bpfring import Object, RingBuffer
@@ -53,6 +55,51 @@ def test_attach_by_section_name_and_consume_the_seed_events(execsnoop_object):
             rb.consume()
             subprocess.run(["/bin/true"])
             assert rb.poll(200) == 0
+
+
+def test_a_link_nobody_kept_stays_attached_and_listed_until_destroyed(execsnoop_object):
+    with Object(execsnoop_object) as obj:
+        only(obj, "handle_exec_reserve").load()
+        obj.program("handle_exec_reserve").attach()  # the Link is dropped at once
+        gc.collect()
+        got: list[bytes] = []
+        with RingBuffer(obj.map("rb"), got.append) as rb:
+            child = subprocess.Popen(["/bin/true"])
+            child.wait()
+            while child.pid not in [EVENT.unpack(g)[0] for g in got]:
+                assert rb.poll(5000) > 0, "no exec event arrived: the link went with its Python object"
+            [link] = obj.links
+            assert link.attached and link.program.name == "handle_exec_reserve"
+            link.destroy()
+            assert obj.links == []
+            rb.consume()
+            subprocess.run(["/bin/true"])
+            assert rb.poll(200) == 0
+
+
+def test_an_attached_object_dropped_without_close_detaches_at_once_even_without_the_collector(execsnoop_object):
+    """A dropped object is released by its reference count, not left for the cyclic collector
+    (which an agent may have disabled or frozen): a link it made is no reference cycle."""
+    with without_collector(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = open_fds()
+        obj = Object(execsnoop_object)
+        only(obj, "handle_exec_reserve").load()
+        obj.attach()
+        assert open_fds() - before
+        del obj
+        assert open_fds() == before  # link, program and maps closed: detached
+        assert [w for w in caught if issubclass(w.category, ResourceWarning) and "Object" in str(w.message)]
+
+        caught.clear()
+        obj = Object(execsnoop_object)
+        only(obj, "handle_exec_reserve").load()
+        link = obj.program("handle_exec_reserve").attach()
+        del obj  # the link keeps its program, and so its object
+        assert link.attached and open_fds() - before and not caught
+        del link
+        assert open_fds() == before
+        assert [w for w in caught if issubclass(w.category, ResourceWarning) and "Object" in str(w.message)]
 
 
 def test_set_max_entries_before_load_only(execsnoop_object):

@@ -12,7 +12,9 @@ import logging
 import os
 import stat
 import struct
+import threading
 import warnings
+import weakref
 from typing import Any, Iterator
 
 from . import attach as _attach
@@ -110,28 +112,55 @@ def _decode(name: bytes | None) -> str:
     return os.fsdecode(name or b"")
 
 
+class _Attachment:
+    """What an :class:`Object` keeps of each link it made: no reference back to the object.
+
+    The object must keep a link its caller did not (``prog.attach()`` alone stays attached until
+    ``close()``), and the :class:`Link` keeps its program and so the object alive. Were the object
+    to keep the Link itself, every attached object would be a reference cycle: dropped without
+    ``close()``, it would stay attached until the cyclic collector ran, or forever with
+    ``gc.disable()``.
+    """
+
+    __slots__ = ("ptr", "prog_ptr", "target", "wrapper")
+    _taking = threading.Lock()
+
+    def __init__(self, ptr: int, prog_ptr: int, target: str) -> None:
+        self.ptr: int | None = ptr
+        self.prog_ptr = prog_ptr
+        self.target = target
+        self.wrapper: weakref.ref[Link] | None = None
+
+    def destroy(self) -> bool:
+        """Detach, once however many threads call it (libbpf frees the link)."""
+        with self._taking:
+            ptr, self.ptr = self.ptr, None
+        if ptr:
+            lib.bpf_link__destroy(ptr)
+        return bool(ptr)
+
+
 class Link:
     """An attachment of a program (a ``struct bpf_link``); destroying it detaches."""
 
-    def __init__(self, ptr: int, program: Program, target: str = "") -> None:
-        self._ptr: int | None = ptr
+    def __init__(self, attachment: _Attachment, program: Program) -> None:
+        self._attachment = attachment
         self.program = program
-        self.target = target or f"section {program.section!r}"
+        self.target = attachment.target or f"section {program.section!r}"
+        attachment.wrapper = weakref.ref(self)
 
     def destroy(self) -> None:
         """Detach; idempotent. The object's ``links`` no longer lists it."""
-        if self._ptr:
-            ptr, self._ptr = self._ptr, None
-            lib.bpf_link__destroy(ptr)
+        if self._attachment.destroy():
             links = self.program._obj._links
-            if self in links:
-                links.remove(self)
+            if self._attachment in links:
+                links.remove(self._attachment)
 
     close = destroy
 
     @property
     def attached(self) -> bool:
-        return bool(self._ptr)
+        return bool(self._attachment.ptr)
 
     def __enter__(self) -> Link:
         return self
@@ -140,7 +169,7 @@ class Link:
         self.destroy()
 
     def __repr__(self) -> str:
-        return f"<Link {self.program.name} -> {self.target} {'attached' if self._ptr else 'detached'}>"
+        return f"<Link {self.program.name} -> {self.target} {'attached' if self.attached else 'detached'}>"
 
 
 class Program:
@@ -186,9 +215,9 @@ class Program:
         return self._link(ptr)
 
     def _link(self, ptr: int, target: str = "") -> Link:
-        link = Link(ptr, self, target)
-        self._obj._links.append(link)
-        return link
+        attachment = _Attachment(ptr, self._ptr, target)
+        self._obj._links.append(attachment)
+        return Link(attachment, self)
 
     def _check_loaded(self, what: str) -> None:
         self._obj._check_open()
@@ -289,7 +318,7 @@ class Object:
             raise libbpf_error(ctypes.get_errno(), f"opening BPF object {self.path!r}{detail}")
         self._ptr = ptr
         self._loaded = False
-        self._links: list[Link] = []
+        self._links: list[_Attachment] = []
         self._maps: dict[str, Map] = {}
         self._sections_found: dict[str, Section] | None = None
         self._global_maps: dict[str, Any] = {}  # section -> its live mapping (globals._Live), made on first use
@@ -500,8 +529,12 @@ class Object:
 
     @property
     def links(self) -> list[Link]:
-        """The attached links (a destroyed one leaves the list)."""
-        return list(self._links)
+        """The attached links (a destroyed one leaves the list), kept by the caller or not."""
+        links = []
+        for attachment in list(self._links):
+            link = attachment.wrapper() if attachment.wrapper else None
+            links.append(link or Link(attachment, Program(attachment.prog_ptr, self)))
+        return links
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -509,8 +542,9 @@ class Object:
         """Detach every link, close every map handed out, and free the libbpf object."""
         if not self._ptr:
             return
-        for link in list(self._links):  # each destroy() removes itself
-            link.destroy()
+        for attachment in list(self._links):  # a copy: Link.destroy() in another thread removes its own
+            attachment.destroy()
+        self._links.clear()
         for live in self._global_maps.values():
             live.close()
         self._global_maps.clear()
