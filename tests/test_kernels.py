@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -253,6 +254,37 @@ def test_scripts_kernels_boots_again_when_a_boot_hangs_and_kills_the_hung_guest(
     assert took < 60, f"{took:.0f} s: the hung boots were not cut off after their 3 s"
     # the kernel's time in the report counts every boot (it counted the last one only)
     assert result.seconds >= 3 * len(hung), f"{result.seconds:.1f} s reported: the hung boots' 3 s are not counted"
+
+
+def test_scripts_kernels_a_ctrl_c_as_the_guest_starts_stops_the_guest(tmp_path, monkeypatch):
+    """A Ctrl-C that lands the moment vng has started (before boot() holds it) stops it too:
+    it used to leave the guest running, its qemu holding CPU, after the script had exited."""
+    kernels = _kernels_script(monkeypatch)
+    pidfile = tmp_path / "pid"
+    fake = fake_vng(tmp_path, f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 600\n")
+    real_popen = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        while not pidfile.exists():  # the guest is up and running
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # lands here, inside Popen's return
+        return proc
+
+    monkeypatch.setattr(kernels.subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        outcome = kernels.boot([str(fake)], dict(os.environ), tmp_path / "console.log", timeout=120, boot_timeout=60)
+    except KeyboardInterrupt:
+        outcome = ("raised KeyboardInterrupt", None)
+    guest = int(pidfile.read_text())
+    try:
+        os.kill(guest, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        os.killpg(guest, signal.SIGKILL)
+        pytest.fail(f"boot() {outcome[0]} and left the guest running")
+    assert outcome[0] == "interrupted"
 
 
 @pytest.mark.parametrize("option", ["--timeout", "--boot-timeout", "--cpus"])
