@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import open_fds
+from conftest import fork_call, open_fds
 
 import bpfring
 from bpfring import BPFError, BPFNotFoundError, Object
@@ -225,3 +225,30 @@ def test_a_destroyed_link_leaves_the_objects_links_and_close_detaches_the_rest(o
     assert obj.links == [second] and not first.attached
     obj.close()
     assert not second.attached and obj.links == []
+
+
+def test_a_fork_child_destroying_its_copies_of_the_links_leaves_the_parent_attached(obj):
+    """The child shares the parent's perf events: libbpf's own detach disables them (an ioctl on
+    the shared event), which would stop the parent's sampling program for good."""
+    attr = perf.PerfEventAttr(type=perf.PERF_TYPE_SOFTWARE, config=PERF_COUNT_SW_CPU_CLOCK, sample_period=1_000_000)
+    fd = perf.perf_event_open(attr, 0, -1, -1, perf.PERF_FLAG_FD_CLOEXEC, "a cpu-clock sampling event")
+    try:
+        sampling = obj.program("on_perf_event").attach_perf_event(fd)
+    finally:
+        os.close(fd)
+    counting = obj.program("on_tracepoint").attach_tracepoint("syscalls", "sys_enter_getppid")
+
+    def destroy_and_close():
+        sampling.destroy()
+        obj.close()
+        return sampling.attached, counting.attached
+
+    assert fork_call(destroy_and_close) == "ok: (False, False)"
+    assert sampling.attached and counting.attached and obj.links == [sampling, counting]
+    getppid_times(3)
+    assert obj.bss.tp_hits == 3
+    hits = obj.bss.perf_hits
+    deadline = time.monotonic() + 10
+    while obj.bss.perf_hits < hits + 3 and time.monotonic() < deadline:
+        sum(range(100_000))
+    assert obj.bss.perf_hits >= hits + 3, "the child's destroy() disabled the parent's perf event"

@@ -122,7 +122,7 @@ class _Attachment:
     ``gc.disable()``.
     """
 
-    __slots__ = ("ptr", "prog_ptr", "target", "wrapper")
+    __slots__ = ("ptr", "prog_ptr", "target", "wrapper", "pid")
     _taking = threading.Lock()
 
     def __init__(self, ptr: int, prog_ptr: int, target: str) -> None:
@@ -130,11 +130,21 @@ class _Attachment:
         self.prog_ptr = prog_ptr
         self.target = target
         self.wrapper: weakref.ref[Link] | None = None
+        self.pid = os.getpid()
 
     def destroy(self) -> bool:
-        """Detach, once however many threads call it (libbpf frees the link)."""
+        """Detach, once however many threads call it (libbpf frees the link).
+
+        In a fork() child only the child's copy of the link fd goes: libbpf's detach would also
+        disable the perf event (PERF_EVENT_IOC_DISABLE) that the parent shares, stopping the
+        parent's program. A perf event's own fd stays open in the child (libbpf keeps it private).
+        """
         with self._taking:
             ptr, self.ptr = self.ptr, None
+        if ptr and os.getpid() != self.pid:
+            fd = lib.bpf_link__fd(ptr)
+            lib.bpf_link__disconnect(ptr)  # bpf_link__destroy() then frees it without detaching
+            os.close(fd)
         if ptr:
             lib.bpf_link__destroy(ptr)
         return bool(ptr)
