@@ -122,12 +122,14 @@ class _Attachment:
     ``gc.disable()``.
     """
 
-    __slots__ = ("ptr", "prog_ptr", "target", "wrapper", "pid")
+    __slots__ = ("ptr", "prog_ptr", "prog_name", "section", "target", "wrapper", "pid")
     _taking = threading.Lock()
 
-    def __init__(self, ptr: int, prog_ptr: int, target: str) -> None:
+    def __init__(self, ptr: int, program: Program, target: str) -> None:
         self.ptr: int | None = ptr
-        self.prog_ptr = prog_ptr
+        # the program by its pointer and names: Object.links asks libbpf nothing, as close() in
+        # another thread may be freeing the program
+        self.prog_ptr, self.prog_name, self.section = program._ptr, program.name, program.section
         self.target = target
         self.wrapper: weakref.ref[Link] | None = None
         self.pid = os.getpid()
@@ -185,11 +187,11 @@ class Link:
 class Program:
     """A program of an :class:`Object`; valid while its object is open."""
 
-    def __init__(self, ptr: int, obj: Object) -> None:
+    def __init__(self, ptr: int, obj: Object, name: str | None = None, section: str | None = None) -> None:
         self._ptr = ptr
         self._obj = obj
-        self.name: str = _decode(lib.bpf_program__name(ptr))
-        self.section: str = _decode(lib.bpf_program__section_name(ptr))
+        self.name: str = _decode(lib.bpf_program__name(ptr)) if name is None else name
+        self.section: str = _decode(lib.bpf_program__section_name(ptr)) if section is None else section
 
     @property
     def fd(self) -> int:
@@ -225,7 +227,7 @@ class Program:
         return self._link(ptr)
 
     def _link(self, ptr: int, target: str = "") -> Link:
-        attachment = _Attachment(ptr, self._ptr, target)
+        attachment = _Attachment(ptr, self, target)
         self._obj._links.append(attachment)
         return Link(attachment, self)
 
@@ -543,7 +545,9 @@ class Object:
         links = []
         for attachment in list(self._links):
             link = attachment.wrapper() if attachment.wrapper else None
-            links.append(link or Link(attachment, Program(attachment.prog_ptr, self)))
+            if link is None:  # the caller dropped it: one anew, of the same program and target
+                link = Link(attachment, Program(attachment.prog_ptr, self, attachment.prog_name, attachment.section))
+            links.append(link)
         return links
 
     # -- lifetime -------------------------------------------------------------------------------
