@@ -122,7 +122,7 @@ class _Attachment:
     ``gc.disable()``.
     """
 
-    __slots__ = ("ptr", "prog_ptr", "prog_name", "section", "target", "wrapper", "pid")
+    __slots__ = ("ptr", "prog_ptr", "prog_name", "section", "target", "wrapper", "pid", "__weakref__")
     _taking = threading.Lock()
 
     def __init__(self, ptr: int, program: Program, target: str) -> None:
@@ -133,13 +133,15 @@ class _Attachment:
         self.target = target
         self.wrapper: weakref.ref[Link] | None = None
         self.pid = os.getpid()
+        _every_attachment.add(self)
 
     def destroy(self) -> bool:
         """Detach, once however many threads call it (libbpf frees the link).
 
-        In a fork() child only the child's copy of the link fd goes: libbpf's detach would also
-        disable the perf event (PERF_EVENT_IOC_DISABLE) that the parent shares, stopping the
-        parent's program. A perf event's own fd stays open in the child (libbpf keeps it private).
+        In a fork() child (at the fork: see _release_in_child) only the child's copy of the link fd
+        goes: libbpf's detach would also disable the perf event (PERF_EVENT_IOC_DISABLE) that the
+        parent shares, stopping the parent's program. A perf event's own fd stays open in the child
+        (libbpf keeps it private); it holds no program once the parent's link is gone.
         """
         with self._taking:
             ptr, self.ptr = self.ptr, None
@@ -150,6 +152,21 @@ class _Attachment:
         if ptr:
             lib.bpf_link__destroy(ptr)
         return bool(ptr)
+
+
+# Every attachment of this process: a fork() child lets go of its parent's (see _release_in_child).
+_every_attachment: weakref.WeakSet[_Attachment] = weakref.WeakSet()
+
+
+def _release_in_child() -> None:
+    """A link stays attached while any copy of its fd is open: were a fork() child (one that does
+    not exec) to keep its copies, the parent's destroy() would not detach while the child lived.
+    The links are the parent's to detach: the child closes its copies at once."""
+    for attachment in list(_every_attachment):
+        attachment.destroy()
+
+
+os.register_at_fork(after_in_child=_release_in_child)
 
 
 class Link:
@@ -544,6 +561,8 @@ class Object:
         """The attached links (a destroyed one leaves the list), kept by the caller or not."""
         links = []
         for attachment in list(self._links):
+            if not attachment.ptr:  # destroyed by another thread, or the parent's (in a fork child)
+                continue
             link = attachment.wrapper() if attachment.wrapper else None
             if link is None:  # the caller dropped it: one anew, of the same program and target
                 link = Link(attachment, Program(attachment.prog_ptr, self, attachment.prog_name, attachment.section))
