@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import open_fds
+from conftest import fork_call, open_fds
 
 import bpfring
 from bpfring import BPFError, BPFNotFoundError, Object
@@ -225,3 +225,56 @@ def test_a_destroyed_link_leaves_the_objects_links_and_close_detaches_the_rest(o
     assert obj.links == [second] and not first.attached
     obj.close()
     assert not second.attached and obj.links == []
+
+
+def test_a_fork_child_destroying_its_copies_of_the_links_leaves_the_parent_attached(obj):
+    """The child shares the parent's perf events: libbpf's own detach disables them (an ioctl on
+    the shared event), which would stop the parent's sampling program for good."""
+    attr = perf.PerfEventAttr(type=perf.PERF_TYPE_SOFTWARE, config=PERF_COUNT_SW_CPU_CLOCK, sample_period=1_000_000)
+    fd = perf.perf_event_open(attr, 0, -1, -1, perf.PERF_FLAG_FD_CLOEXEC, "a cpu-clock sampling event")
+    try:
+        sampling = obj.program("on_perf_event").attach_perf_event(fd)
+    finally:
+        os.close(fd)
+    counting = obj.program("on_tracepoint").attach_tracepoint("syscalls", "sys_enter_getppid")
+
+    def destroy_and_close():
+        sampling.destroy()
+        obj.close()
+        return sampling.attached, counting.attached
+
+    assert fork_call(destroy_and_close) == "ok: (False, False)"
+    assert sampling.attached and counting.attached and obj.links == [sampling, counting]
+    getppid_times(3)
+    assert obj.bss.tp_hits == 3
+    hits = obj.bss.perf_hits
+    deadline = time.monotonic() + 10
+    while obj.bss.perf_hits < hits + 3 and time.monotonic() < deadline:
+        sum(range(100_000))
+    assert obj.bss.perf_hits >= hits + 3, "the child's destroy() disabled the parent's perf event"
+
+
+def test_a_link_destroyed_in_the_parent_detaches_while_a_fork_child_lives_on(obj):
+    """A link stays attached while any copy of its fd is open: a child forked without exec (a
+    multiprocessing worker) would keep the parent's programs running after their destroy()."""
+    counting = obj.program("on_tracepoint").attach_tracepoint("syscalls", "sys_enter_getppid")
+    raw = obj.program("on_raw_tracepoint").attach_raw_tracepoint("sys_enter")
+    assert fork_call(lambda: (counting.attached, raw.attached, obj.links)) == "ok: (False, False, [])"  # not the child's
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # lives on (until the parent closes hold_w), holding whatever it kept at the fork
+        os.close(hold_w)
+        os.write(ready_w, b"!")
+        os.read(hold_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"!"
+        counting.destroy()
+        raw.destroy()
+        getppid_times(5)
+        assert (obj.bss.tp_hits, obj.bss.raw_tp_hits) == (0, 0), "the fork child kept the links attached"
+    finally:
+        for fd in (ready_r, ready_w, hold_r, hold_w):
+            os.close(fd)
+        os.waitpid(pid, 0)

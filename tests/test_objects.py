@@ -11,6 +11,7 @@ import resource
 import shutil
 import struct
 import subprocess
+import sys
 import threading
 import warnings
 
@@ -100,6 +101,45 @@ def test_an_attached_object_dropped_without_close_detaches_at_once_even_without_
         del link
         assert open_fds() == before
         assert [w for w in caught if issubclass(w.category, ResourceWarning) and "Object" in str(w.message)]
+
+
+LIST_WHILE_CLOSING = """
+import sys, threading
+from bpfring import Object
+
+names = set()
+for _ in range(20):
+    obj = Object(sys.argv[1])
+    obj.load()
+    prog = obj.program("on_raw_tracepoint")
+    for _ in range(200):
+        prog.attach_raw_tracepoint("sys_enter")  # each Link dropped: obj.links makes one anew
+    del prog
+    started = threading.Event()
+
+    def list_links():
+        started.set()
+        while not obj.closed:
+            names.update(link.program.name for link in obj.links)
+
+    lister = threading.Thread(target=list_links)
+    lister.start()
+    started.wait()
+    obj.close()
+    lister.join()
+print(sorted(names))
+"""
+
+
+def test_links_listed_while_another_thread_closes_the_object_name_their_program(bpf_object):
+    """Object.links makes a Link anew for an attachment whose Link was dropped: it must not ask
+    libbpf for the program's name then, as close() in another thread may be freeing it (a crash,
+    or a name read from freed memory)."""
+    run = subprocess.run(
+        [sys.executable, "-c", LIST_WHILE_CLOSING, str(bpf_object("attach"))], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "['on_raw_tracepoint']"
 
 
 def test_set_max_entries_before_load_only(execsnoop_object):

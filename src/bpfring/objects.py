@@ -122,22 +122,51 @@ class _Attachment:
     ``gc.disable()``.
     """
 
-    __slots__ = ("ptr", "prog_ptr", "target", "wrapper")
+    __slots__ = ("ptr", "prog_ptr", "prog_name", "section", "target", "wrapper", "pid", "__weakref__")
     _taking = threading.Lock()
 
-    def __init__(self, ptr: int, prog_ptr: int, target: str) -> None:
+    def __init__(self, ptr: int, program: Program, target: str) -> None:
         self.ptr: int | None = ptr
-        self.prog_ptr = prog_ptr
+        # the program by its pointer and names: Object.links asks libbpf nothing, as close() in
+        # another thread may be freeing the program
+        self.prog_ptr, self.prog_name, self.section = program._ptr, program.name, program.section
         self.target = target
         self.wrapper: weakref.ref[Link] | None = None
+        self.pid = os.getpid()
+        _every_attachment.add(self)
 
     def destroy(self) -> bool:
-        """Detach, once however many threads call it (libbpf frees the link)."""
+        """Detach, once however many threads call it (libbpf frees the link).
+
+        In a fork() child (at the fork: see _release_in_child) only the child's copy of the link fd
+        goes: libbpf's detach would also disable the perf event (PERF_EVENT_IOC_DISABLE) that the
+        parent shares, stopping the parent's program. A perf event's own fd stays open in the child
+        (libbpf keeps it private); it holds no program once the parent's link is gone.
+        """
         with self._taking:
             ptr, self.ptr = self.ptr, None
+        if ptr and os.getpid() != self.pid:
+            fd = lib.bpf_link__fd(ptr)
+            lib.bpf_link__disconnect(ptr)  # bpf_link__destroy() then frees it without detaching
+            os.close(fd)
         if ptr:
             lib.bpf_link__destroy(ptr)
         return bool(ptr)
+
+
+# Every attachment of this process: a fork() child lets go of its parent's (see _release_in_child).
+_every_attachment: weakref.WeakSet[_Attachment] = weakref.WeakSet()
+
+
+def _release_in_child() -> None:
+    """A link stays attached while any copy of its fd is open: were a fork() child (one that does
+    not exec) to keep its copies, the parent's destroy() would not detach while the child lived.
+    The links are the parent's to detach: the child closes its copies at once."""
+    for attachment in list(_every_attachment):
+        attachment.destroy()
+
+
+os.register_at_fork(after_in_child=_release_in_child)
 
 
 class Link:
@@ -175,11 +204,11 @@ class Link:
 class Program:
     """A program of an :class:`Object`; valid while its object is open."""
 
-    def __init__(self, ptr: int, obj: Object) -> None:
+    def __init__(self, ptr: int, obj: Object, name: str | None = None, section: str | None = None) -> None:
         self._ptr = ptr
         self._obj = obj
-        self.name: str = _decode(lib.bpf_program__name(ptr))
-        self.section: str = _decode(lib.bpf_program__section_name(ptr))
+        self.name: str = _decode(lib.bpf_program__name(ptr)) if name is None else name
+        self.section: str = _decode(lib.bpf_program__section_name(ptr)) if section is None else section
 
     @property
     def fd(self) -> int:
@@ -215,7 +244,7 @@ class Program:
         return self._link(ptr)
 
     def _link(self, ptr: int, target: str = "") -> Link:
-        attachment = _Attachment(ptr, self._ptr, target)
+        attachment = _Attachment(ptr, self, target)
         self._obj._links.append(attachment)
         return Link(attachment, self)
 
@@ -532,8 +561,12 @@ class Object:
         """The attached links (a destroyed one leaves the list), kept by the caller or not."""
         links = []
         for attachment in list(self._links):
+            if not attachment.ptr:  # destroyed by another thread, or the parent's (in a fork child)
+                continue
             link = attachment.wrapper() if attachment.wrapper else None
-            links.append(link or Link(attachment, Program(attachment.prog_ptr, self)))
+            if link is None:  # the caller dropped it: one anew, of the same program and target
+                link = Link(attachment, Program(attachment.prog_ptr, self, attachment.prog_name, attachment.section))
+            links.append(link)
         return links
 
     # -- lifetime -------------------------------------------------------------------------------

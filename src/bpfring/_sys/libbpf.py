@@ -169,6 +169,8 @@ _fn("bpf_program__autoload", ctypes.c_bool, _p)
 _fn("bpf_program__set_autoload", ctypes.c_int, _p, ctypes.c_bool)
 _fn("bpf_program__attach", _p, _p)
 _fn("bpf_link__destroy", ctypes.c_int, _p)
+_fn("bpf_link__disconnect", None, _p)  # a fork child's copy: freed without detaching
+_fn("bpf_link__fd", ctypes.c_int, _p)
 _fn("libbpf_set_print", _p, _p)
 _fn("btf__find_by_name_kind", ctypes.c_int32, _p, _s, ctypes.c_uint32)
 _fn("btf__type_by_id", _p, _p, ctypes.c_uint32)
