@@ -336,17 +336,7 @@ class Program:
         self, ctx: bytes | bytearray = b"", data: bytes = b"", repeat: int = 0, cpu: int | None = None
     ) -> sys_bpf.TestRunResult:
         """Run the program once (or ``repeat`` times) in the kernel with BPF_PROG_TEST_RUN."""
-        # On a duplicate of the fd: close() in another thread meanwhile would close the object's,
-        # whose number the next open() may reuse (another program run in its place).
-        fd = self._own_fd()
-        try:
-            return sys_bpf.prog_test_run(fd, data_in=data, ctx_in=ctx, repeat=repeat, cpu=cpu)
-        finally:
-            os.close(fd)
-
-    @_exclusive
-    def _own_fd(self) -> int:
-        return os.dup(self.fd)
+        return sys_bpf.prog_test_run(self.fd, data_in=data, ctx_in=ctx, repeat=repeat, cpu=cpu)
 
     def __repr__(self) -> str:
         return f"<Program {self.name} section={self.section!r}>"
