@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import json
 import logging
 import os
 import resource
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -140,6 +142,247 @@ def test_links_listed_while_another_thread_closes_the_object_name_their_program(
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "['on_raw_tracepoint']"
+
+
+CLOSE_RACING_METHODS = """
+import json, logging, os, platform, random, sys, threading
+import bpfring
+from bpfring import Map, Object
+from bpfring._sys import perf
+
+GETPPID_NR = {"x86_64": 110, "aarch64": 173}[platform.machine()]
+path, rounds = sys.argv[1], int(sys.argv[2])
+logging.getLogger("bpfring").addHandler(logging.NullHandler())  # libbpf's EEXIST warnings
+sys.setswitchinterval(1e-5)  # switch threads often: close() lands anywhere in a method
+
+
+def racing(obj, loaded, perf_fd):
+    raw, tp = obj.program("on_raw_tracepoint"), obj.program("on_tracepoint")
+    up, pe = obj.program("on_uprobe"), obj.program("on_perf_event")
+    ops = {
+        "programs": lambda: obj.programs,
+        "iter": lambda: [p.section for p in obj],
+        "map_names": lambda: obj.map_names,
+        "autoload": lambda: raw.autoload,
+        "initial_value": lambda: obj.initial_value(".rodata"),
+        "struct": lambda: obj.struct("bpf_raw_tracepoint_args"),
+        "global_sections": lambda: obj.global_sections,
+        "rodata": lambda: obj.rodata.targ_nr,
+    }
+    if not loaded:
+        bss = next(n for n in obj.map_names if n.endswith(".bss"))
+        ops.update({
+            "load": obj.load,
+            "set_autoload": lambda: setattr(raw, "autoload", True),
+            "set_max_entries": lambda: obj.set_max_entries(bss, 1),
+            "set_initial_value": lambda: obj.set_initial_value(".rodata", obj.initial_value(".rodata")),
+            "set_rodata": lambda: setattr(obj.rodata, "targ_nr", GETPPID_NR),
+        })
+    else:
+        ops.update({
+            "fd": lambda: raw.fd,
+            "map": lambda: obj.map(".bss"),
+            "bss": lambda: obj.bss.raw_tp_hits,
+            "attach": raw.attach,
+            "object_attach": obj.attach,
+            "attach_raw_tracepoint": lambda: raw.attach_raw_tracepoint("sys_enter"),
+            "attach_tracepoint": lambda: tp.attach_tracepoint("syscalls", "sys_enter_getppid"),
+            "attach_uprobe": lambda: up.attach_uprobe("libc.so.6", "getppid"),
+            "attach_perf_event": lambda: pe.attach_perf_event(perf_fd),
+        })
+    return ops
+
+
+# What a call may meet before close(): a load() won by another thread, a program attached once
+# already to the same event (EEXIST), a section with no automatic attach point (EOPNOTSUPP).
+REFUSALS = ("is already loaded", "has no fd before load()", "froze .rodata at load")
+done, unexpected, leaks, links = {}, [], [], []
+
+
+def call_until_closed(name, op, go, obj):
+    go.wait()
+    while True:
+        was_closed = obj.closed
+        try:
+            result = op()
+        except (ValueError, bpfring.BPFError) as exc:
+            if "is closed" in str(exc):
+                return  # the end every thread must reach
+            if was_closed or not (any(r in str(exc) for r in REFUSALS) or getattr(exc, "errno", 0) in (17, 95)):
+                unexpected.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+                return
+        except Exception as exc:
+            unexpected.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+            return
+        else:
+            if was_closed:
+                unexpected.append(f"{name} succeeded on a closed object")
+                return
+            done[name] = done.get(name, 0) + 1
+            links.extend(r for r in (result if isinstance(result, list) else [result]) if isinstance(r, bpfring.Link))
+
+
+for i in range(rounds):
+    loaded = i % 2 == 1
+    before = set(os.listdir("/proc/self/fd"))
+    obj = Object(path)
+    obj.rodata.targ_tgid = os.getpid()
+    obj.rodata.targ_nr = GETPPID_NR
+    bss = perf_fd = None
+    if loaded:
+        obj.load()
+        bss = Map.from_fd(obj.map(".bss").fd)  # ours: still readable after close()
+        attr = perf.PerfEventAttr(type=perf.PERF_TYPE_SOFTWARE, config=0, sample_period=200_000)  # cpu-clock
+        perf_fd = perf.perf_event_open(attr, 0, -1, -1, perf.PERF_FLAG_FD_CLOEXEC, "a cpu-clock event")
+    ops = racing(obj, loaded, perf_fd)
+    go = threading.Barrier(len(ops) + 1)
+    threads = [threading.Thread(target=call_until_closed, args=(n, op, go, obj)) for n, op in ops.items()]
+    for t in threads:
+        t.start()
+    go.wait()
+    threading.Event().wait(random.random() * 0.02)
+    obj.close()
+    for t in threads:
+        t.join()
+    if any(link.attached for link in links):
+        leaks.append(f"round {i}: a link says it is still attached after close()")
+    del ops, obj
+    if loaded:
+        hits = bss.lookup(bytes(4))
+        for _ in range(200):
+            os.getppid()  # the tracepoint, raw tracepoint and (libc's getppid) uprobe programs' event
+        sum(range(2_000_000))  # CPU time in this thread: the perf event's samples
+        if bss.lookup(bytes(4)) != hits:
+            leaks.append(f"round {i}: a program still runs after close(): a link was left attached")
+        bss.close()
+        os.close(perf_fd)
+    left = set(os.listdir("/proc/self/fd")) - before
+    if left:
+        leaks.append(f"round {i}: fds left open: " + ", ".join(os.readlink("/proc/self/fd/" + fd) for fd in left))
+print(json.dumps({"done": done, "unexpected": unexpected[:10], "leaks": leaks[:10], "links": len(links)}))
+"""
+
+
+def test_close_racing_every_method_in_other_threads_never_crashes_and_leaves_nothing_attached(bpf_object):
+    """Threads call every method that hands libbpf pointers into the object (attach_*, fd,
+    programs, map(), load(), the setters, globals...) while the main thread closes it: each call
+    either completes before close() (which then destroys the links it made) or raises "is
+    closed". Before, close() freed what libbpf was reading (a segfault) and an attach finishing
+    after close() left its link attached, for nobody to destroy. In a child, so a crash fails
+    the test; MALLOC_PERTURB_ fills freed memory, so a read of it goes wrong at once."""
+    run = subprocess.run(
+        [sys.executable, "-c", CLOSE_RACING_METHODS, str(bpf_object("attach")), "20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MALLOC_PERTURB_": "165"},
+    )
+    assert run.returncode == 0, f"the child died (exit {run.returncode}): {run.stderr[-2000:]}"
+    said = json.loads(run.stdout)
+    assert said["unexpected"] == [] and said["leaks"] == []
+    # the race was run: every method completed in some round, and links were made to be destroyed
+    assert set(said["done"]) >= {"programs", "autoload", "struct", "load", "fd", "map", "bss", "attach_raw_tracepoint", "attach_uprobe"}
+    assert said["links"] > 0
+
+
+def fork_and_close(obj: Object) -> int:
+    """close() in a fork() child; its exit status (the child is killed, and the test fails, if it hangs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, on 3.12+
+        pid = os.fork()
+    if pid == 0:
+        try:
+            obj.close()
+            os._exit(0 if obj.closed else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the fork() child's close() hung")
+
+
+class _Calling(logging.Handler):
+    """A handler of bpfring's log (libbpf's, during load()) that runs ``action`` on a record, in the loading thread."""
+
+    def __init__(self, action) -> None:
+        super().__init__(logging.DEBUG)
+        self.action = action
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.action()
+
+
+def test_a_fork_child_closes_an_object_another_thread_was_inside(bpf_object):
+    """A thread inside load() holds the object's lock at the fork: it would stay held in the child
+    forever, where that thread does not exist. The child takes a fresh one and closes its copy."""
+    inside, go_on = threading.Event(), threading.Event()
+    obj = Object(bpf_object("attach"))
+    loader = threading.Thread(target=obj.load)
+
+    def stall() -> None:
+        if threading.current_thread() is loader:
+            inside.set()
+            go_on.wait(10)
+
+    logger, handler = logging.getLogger("bpfring"), _Calling(stall)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        loader.start()
+        assert inside.wait(10), "libbpf logged nothing during load()"
+        assert fork_and_close(obj) == 0
+    finally:
+        go_on.set()
+        loader.join(10)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert obj.loaded and obj.programs  # the parent's object is the parent's still
+    obj.close()
+
+
+CLOSE_INSIDE_LOAD = """
+import logging, os, sys
+from bpfring import Object
+
+before = set(os.listdir("/proc/self/fd"))
+obj = Object(sys.argv[1])
+
+class CloseIt(logging.Handler):
+    def emit(self, record):
+        obj.close()  # in the thread that is inside load(), as a signal handler would
+
+logger = logging.getLogger("bpfring")
+logger.setLevel(logging.DEBUG)
+logger.addHandler(CloseIt())
+obj.load()
+try:
+    obj.programs
+except ValueError as exc:
+    print(exc)
+print(obj.closed, set(os.listdir("/proc/self/fd")) == before)
+"""
+
+
+def test_close_called_by_a_handler_inside_load_is_done_when_load_returns(bpf_object):
+    """A close() from a signal handler, or a logging handler that libbpf's log calls, in the
+    thread that is inside load(): freeing the object there crashed the load still using it. It
+    is done once load() returns: the object is closed then, every fd with it."""
+    run = subprocess.run(
+        [sys.executable, "-c", CLOSE_INSIDE_LOAD, str(bpf_object("attach"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MALLOC_PERTURB_": "165"},
+    )
+    assert run.returncode == 0, f"the child died (exit {run.returncode}): {run.stderr[-2000:]}"
+    assert run.stdout.splitlines()[-2:] == [f"BPF object {str(bpf_object('attach'))!r} is closed", "True True"]
 
 
 def test_set_max_entries_before_load_only(execsnoop_object):

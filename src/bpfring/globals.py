@@ -142,12 +142,19 @@ class GlobalData:
         return None, live
 
     def _read(self, var: Variable) -> bytes:
+        # holding the object's lock: close() in another thread frees the initial value, closes the mapping
+        return self._obj._exclusively(self._read_now, var)
+
+    def _read_now(self, var: Variable) -> bytes:
         addr, live = self._storage()
         if live is not None:
             return live.read(var.offset, var.size)
         return ctypes.string_at(addr + var.offset, var.size)
 
     def _write(self, var: Variable, data: bytes) -> None:
+        self._obj._exclusively(self._write_now, var, data)
+
+    def _write_now(self, var: Variable, data: bytes) -> None:
         if self._obj.loaded and self._frozen_at_load():
             self._obj._check_open()
             raise ValueError(

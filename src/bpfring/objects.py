@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import stat
@@ -15,7 +16,7 @@ import struct
 import threading
 import warnings
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from . import attach as _attach
 from . import features
@@ -34,6 +35,21 @@ log = logging.getLogger("bpfring")
 
 # Section prefixes whose auto-attach goes through tracefs (tracepoint ids, legacy k/uprobes).
 _TRACEFS_SECTIONS = ("tp/", "tracepoint/", "kprobe/", "kretprobe/", "ksyscall/", "kretsyscall/", "uprobe", "uretprobe")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _exclusive(method: _F) -> _F:
+    """A method of an Object, or of a Program of one, that hands libbpf pointers into the object:
+    run it holding the object's lock, so that close() in another thread waits for it instead of
+    freeing what libbpf is reading (a crash), and a link it makes is the object's to destroy."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        obj = self if isinstance(self, Object) else self._obj
+        return obj._exclusively(method, self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def _core_relocations(path: str) -> int:
@@ -156,14 +172,21 @@ class _Attachment:
 
 # Every attachment of this process: a fork() child lets go of its parent's (see _release_in_child).
 _every_attachment: weakref.WeakSet[_Attachment] = weakref.WeakSet()
+# Every open Object of this process: a fork() child takes a fresh lock for each.
+_every_object: weakref.WeakSet[Object] = weakref.WeakSet()
 
 
 def _release_in_child() -> None:
     """A link stays attached while any copy of its fd is open: were a fork() child (one that does
     not exec) to keep its copies, the parent's destroy() would not detach while the child lived.
-    The links are the parent's to detach: the child closes its copies at once."""
+    The links are the parent's to detach: the child closes its copies at once.
+
+    An object's lock that another thread held at the fork stays held in the child, where that
+    thread does not exist: each object gets a new one, so the child can close its copy."""
     for attachment in list(_every_attachment):
         attachment.destroy()
+    for obj in list(_every_object):
+        obj._lock = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_release_in_child)
@@ -181,9 +204,10 @@ class Link:
     def destroy(self) -> None:
         """Detach; idempotent. The object's ``links`` no longer lists it."""
         if self._attachment.destroy():
-            links = self.program._obj._links
-            if self._attachment in links:
-                links.remove(self._attachment)
+            obj = self.program._obj
+            with obj._lock:  # close() in another thread may be clearing the list
+                if self._attachment in obj._links:
+                    obj._links.remove(self._attachment)
 
     close = destroy
 
@@ -211,6 +235,7 @@ class Program:
         self.section: str = _decode(lib.bpf_program__section_name(ptr)) if section is None else section
 
     @property
+    @_exclusive
     def fd(self) -> int:
         """The program's fd after load (owned by the object)."""
         self._obj._check_open()
@@ -220,16 +245,19 @@ class Program:
         return fd
 
     @property
+    @_exclusive
     def autoload(self) -> bool:
         self._obj._check_open()
         return bool(lib.bpf_program__autoload(self._ptr))
 
     @autoload.setter
+    @_exclusive
     def autoload(self, value: bool) -> None:
         """Whether :meth:`Object.load` loads this program (set before load)."""
         self._obj._check_not_loaded(f"set autoload of {self.name!r}")
         lib.bpf_program__set_autoload(self._ptr, bool(value))
 
+    @_exclusive
     def attach(self) -> Link:
         """Attach the way libbpf does by section name (``tp/``, ``raw_tp/``, ``kprobe/``, ``fentry/``...)."""
         self._obj._check_open()
@@ -253,6 +281,7 @@ class Program:
         if lib.bpf_program__fd(self._ptr) < 0:
             raise ValueError(f"cannot {what}: program {self.name!r} is not loaded (call load() on its object first)")
 
+    @_exclusive
     def attach_kprobe(self, function: str, retprobe: bool = False, offset: int = 0) -> Link:
         """Attach to the entry (or, with ``retprobe``, the return) of kernel ``function``, at ``offset``.
 
@@ -262,16 +291,19 @@ class Program:
         ptr = _attach.kprobe(self, function, retprobe, offset)
         return self._link(ptr, f"{'kretprobe' if retprobe else 'kprobe'}:{function}" + (f"+{offset:#x}" if offset else ""))
 
+    @_exclusive
     def attach_tracepoint(self, category: str, name: str) -> Link:
         """Attach to the tracepoint ``category/name`` (as in /sys/kernel/tracing/events/CATEGORY/NAME)."""
         self._check_loaded("attach a tracepoint")
         return self._link(_attach.tracepoint(self, category, name), f"tracepoint:{category}/{name}")
 
+    @_exclusive
     def attach_raw_tracepoint(self, name: str) -> Link:
         """Attach a ``raw_tp`` program to the raw tracepoint ``name`` (``"sys_enter"``, ``"sched_switch"``...)."""
         self._check_loaded("attach a raw tracepoint")
         return self._link(_attach.raw_tracepoint(self, name), f"raw_tracepoint:{name}")
 
+    @_exclusive
     def attach_uprobe(
         self,
         binary: str | os.PathLike[str],
@@ -291,6 +323,7 @@ class Program:
         where = f"{os.fsdecode(os.fspath(binary))}:{symbol or hex(offset)}" + (f"+{offset:#x}" if symbol and offset else "")
         return self._link(ptr, f"{'uretprobe' if retprobe else 'uprobe'}:{where}")
 
+    @_exclusive
     def attach_perf_event(self, fd: int) -> Link:
         """Run the program on each overflow of the perf event ``fd`` (a sampling event, say).
 
@@ -325,6 +358,10 @@ class Object:
     def __init__(self, path: str | bytes | os.PathLike[str]) -> None:
         """Open a ``.bpf.o`` file, or a ``.bpf.c`` source built first (cached: see :func:`bpfring.build.cached_object`)."""
         self._ptr: int | None = None
+        # Held around every use of libbpf's pointers into the object (see _exclusively); a C lock,
+        # whose `with` is safe against Ctrl-C, and reentrant: methods call each other.
+        self._lock = threading.RLock()
+        self._close_asked = False  # close() called inside a method of this object, in its own thread
         self.path: str = os.fsdecode(os.fspath(path))
         self.source: str | None = None
         if self.path.endswith(".c"):
@@ -352,20 +389,31 @@ class Object:
         self._sections_found: dict[str, Section] | None = None
         self._global_maps: dict[str, Any] = {}  # section -> its live mapping (globals._Live), made on first use
         self.name: str = _decode(lib.bpf_object__name(ptr))
+        _every_object.add(self)
 
     # -- before load ----------------------------------------------------------------------------
 
     def _check_open(self) -> int:
-        if not self._ptr:
+        if not self._ptr or self._close_asked:
             raise ValueError(f"BPF object {self.path!r} is closed")
         return self._ptr
+
+    def _exclusively(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``method(*args)`` holding the lock. A close() asked for inside it, in this thread (by a
+        signal handler, or a logging handler called by libbpf's log) is done once it returns."""
+        try:
+            with self._lock:
+                return method(*args, **kwargs)
+        finally:
+            if self._close_asked:
+                self.close()
 
     def _check_not_loaded(self, what: str) -> None:
         self._check_open()
         if self._loaded:
             raise ValueError(f"cannot {what}: object {self.name!r} is already loaded")
 
-    def _map_ptr(self, name: str) -> int:
+    def _map_ptr(self, name: str) -> int:  # valid while the caller holds the lock
         ptr = None
         while True:
             ptr = lib.bpf_object__next_map(self._check_open(), ptr)
@@ -375,6 +423,7 @@ class Object:
                 return ptr
 
     @property
+    @_exclusive
     def map_names(self) -> list[str]:
         names, ptr = [], None
         while ptr := lib.bpf_object__next_map(self._check_open(), ptr):
@@ -382,6 +431,7 @@ class Object:
         return names
 
     @property
+    @_exclusive
     def programs(self) -> list[Program]:
         progs, ptr = [], None
         while ptr := lib.bpf_object__next_program(self._check_open(), ptr):
@@ -394,6 +444,7 @@ class Object:
                 return prog
         raise KeyError(f"object {self.name!r} has no program {name!r}")
 
+    @_exclusive
     def set_max_entries(self, map_name: str, max_entries: int) -> None:
         """Override a map's size before load (libbpf's ``bpf_map__set_max_entries``)."""
         max_entries = sys_bpf.check_u32("max_entries", max_entries)  # libbpf would cut it to 32 bits
@@ -405,6 +456,7 @@ class Object:
         if ret < 0:
             raise bpf_error(-ret, f"setting max_entries={max_entries} on map {map_name!r}")
 
+    @_exclusive
     def initial_value(self, map_name: str) -> bytearray:
         """A copy of the initial contents of a global-data map (``".rodata"``, ``".data"``, ``".bss"``)."""
         size = ctypes.c_size_t()
@@ -413,6 +465,7 @@ class Object:
             raise ValueError(f"map {map_name!r} has no initial value (not a global-data map)")
         return bytearray(ctypes.string_at(addr, size.value))
 
+    @_exclusive
     def set_initial_value(self, map_name: str, data: bytes) -> None:
         """Set a global-data map's contents before load (e.g. ``const volatile`` settings in .rodata)."""
         self._check_not_loaded(f"set the initial value of {map_name!r}")
@@ -430,6 +483,7 @@ class Object:
 
     # -- load, attach ---------------------------------------------------------------------------
 
+    @_exclusive
     def load(self) -> Object:
         """Create the maps and load the programs (libbpf's ``bpf_object__load``)."""
         self._check_not_loaded("load")
@@ -466,6 +520,7 @@ class Object:
     def loaded(self) -> bool:
         return self._loaded
 
+    @_exclusive
     def map(self, name: str) -> Map:
         """The loaded map ``name`` as a :class:`Map` (owned by this object, closed with it).
 
@@ -506,6 +561,7 @@ class Object:
                 log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
         return links
 
+    @_exclusive
     def struct(self, name: str) -> Any:
         """``struct name`` as its BPF program declares it, as a numpy dtype (from the object's BTF).
 
@@ -523,7 +579,9 @@ class Object:
 
     # -- global variables -----------------------------------------------------------------------
 
+    @_exclusive
     def _sections(self) -> dict[str, Section]:
+        self._check_open()  # found once, but no GlobalData of a closed object
         if self._sections_found is None:
             self._sections_found = sections(self._check_open(), f"BPF object {self.name!r}")
         return self._sections_found
@@ -572,7 +630,18 @@ class Object:
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Detach every link, close every map handed out, and free the libbpf object."""
+        """Detach every link, close every map handed out, and free the libbpf object.
+
+        A method running in another thread finishes first (what it made is then destroyed here);
+        one called after raises ValueError.
+        """
+        if self._lock._is_owned():  # type: ignore[attr-defined]  # inside a method of this object
+            self._close_asked = True  # that is still using libbpf's pointers: done once it returns
+            return
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if not self._ptr:
             return
         for attachment in list(self._links):  # a copy: Link.destroy() in another thread removes its own
@@ -589,7 +658,7 @@ class Object:
 
     @property
     def closed(self) -> bool:
-        return not self._ptr
+        return not self._ptr or self._close_asked
 
     def __enter__(self) -> Object:
         return self
