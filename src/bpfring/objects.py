@@ -182,7 +182,9 @@ def _release_in_child() -> None:
     The links are the parent's to detach: the child closes its copies at once.
 
     An object's lock that another thread held at the fork stays held in the child, where that
-    thread does not exist: each object gets a new one, so the child can close its copy."""
+    thread does not exist: each object gets a new one, so the child can close its copy. So does
+    the attachments' own (another thread's destroy() may have held it)."""
+    _Attachment._taking = threading.Lock()
     for attachment in list(_every_attachment):
         attachment.destroy()
     for obj in list(_every_object):
