@@ -18,6 +18,8 @@ import functools
 import gc
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,31 @@ def walk() -> str:
 def bpf():
     """For tests that need BPF but no program."""
     require_bpf()
+
+
+def fork_and(child_action) -> int:
+    """Fork; in the child run child_action() and exit 0 (1 on an unexpected error); returns the
+    child's exit status. The child is killed, and the test fails, if it hangs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, on 3.12+
+        pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            child_action()
+        except BaseException as exc:  # report, never run the parent's test code on
+            os.write(2, f"child: {type(exc).__name__}: {exc}\n".encode())
+            code = 1
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the fork() child hung")
 
 
 def fork_call(func) -> str:

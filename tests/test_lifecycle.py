@@ -14,7 +14,7 @@ import time
 import warnings
 
 import pytest
-from conftest import open_fds, without_collector
+from conftest import fork_and, open_fds, without_collector
 from producer import parse
 
 import bpfring
@@ -141,29 +141,6 @@ def test_consume_buffer_racing_close_says_closed(perf_producer):
 
 
 # -- fork() -----------------------------------------------------------------------------------------------
-
-
-def fork_and(child_action) -> int:
-    """Fork; in the child run child_action() and exit 0 (1 on an unexpected error); returns the
-    child's exit status. The child is killed if it hangs."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            child_action()
-        except BaseException as exc:  # report, never run the parent's test code on
-            os.write(2, f"child: {type(exc).__name__}: {exc}\n".encode())
-            code = 1
-        os._exit(code)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("the fork() child hung")
 
 
 def test_a_fork_child_refuses_to_consume_and_its_close_harms_nothing(producer):

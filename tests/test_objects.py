@@ -14,11 +14,10 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import warnings
 
 import pytest
-from conftest import as_nobody, fork_call, open_fds, without_collector
+from conftest import as_nobody, fork_and, fork_call, open_fds, without_collector
 
 import bpfring
 from bpfring import Object, RingBuffer
@@ -287,24 +286,12 @@ def test_close_racing_every_method_in_other_threads_never_crashes_and_leaves_not
 
 def fork_and_close(obj: Object) -> int:
     """close() in a fork() child; its exit status (the child is killed, and the test fails, if it hangs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, on 3.12+
-        pid = os.fork()
-    if pid == 0:
-        try:
-            obj.close()
-            os._exit(0 if obj.closed else 1)
-        except BaseException:
-            os._exit(2)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    pytest.fail("the fork() child's close() hung")
+
+    def close() -> None:
+        obj.close()
+        assert obj.closed
+
+    return fork_and(close)
 
 
 class _Calling(logging.Handler):

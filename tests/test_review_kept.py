@@ -25,7 +25,6 @@ from test_perfbuf import two_cpus  # noqa: F401 (a fixture)
 import bpfring
 import bpfring._sys.perf
 from bpfring import PerfBuffer, RecordSizeError, Ring, RingBuffer
-from bpfring._batch import Kept
 
 FIXED = np.dtype([("seq", "<u8"), ("producer", "<u4"), ("size", "<u4"), ("payload", "u1", (48,))])
 
