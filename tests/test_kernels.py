@@ -256,6 +256,39 @@ def test_scripts_kernels_boots_again_when_a_boot_hangs_and_kills_the_hung_guest(
     assert result.seconds >= 3 * len(hung), f"{result.seconds:.1f} s reported: the hung boots' 3 s are not counted"
 
 
+PANICKING_VNG = """#!/bin/sh
+# stands in for virtme-ng: the guest comes up, finishes one pytest run, then its kernel panics
+# (as a 6.12 guest under TCG once did, in the allocator) and sits dead
+echo $$ > "$FAKE_VNG_PIDS"
+echo "[   22.167501] virtme-ng-init: starting script (console fallback)"
+for arg; do case "$arg" in --rwdir=*) dir=${arg#--rwdir=};; esac; done
+echo 6.12.95+deb12-amd64 > "$dir/release"
+echo '<testsuites><testsuite><testcase classname="tests.test_x" name="test_y" time="1"/></testsuite></testsuites>' \
+    > "$dir/junit-000.xml"
+echo "[  285.662300] traps: PANIC: double fault, error_code: 0x0"
+echo "[  285.803927] Kernel panic - not syncing: Fatal exception in interrupt"
+exec sleep 600
+"""
+
+
+def test_scripts_kernels_stops_a_guest_whose_kernel_panicked_and_keeps_what_finished(tmp_path, monkeypatch):
+    """A guest whose kernel panicked runs nothing more: it used to sit until --timeout (80 minutes
+    that time). It is stopped at once; the runs it finished count, the rest is one error."""
+    kernels = _kernels_script(monkeypatch)
+    fake = fake_vng(tmp_path, PANICKING_VNG)
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(kernels, "vng", lambda: fake)
+    monkeypatch.setenv("FAKE_VNG_PIDS", str(pids))
+    start = time.monotonic()
+    result = kernels.run_guest(kernels.Kernel("6.12", "bookworm-backports"), tmp_path / "vmlinuz",
+                               ["tests/test_x.py::test_y", "tests/test_x.py::test_z"], True, 2, "2G",
+                               tmp_path / "logs", timeout=120, boot_timeout=60)
+    assert time.monotonic() - start < 60, "the dead guest was left to its --timeout"
+    assert (result.passed, result.failed, result.errors, result.note) == (1, 0, 1, "kernel panic")
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pids.read_text()), 0)
+
+
 def test_scripts_kernels_a_ctrl_c_as_the_guest_starts_stops_the_guest(tmp_path, monkeypatch):
     """A Ctrl-C that lands the moment vng has started (before boot() holds it) stops it too:
     it used to leave the guest running, its qemu holding CPU, after the script had exited."""
