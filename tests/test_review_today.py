@@ -326,16 +326,27 @@ SLOW_MARK_VNG = """#!/bin/sh
 printf 'virtme-ng-init: starting'
 sleep 2
 echo ' script (console fallback)'
+touch "$0.written"
 sleep 3
 """
 
 
-def _boot(tmp_path: Any, monkeypatch: Any, fake_text: str, boot_timeout: float) -> tuple[str, int]:
+def _boot(tmp_path: Any, monkeypatch: Any, fake_text: str, flag: str) -> tuple[str, int]:
+    """boot() a fake vng with a 3 s boot timeout on a clock that stands still until the fake
+    touches ``vng.<flag>``, then passes it: what the fake wrote by then is watched however slow
+    the machine (a guest under TCG wrote 14 of 64 MiB in 3 real seconds, and another wrote the
+    second half of a line after them)."""
+    import time
+    from types import SimpleNamespace
+
     from test_kernels import _kernels_script, fake_vng
 
     kernels = _kernels_script(monkeypatch)
     fake = fake_vng(tmp_path, fake_text)
-    return kernels.boot([str(fake)], dict(os.environ), tmp_path / "console.log", 60, boot_timeout)
+    done = tmp_path / f"vng.{flag}"
+    monkeypatch.setattr(kernels, "time", SimpleNamespace(monotonic=lambda: 1000.0 if done.exists() else 0.0,
+                                                         sleep=time.sleep))
+    return kernels.boot([str(fake)], dict(os.environ), tmp_path / "console.log", 3600, 3)
 
 
 def test_scripts_kernels_watching_a_console_that_fills_before_the_guest_is_up_reads_each_byte_once(
@@ -344,23 +355,11 @@ def test_scripts_kernels_watching_a_console_that_fills_before_the_guest_is_up_re
     """The boot watchdog read the whole console log every second until the guest was up: a guest
     spewing before that (up to --boot-timeout, 300 s) had its whole log in memory, twice (bytes and
     text), each second, and read again and again."""
-    import time
     import tracemalloc
-    from types import SimpleNamespace
 
-    from test_kernels import _kernels_script, fake_vng
-
-    kernels = _kernels_script(monkeypatch)
-    fake = fake_vng(tmp_path, SPEWING_VNG)
-    # The watchdog's clock stands still until the console is full, then passes the boot timeout:
-    # the whole 64 MiB is written and watched however slow the machine (a guest under TCG wrote
-    # 14 MiB in the 3 s this test gave it).
-    spewed = tmp_path / "vng.spewed"
-    monkeypatch.setattr(kernels, "time", SimpleNamespace(monotonic=lambda: 1000.0 if spewed.exists() else 0.0,
-                                                         sleep=time.sleep))
     tracemalloc.start()
     try:
-        outcome = kernels.boot([str(fake)], dict(os.environ), tmp_path / "console.log", 3600, 3)
+        outcome = _boot(tmp_path, monkeypatch, SPEWING_VNG, "spewed")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -372,7 +371,7 @@ def test_scripts_kernels_watching_a_console_that_fills_before_the_guest_is_up_re
 def test_scripts_kernels_sees_the_guest_up_when_its_console_line_arrives_in_two_writes(tmp_path, monkeypatch):
     """The console is read as it grows: the line that says the guest is up, cut in two by a look
     between its writes, still counts (else the boot is taken for hung, killed and booted again)."""
-    assert _boot(tmp_path, monkeypatch, SLOW_MARK_VNG, 3) == ("done", 0)
+    assert _boot(tmp_path, monkeypatch, SLOW_MARK_VNG, "written") == ("done", 0)
 
 
 @pytest.mark.parametrize("kind", ["ring", "perf"])
