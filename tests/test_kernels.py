@@ -272,7 +272,7 @@ exec sleep 600
 
 
 def test_scripts_kernels_stops_a_guest_whose_kernel_panicked_and_keeps_what_finished(tmp_path, monkeypatch):
-    """A guest whose kernel panicked runs nothing more: it used to sit until --timeout (80 minutes
+    """A guest whose kernel panicked runs nothing more: it used to sit until --timeout (90 minutes
     that time). It is stopped at once; the runs it finished count, the rest is one error."""
     kernels = _kernels_script(monkeypatch)
     fake = fake_vng(tmp_path, PANICKING_VNG)
