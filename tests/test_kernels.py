@@ -186,6 +186,17 @@ def test_scripts_kernels_not_as_root_stops_before_installing_and_says_how_to_run
     assert not cache_made
 
 
+def up_and_one_passing(release: str) -> str:
+    """A fake guest's lines once it is up: the console line, then what the first pytest run leaves
+    in the results directory (--rwdir): the release and one passing case."""
+    return f"""echo "[   22.167501] virtme-ng-init: starting script (console fallback)"
+for arg; do case "$arg" in --rwdir=*) dir=${{arg#--rwdir=}};; esac; done
+echo {release} > "$dir/release"
+echo '<testsuites><testsuite><testcase classname="tests.test_x" name="test_y" time="1"/></testsuite></testsuites>' \\
+    > "$dir/junit-000.xml"
+"""
+
+
 FAKE_VNG = """#!/bin/sh
 # stands in for virtme-ng: the first BOOTS_THAT_HANG boots stop before the guest is up, as a 5.10
 # boot under TCG once did; the next comes up, "runs" the tests and leaves one passing case
@@ -193,12 +204,7 @@ echo $$ >> "$FAKE_VNG_PIDS"
 n=$(wc -l < "$FAKE_VNG_PIDS")
 echo "[    0.000000] Linux version 5.10.0-32-amd64"
 if [ "$n" -le "$BOOTS_THAT_HANG" ]; then echo "[    2.200000] sched_clock: Marking stable"; exec sleep 600; fi
-echo "[   22.167501] virtme-ng-init: starting script (console fallback)"
-for arg; do case "$arg" in --rwdir=*) dir=${arg#--rwdir=};; esac; done
-echo 5.10.0-32-amd64 > "$dir/release"
-echo '<testsuites><testsuite><testcase classname="tests.test_x" name="test_y" time="1"/></testsuite></testsuites>' \
-    > "$dir/junit-000.xml"
-"""
+""" + up_and_one_passing("5.10.0-32-amd64")
 
 
 def fake_vng(tmp_path: Path, script: str) -> Path:
@@ -260,12 +266,7 @@ PANICKING_VNG = """#!/bin/sh
 # stands in for virtme-ng: the guest comes up, finishes one pytest run, then its kernel panics
 # (as a 6.12 guest under TCG once did, in the allocator) and sits dead
 echo $$ > "$FAKE_VNG_PIDS"
-echo "[   22.167501] virtme-ng-init: starting script (console fallback)"
-for arg; do case "$arg" in --rwdir=*) dir=${arg#--rwdir=};; esac; done
-echo 6.12.95+deb12-amd64 > "$dir/release"
-echo '<testsuites><testsuite><testcase classname="tests.test_x" name="test_y" time="1"/></testsuite></testsuites>' \
-    > "$dir/junit-000.xml"
-echo "[  285.662300] traps: PANIC: double fault, error_code: 0x0"
+""" + up_and_one_passing("6.12.95+deb12-amd64") + """echo "[  285.662300] traps: PANIC: double fault, error_code: 0x0"
 echo "[  285.803927] Kernel panic - not syncing: Fatal exception in interrupt"
 exec sleep 600
 """

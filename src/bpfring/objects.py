@@ -396,7 +396,7 @@ class Object:
     # -- before load ----------------------------------------------------------------------------
 
     def _check_open(self) -> int:
-        if not self._ptr or self._close_asked:
+        if self.closed:
             raise ValueError(f"BPF object {self.path!r} is closed")
         return self._ptr
 
@@ -583,9 +583,9 @@ class Object:
 
     @_exclusive
     def _sections(self) -> dict[str, Section]:
-        self._check_open()  # found once, but no GlobalData of a closed object
+        ptr = self._check_open()  # found once, but no GlobalData of a closed object
         if self._sections_found is None:
-            self._sections_found = sections(self._check_open(), f"BPF object {self.name!r}")
+            self._sections_found = sections(ptr, f"BPF object {self.name!r}")
         return self._sections_found
 
     @property
