@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -469,6 +470,95 @@ def test_programs_without_an_attach_point_are_left_to_the_caller(bpf_object):
         with pytest.raises(bpfring.BPFError) as info:
             obj.program("produce").attach()
         assert info.value.errno == 95
+
+
+def test_an_attach_that_fails_partway_leaves_nothing_attached(bpf_object):
+    before = open_fds()
+    with Object(bpf_object("lifetime")) as obj:
+        obj.rodata.targ_tgid = os.getpid()
+        obj.load()
+        names = [p.name for p in obj.programs]
+        assert names.index("counts") < names.index("cannot_attach")  # one attaches before the other fails
+        with pytest.raises(bpfring.BPFNotFoundError, match="attaching program 'cannot_attach'"):
+            obj.attach()
+        assert obj.links == []
+        os.getppid()
+        assert obj.bss.hits == 0  # 'counts' attached, then detached: it saw nothing
+        link = obj.program("counts").attach()  # the object is as it was: its programs attach one by one
+        os.getppid()
+        assert obj.bss.hits == 1 and obj.links == [link]
+    assert open_fds() == before
+
+
+RUNS = 10**7  # test runs of a one-instruction socket filter: a few tenths of a second
+
+
+def test_close_waits_for_a_test_run_in_another_thread(bpf_object):
+    obj = Object(bpf_object("lifetime"))
+    obj.load()
+    prog = obj.program("answers")
+    started, outcome = threading.Event(), []
+
+    def run():
+        started.set()
+        outcome.append(prog.test_run(data=bytes(64), repeat=RUNS).retval)
+
+    t = threading.Thread(target=run)
+    t.start()
+    started.wait()
+    time.sleep(0.05)  # into the kernel's loop
+    obj.close()
+    assert outcome == [1]  # the run ended, with its own program, before close() returned
+    t.join()
+    with pytest.raises(ValueError, match="is closed"):
+        prog.test_run(data=bytes(64))
+
+
+def test_test_runs_racing_close_run_their_own_program_or_say_closed(bpf_object):
+    """Each object's program answers its own number; closing one and loading the next reuses the
+    fd numbers, so a run that took its fd before a close() and ran after it would run the next
+    object's program (or fail with EBADF or EINVAL, on a map)."""
+    path = bpf_object("lifetime")
+    current: list = []
+    wrong: list = []
+    stop = threading.Event()
+
+    def runner():
+        while not stop.is_set():
+            if not current:
+                continue
+            prog, expected = current[-1]
+            try:
+                got = prog.test_run(data=bytes(64)).retval
+            except ValueError as exc:
+                if "is closed" not in str(exc):
+                    wrong.append(repr(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported below
+                wrong.append(repr(exc))
+                continue
+            if got != expected:
+                wrong.append(f"ran answer {got} for {expected}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=runner) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for n in range(2, 200):
+            obj = Object(path)
+            obj.rodata.answer = n
+            obj.load()
+            current.append((obj.program("answers"), n))
+            time.sleep(0.001)
+            obj.close()
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        for t in threads:
+            t.join()
+    assert not wrong, wrong[:5]
 
 
 def test_tracefs_is_mounted_when_missing(execsnoop_object, caplog):

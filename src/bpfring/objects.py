@@ -189,6 +189,8 @@ def _release_in_child() -> None:
         attachment.destroy()
     for obj in list(_every_object):
         obj._lock = threading.RLock()
+        obj._runs_ended = threading.Condition(obj._lock)
+        obj._running = {}  # the threads that ran them are not in this process
 
 
 os.register_at_fork(after_in_child=_release_in_child)
@@ -337,8 +339,21 @@ class Program:
     def test_run(
         self, ctx: bytes | bytearray = b"", data: bytes = b"", repeat: int = 0, cpu: int | None = None
     ) -> sys_bpf.TestRunResult:
-        """Run the program once (or ``repeat`` times) in the kernel with BPF_PROG_TEST_RUN."""
-        return sys_bpf.prog_test_run(self.fd, data_in=data, ctx_in=ctx, repeat=repeat, cpu=cpu)
+        """Run the program once (or ``repeat`` times) in the kernel with BPF_PROG_TEST_RUN.
+
+        Runs in other threads go on at once, side by side (producers racing each other); the
+        object's close() waits for them, so the fd stays this program's for the whole run.
+        """
+        obj, me, counted = self._obj, threading.get_ident(), False
+        try:
+            with obj._lock:
+                fd = self.fd
+                obj._running[me] = obj._running.get(me, 0) + 1
+                counted = True  # no call between these two lines: no signal check
+            return sys_bpf.prog_test_run(fd, data_in=data, ctx_in=ctx, repeat=repeat, cpu=cpu)
+        finally:
+            if counted:
+                obj._ran(me)
 
     def __repr__(self) -> str:
         return f"<Program {self.name} section={self.section!r}>"
@@ -364,6 +379,10 @@ class Object:
         # whose `with` is safe against Ctrl-C, and reentrant: methods call each other.
         self._lock = threading.RLock()
         self._close_asked = False  # close() called inside a method of this object, in its own thread
+        self._closing = False  # close() waits for test runs in other threads; nothing new starts
+        # Program.test_run()s under way, by thread: they run without the lock, close() waits for them.
+        self._running: dict[int, int] = {}
+        self._runs_ended = threading.Condition(self._lock)
         self.path: str = os.fsdecode(os.fspath(path))
         self.source: str | None = None
         if self.path.endswith(".c"):
@@ -409,6 +428,17 @@ class Object:
         finally:
             if self._close_asked:
                 self.close()
+
+    def _ran(self, thread: int) -> None:
+        """A test run in ``thread`` ended: wake a close() waiting for it, or do the one it asked for."""
+        with self._lock:
+            if self._running[thread] == 1:
+                del self._running[thread]
+            else:
+                self._running[thread] -= 1
+            self._runs_ended.notify_all()
+        if self._close_asked and thread not in self._running:
+            self.close()
 
     def _check_not_loaded(self, what: str) -> None:
         self._check_open()
@@ -543,24 +573,32 @@ class Object:
         matches = [n for n in names if n.endswith(name)]
         return matches[0] if len(matches) == 1 else name
 
+    @_exclusive
     def attach(self) -> list[Link]:
         """Attach every loaded program that libbpf can attach from its section name alone.
 
         Programs that have no automatic attach point (``syscall``, ``xdp``...) are left for the
-        caller, as libbpf's skeleton ``__attach`` does.
+        caller, as libbpf's skeleton ``__attach`` does. All or nothing: when one program fails to
+        attach, the links this call made are destroyed before the error is raised.
         """
+        self._check_open()
         if not self._loaded:
             raise ValueError("attach() needs a loaded object: call load() first")
-        links = []
-        for prog in self.programs:
-            if not prog.autoload:
-                continue
-            try:
-                links.append(prog.attach())
-            except BPFError as exc:
-                if exc.errno != errno.EOPNOTSUPP:  # no automatic attach point for this section
-                    raise
-                log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
+        links: list[Link] = []
+        try:
+            for prog in self.programs:
+                if not prog.autoload:
+                    continue
+                try:
+                    links.append(prog.attach())
+                except BPFError as exc:
+                    if exc.errno != errno.EOPNOTSUPP:  # no automatic attach point for this section
+                        raise
+                    log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
+        except BaseException:
+            for link in links:
+                link.destroy()
+            raise
         return links
 
     @_exclusive
@@ -637,10 +675,14 @@ class Object:
         A method running in another thread finishes first (what it made is then destroyed here);
         one called after raises ValueError.
         """
-        if self._lock._is_owned():  # type: ignore[attr-defined]  # inside a method of this object
-            self._close_asked = True  # that is still using libbpf's pointers: done once it returns
+        if self._lock._is_owned() or threading.get_ident() in self._running:  # type: ignore[attr-defined]
+            # Inside a method of this object (or a test run: a signal handler), still using
+            # libbpf's pointers or the program's fd: done once it returns.
+            self._close_asked = True
             return
         with self._lock:
+            self._closing = True
+            self._runs_ended.wait_for(lambda: not self._running)
             self._close()
 
     def _close(self) -> None:
@@ -660,7 +702,7 @@ class Object:
 
     @property
     def closed(self) -> bool:
-        return not self._ptr or self._close_asked
+        return not self._ptr or self._close_asked or self._closing
 
     def __enter__(self) -> Object:
         return self
