@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -559,6 +560,150 @@ def test_test_runs_racing_close_run_their_own_program_or_say_closed(bpf_object):
         for t in threads:
             t.join()
     assert not wrong, wrong[:5]
+
+
+def interrupted_at(k: int, call) -> bool:
+    """``call()`` with a Ctrl-C at its k-th point where Python can raise one (sys.setprofile sees
+    each: the entry of each Python function, the return of each C function); whether it landed."""
+    seen = 0
+
+    def profile(frame, event, arg):
+        nonlocal seen
+        if event in ("call", "c_return"):
+            seen += 1
+            if seen == k:
+                raise KeyboardInterrupt  # (the profiler is switched off by it)
+
+    sys.setprofile(profile)
+    try:
+        call()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        sys.setprofile(None)
+    return False
+
+
+def closed_in_another_thread(obj: Object) -> bool:
+    closer = threading.Thread(target=obj.close, daemon=True)  # (one waiting for ever is left behind)
+    closer.start()
+    closer.join(10)
+    return not closer.is_alive()
+
+
+def test_a_test_run_interrupted_at_any_point_leaves_the_object_to_close(bpf_object):
+    """A Ctrl-C at each point of test_run() in turn; then close(), in another thread, frees
+    everything. One landing where the run's end was being counted left the object counting a run
+    that had ended: close() waited for it for ever in another thread, and in the run's own thread
+    was put off for ever (the fds open, the programs attached)."""
+    path = bpf_object("lifetime")
+    before = open_fds()
+    k, landed = 0, True
+    while landed:
+        k += 1
+        obj = Object(path)
+        obj.load()
+        prog = obj.program("answers")
+        landed = interrupted_at(k, lambda: prog.test_run(data=bytes(64)))
+        assert closed_in_another_thread(obj), f"close() waits for the test run interrupted at its point {k}"
+        assert open_fds() == before, f"a test run interrupted at its point {k}"
+    assert k > 20  # every point of a run was tried, up to one that ran to its end
+
+def test_a_close_waiting_for_a_run_interrupted_as_it_ends_returns(bpf_object):
+    """close() in another thread waits for a run in the main thread; a signal ends the run (the
+    kernel stops it with EINTR) and a Ctrl-C lands at each point of its end in turn: close()
+    returns. One landing before the waiting close() was woken left it waiting for ever."""
+    path = bpf_object("lifetime")
+    main = threading.get_ident()
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    try:
+        k, landed = 0, True
+        while landed:
+            obj = Object(path)
+            obj.load()
+            prog = obj.program("answers")
+            ending = threading.Event()
+
+            def close():
+                time.sleep(0.05)  # the run into the kernel's loop
+                obj.close()
+
+            def end_the_run():
+                deadline = time.monotonic() + 10
+                while not obj.closed and time.monotonic() < deadline:  # close() called
+                    time.sleep(0.001)
+                time.sleep(0.01)  # and waiting
+                ending.set()
+                signal.pthread_kill(main, signal.SIGALRM)
+
+            seen = 0
+
+            def profile(frame, event, arg):
+                nonlocal seen
+                if event in ("call", "c_return") and ending.is_set():  # from the run's end on
+                    seen += 1
+                    if seen == k + 1:
+                        raise KeyboardInterrupt
+
+            threads = [threading.Thread(target=f, daemon=True) for f in (close, end_the_run)]
+            for t in threads:
+                t.start()
+            sys.setprofile(profile)
+            try:
+                prog.test_run(data=bytes(64), repeat=2**32 - 1)  # hours, unless a signal ends it
+            except KeyboardInterrupt:
+                landed = True
+            except OSError as exc:
+                assert exc.errno == errno.EINTR
+                landed = False
+            except ValueError as exc:  # closed before the run started: again
+                assert "is closed" in str(exc)
+                k -= 1
+            finally:
+                sys.setprofile(None)
+            k += 1
+            for t in threads:
+                t.join(10)
+                assert not t.is_alive(), f"close() waits for a test run interrupted at point {k} of its end"
+            assert obj.closed
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert k > 3
+
+def test_a_close_interrupted_while_it_waits_for_a_test_run_is_done_when_the_run_ends(bpf_object):
+    """Ctrl-C while close() waits for a run in another thread: the KeyboardInterrupt is raised, and
+    the close is done once the run ends. It was left half done: the object said closed, and kept
+    its fds and its attached programs until it was collected."""
+    before = open_fds()
+    obj = Object(bpf_object("lifetime"))
+    obj.rodata.targ_tgid = os.getpid()
+    obj.load()
+    obj.program("counts").attach()
+    prog = obj.program("answers")
+    started, outcome = threading.Event(), []
+
+    def run():
+        started.set()
+        outcome.append(prog.test_run(data=bytes(64), repeat=RUNS).retval)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    t = threading.Thread(target=run, daemon=True)
+    old = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        t.start()
+        started.wait()
+        time.sleep(0.05)  # into the kernel's loop
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            obj.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    t.join(60)
+    assert outcome == [1] and obj.closed
+    assert open_fds() == before  # closed by the run as it ended: no close() called again
 
 
 def test_tracefs_is_mounted_when_missing(execsnoop_object, caplog):

@@ -344,16 +344,17 @@ class Program:
         Runs in other threads go on at once, side by side (producers racing each other); the
         object's close() waits for them, so the fd stays this program's for the whole run.
         """
-        obj, me, counted = self._obj, threading.get_ident(), False
+        obj, run = self._obj, object()
         try:
             with obj._lock:
                 fd = self.fd
-                obj._running[me] = obj._running.get(me, 0) + 1
-                counted = True  # no call between these two lines: no signal check
+                obj._running[run] = threading.get_ident()
             return sys_bpf.prog_test_run(fd, data_in=data, ctx_in=ctx, repeat=repeat, cpu=cpu)
         finally:
-            if counted:
-                obj._ran(me)
+            # Uncounted by one C call, before any Python function is entered: a Ctrl-C (a signal
+            # handler's exception) landing there would leave a run counted for ever, close() waiting.
+            if obj._running.pop(run, None) is not None:
+                obj._ran()
 
     def __repr__(self) -> str:
         return f"<Program {self.name} section={self.section!r}>"
@@ -380,8 +381,9 @@ class Object:
         self._lock = threading.RLock()
         self._close_asked = False  # close() called inside a method of this object, in its own thread
         self._closing = False  # close() waits for test runs in other threads; nothing new starts
-        # Program.test_run()s under way, by thread: they run without the lock, close() waits for them.
-        self._running: dict[int, int] = {}
+        # Program.test_run()s under way (each its own key) and their threads: they run without the
+        # lock, close() waits for them.
+        self._running: dict[object, int] = {}
         self._runs_ended = threading.Condition(self._lock)
         self.path: str = os.fsdecode(os.fspath(path))
         self.source: str | None = None
@@ -429,15 +431,11 @@ class Object:
             if self._close_asked:
                 self.close()
 
-    def _ran(self, thread: int) -> None:
-        """A test run in ``thread`` ended: wake a close() waiting for it, or do the one it asked for."""
+    def _ran(self) -> None:
+        """A test run in this thread ended: wake a close() waiting for it, or do the one it asked for."""
         with self._lock:
-            if self._running[thread] == 1:
-                del self._running[thread]
-            else:
-                self._running[thread] -= 1
             self._runs_ended.notify_all()
-        if self._close_asked and thread not in self._running:
+        if self._close_asked and threading.get_ident() not in self._running.values():
             self.close()
 
     def _check_not_loaded(self, what: str) -> None:
@@ -675,14 +673,21 @@ class Object:
         A method running in another thread finishes first (what it made is then destroyed here);
         one called after raises ValueError.
         """
-        if self._lock._is_owned() or threading.get_ident() in self._running:  # type: ignore[attr-defined]
+        if self._lock._is_owned() or threading.get_ident() in self._running.values():  # type: ignore[attr-defined]
             # Inside a method of this object (or a test run: a signal handler), still using
             # libbpf's pointers or the program's fd: done once it returns.
             self._close_asked = True
             return
         with self._lock:
             self._closing = True
-            self._runs_ended.wait_for(lambda: not self._running)
+            try:
+                while self._running:  # woken when one ends; looks again now and then, lest a
+                    self._runs_ended.wait(0.1)  # Ctrl-C in the ending thread lost the wake-up
+            except BaseException:  # interrupted (Ctrl-C): the last run to end closes
+                self._close_asked = True
+                if not self._running:  # (or none is left to)
+                    self._close()
+                raise
             self._close()
 
     def _close(self) -> None:
