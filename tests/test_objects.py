@@ -491,6 +491,38 @@ def test_an_attach_that_fails_partway_leaves_nothing_attached(bpf_object):
     assert open_fds() == before
 
 
+def test_an_attach_interrupted_at_any_point_leaves_only_what_was_attached_before(bpf_object):
+    """A Ctrl-C at each point of Object.attach() in turn: the links it made are destroyed, the one
+    the caller made before (of the same program) stays, and close() leaves no fd. A Ctrl-C
+    landing as libbpf handed a link over left it attached for good (not even close() knew it);
+    one landing after the object took it (or as attach() let go of the object's lock, all done)
+    left it attached and listed, though attach() raised."""
+    before = open_fds()
+    with Object(bpf_object("lifetime")) as obj:
+        obj.rodata.targ_tgid = os.getpid()
+        obj.program("cannot_attach").autoload = False
+        obj.load()
+        kept = obj.program("counts").attach_tracepoint("syscalls", "sys_enter_getsid")
+        for link in obj.attach():  # once, so that each call passes the same points (caches filled)
+            link.destroy()
+        k, landed = 0, True
+        while landed:
+            k += 1
+            made: list = []
+            landed = interrupted_at(k, lambda: made.extend(obj.attach()))  # 'counts' again, at sys_enter_getppid
+            hits = obj.bss.hits
+            os.getppid()
+            if landed:
+                assert obj.links == [kept], f"Ctrl-C at point {k} of attach()"
+                assert obj.bss.hits == hits, f"Ctrl-C at point {k} of attach(): still attached at getppid"
+            else:
+                assert obj.bss.hits == hits + 1 and obj.links == [kept, *made]
+                made[0].destroy()
+            os.getsid(0)
+            assert kept.attached and obj.bss.hits == k + 1 - landed
+        assert k > 20
+    assert open_fds() == before
+
 RUNS = 10**7  # test runs of a one-instruction socket filter: a few tenths of a second
 
 
@@ -562,14 +594,18 @@ def test_test_runs_racing_close_run_their_own_program_or_say_closed(bpf_object):
     assert not wrong, wrong[:5]
 
 
+TESTS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def interrupted_at(k: int, call) -> bool:
     """``call()`` with a Ctrl-C at its k-th point where Python can raise one (sys.setprofile sees
-    each: the entry of each Python function, the return of each C function); whether it landed."""
+    each: the entry of each Python function, the return of each C function), outside the tests'
+    code; whether it landed."""
     seen = 0
 
     def profile(frame, event, arg):
         nonlocal seen
-        if event in ("call", "c_return"):
+        if event in ("call", "c_return") and not frame.f_code.co_filename.startswith(TESTS):
             seen += 1
             if seen == k:
                 raise KeyboardInterrupt  # (the profiler is switched off by it)

@@ -138,7 +138,7 @@ class _Attachment:
     ``gc.disable()``.
     """
 
-    __slots__ = ("ptr", "prog_ptr", "prog_name", "section", "target", "wrapper", "pid", "__weakref__")
+    __slots__ = ("ptr", "prog_ptr", "prog_name", "section", "target", "wrapper", "pid", "call", "__weakref__")
     _taking = threading.Lock()
 
     def __init__(self, ptr: int, program: Program, target: str) -> None:
@@ -149,6 +149,7 @@ class _Attachment:
         self.target = target
         self.wrapper: weakref.ref[Link] | None = None
         self.pid = os.getpid()
+        self.call = program._obj._attaching  # the Object.attach() that made it, if one did
         _every_attachment.add(self)
 
     def destroy(self) -> bool:
@@ -267,13 +268,22 @@ class Program:
         self._obj._check_open()
         if self.section.startswith(_TRACEFS_SECTIONS):
             ensure_tracefs()
-        with capture_log() as lines:
-            ptr = lib.bpf_program__attach(self._ptr)
-        if not ptr:
-            err = ctypes.get_errno()
-            detail = f" ({lines[-1]})" if lines else ""
-            raise libbpf_error(err, f"attaching program {self.name!r} (section {self.section!r}){detail}")
-        return self._link(ptr)
+        # The link goes into `made` in C, as libbpf returns it: a Ctrl-C is raised only after (at
+        # the return of a C function), where `ptr = lib.bpf_program__attach(...)` lost it, attached.
+        made: list[int] = []
+        try:
+            with capture_log() as lines:
+                made.extend(map(lib.bpf_program__attach, (self._ptr,)))
+            ptr = made[0]
+            if not ptr:
+                err = ctypes.get_errno()
+                detail = f" ({lines[-1]})" if lines else ""
+                raise libbpf_error(err, f"attaching program {self.name!r} (section {self.section!r}){detail}")
+            return self._link(ptr)
+        except BaseException:
+            if made and made[0] and not any(a.ptr == made[0] for a in self._obj._links):  # not the object's yet
+                lib.bpf_link__destroy(made[0])
+            raise
 
     def _link(self, ptr: int, target: str = "") -> Link:
         attachment = _Attachment(ptr, self, target)
@@ -381,6 +391,7 @@ class Object:
         self._lock = threading.RLock()
         self._close_asked = False  # close() called inside a method of this object, in its own thread
         self._closing = False  # close() waits for test runs in other threads; nothing new starts
+        self._attaching: object | None = None  # the Object.attach() under way: marks the links it makes
         # Program.test_run()s under way (each its own key) and their threads: they run without the
         # lock, close() waits for them.
         self._running: dict[object, int] = {}
@@ -571,18 +582,30 @@ class Object:
         matches = [n for n in names if n.endswith(name)]
         return matches[0] if len(matches) == 1 else name
 
-    @_exclusive
     def attach(self) -> list[Link]:
         """Attach every loaded program that libbpf can attach from its section name alone.
 
         Programs that have no automatic attach point (``syscall``, ``xdp``...) are left for the
         caller, as libbpf's skeleton ``__attach`` does. All or nothing: when one program fails to
-        attach, the links this call made are destroyed before the error is raised.
+        attach (or a Ctrl-C lands anywhere in the call), the links this call made are destroyed
+        before the error is raised; links the caller made before stay.
         """
+        call = object()  # marks the links this call makes, returned or not (a Ctrl-C may land between)
+        try:
+            return self._exclusively(self._attach_all, call)  # type: ignore[no-any-return]
+        except BaseException:
+            with self._lock:
+                for attachment in [a for a in self._links if a.call is call]:
+                    attachment.destroy()
+                    self._links.remove(attachment)
+            raise
+
+    def _attach_all(self, call: object) -> list[Link]:
         self._check_open()
         if not self._loaded:
             raise ValueError("attach() needs a loaded object: call load() first")
         links: list[Link] = []
+        self._attaching = call
         try:
             for prog in self.programs:
                 if not prog.autoload:
@@ -593,10 +616,8 @@ class Object:
                     if exc.errno != errno.EOPNOTSUPP:  # no automatic attach point for this section
                         raise
                     log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
-        except BaseException:
-            for link in links:
-                link.destroy()
-            raise
+        finally:
+            self._attaching = None
         return links
 
     @_exclusive
