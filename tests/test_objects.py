@@ -620,6 +620,43 @@ def interrupted_at(k: int, call) -> bool:
     return False
 
 
+def test_a_close_from_a_handler_at_any_point_of_a_test_run_is_done_when_it_returns(bpf_object):
+    """close() called by a signal handler at each point of test_run() in turn (sys.setprofile
+    stands for the handler): the run runs its own program or says the object is closed, and once
+    it returns the object is closed, no fd left. One landing as the run took its program's fd (in
+    the object's lock, before the run was counted) was put off, and then never done: the object
+    said closed and kept its fds."""
+    path = bpf_object("lifetime")
+    before = open_fds()
+    k, called = 0, True
+    while called:
+        k += 1
+        obj = Object(path)
+        obj.load()
+        prog = obj.program("answers")
+        seen, called = 0, False
+
+        def profile(frame, event, arg):
+            nonlocal seen, called
+            if event in ("call", "c_return") and not frame.f_code.co_filename.startswith(TESTS):
+                seen += 1
+                if seen == k:
+                    called = True
+                    obj.close()
+
+        sys.setprofile(profile)
+        try:
+            assert prog.test_run(data=bytes(64)).retval == 1
+        except ValueError as exc:
+            assert "is closed" in str(exc)
+        finally:
+            sys.setprofile(None)
+        if called:
+            assert obj.closed and open_fds() == before, f"close() at point {k} of test_run()"
+        obj.close()
+    assert k > 20
+
+
 def closed_in_another_thread(obj: Object) -> bool:
     closer = threading.Thread(target=obj.close, daemon=True)  # (one waiting for ever is left behind)
     closer.start()

@@ -363,8 +363,8 @@ class Program:
         finally:
             # Uncounted by one C call, before any Python function is entered: a Ctrl-C (a signal
             # handler's exception) landing there would leave a run counted for ever, close() waiting.
-            if obj._running.pop(run, None) is not None:
-                obj._ran()
+            obj._running.pop(run, None)
+            obj._ran()  # also for a close() put off while the fd was taken, before the run counted
 
     def __repr__(self) -> str:
         return f"<Program {self.name} section={self.section!r}>"
@@ -443,7 +443,8 @@ class Object:
                 self.close()
 
     def _ran(self) -> None:
-        """A test run in this thread ended: wake a close() waiting for it, or do the one it asked for."""
+        """A test run in this thread ended (or never began): wake a close() waiting for it, or do one
+        asked for in this thread while it held the lock or ran."""
         with self._lock:
             self._runs_ended.notify_all()
         if self._close_asked and threading.get_ident() not in self._running.values():
