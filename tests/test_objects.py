@@ -491,6 +491,19 @@ def test_an_attach_that_fails_partway_leaves_nothing_attached(bpf_object):
     assert open_fds() == before
 
 
+def test_an_attach_that_fails_partway_keeps_the_links_the_caller_made_before(bpf_object):
+    with Object(bpf_object("lifetime")) as obj:
+        obj.rodata.targ_tgid = os.getpid()
+        obj.load()
+        kept = obj.program("counts").attach_tracepoint("syscalls", "sys_enter_getsid")  # the same program
+        with pytest.raises(bpfring.BPFNotFoundError, match="attaching program 'cannot_attach'"):
+            obj.attach()
+        assert obj.links == [kept] and kept.attached
+        os.getppid()
+        os.getsid(0)
+        assert obj.bss.hits == 1  # at getsid only: the attach() made at getppid is gone
+
+
 def test_an_attach_interrupted_at_any_point_leaves_only_what_was_attached_before(bpf_object):
     """A Ctrl-C at each point of Object.attach() in turn: the links it made are destroyed, the one
     the caller made before (of the same program) stays, and close() leaves no fd. A Ctrl-C
