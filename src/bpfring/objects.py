@@ -14,6 +14,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, TypeVar
@@ -160,14 +161,21 @@ class _Attachment:
         parent shares, stopping the parent's program. A perf event's own fd stays open in the child
         (libbpf keeps it private); it holds no program once the parent's link is gone.
         """
-        with self._taking:
-            ptr, self.ptr = self.ptr, None
-        if ptr and os.getpid() != self.pid:
-            fd = lib.bpf_link__fd(ptr)
-            lib.bpf_link__disconnect(ptr)  # bpf_link__destroy() then frees it without detaching
-            os.close(fd)
-        if ptr:
-            lib.bpf_link__destroy(ptr)
+        ptr, freed = None, []
+        try:
+            with self._taking:
+                ptr, self.ptr = self.ptr, None
+            if ptr and os.getpid() != self.pid:
+                fd = lib.bpf_link__fd(ptr)
+                lib.bpf_link__disconnect(ptr)  # bpf_link__destroy() then frees it without detaching
+                os.close(fd)
+                self.pid = os.getpid()  # (done: a destroy() again, after a Ctrl-C, only frees it)
+            if ptr:  # `freed` is filled in C once libbpf has freed it (see Program.attach)
+                freed.extend(map(lib.bpf_link__destroy, (ptr,)))
+        except BaseException:  # a Ctrl-C after this call took the link, before libbpf freed it: it
+            if ptr and not freed:  # stayed attached, known to nobody; the next destroy() (close()
+                self.ptr = ptr  # goes on) frees it
+            raise
         return bool(ptr)
 
 
@@ -190,7 +198,6 @@ def _release_in_child() -> None:
         attachment.destroy()
     for obj in list(_every_object):
         obj._lock = threading.RLock()
-        obj._runs_ended = threading.Condition(obj._lock)
         obj._running = {}  # the threads that ran them are not in this process
 
 
@@ -395,7 +402,6 @@ class Object:
         # Program.test_run()s under way (each its own key) and their threads: they run without the
         # lock, close() waits for them.
         self._running: dict[object, int] = {}
-        self._runs_ended = threading.Condition(self._lock)
         self.path: str = os.fsdecode(os.fspath(path))
         self.source: str | None = None
         if self.path.endswith(".c"):
@@ -443,10 +449,8 @@ class Object:
                 self.close()
 
     def _ran(self) -> None:
-        """A test run in this thread ended (or never began): wake a close() waiting for it, or do one
-        asked for in this thread while it held the lock or ran."""
-        with self._lock:
-            self._runs_ended.notify_all()
+        """A test run in this thread ended (or never began): do a close() asked for in this thread
+        while it held the lock or ran, or one interrupted while it waited for the run."""
         if self._close_asked and threading.get_ident() not in self._running.values():
             self.close()
 
@@ -700,19 +704,37 @@ class Object:
             # libbpf's pointers or the program's fd: done once it returns.
             self._close_asked = True
             return
-        with self._lock:
-            self._closing = True
-            try:
-                while self._running:  # woken when one ends; looks again now and then, lest a
-                    self._runs_ended.wait(0.1)  # Ctrl-C in the ending thread lost the wake-up
-            except BaseException:  # interrupted (Ctrl-C): the last run to end closes
-                self._close_asked = True
-                if not self._running:  # (or none is left to)
+        try:
+            with self._lock:
+                self._closing = True  # no run starts now: each takes its fd in the lock
+            # Test runs under way, outside the lock, looked at now and then: a Condition's wait
+            # (Python code) let a Ctrl-C land with the lock let go, and close() went on without it.
+            while self._running:
+                time.sleep(0.005)
+            with self._lock:
+                self._close()
+        except BaseException:  # interrupted (Ctrl-C): the last run to end closes
+            self._close_asked = True
+            if not self._running:  # (or none is left to)
+                with self._lock:
                     self._close()
-                raise
-            self._close()
+            raise
 
     def _close(self) -> None:
+        """Free everything. A Ctrl-C landing halfway is raised once the rest is done (each step is
+        idempotent: done again, twice at most); it left the object saying closed and holding
+        fds and attached links until collected."""
+        interrupted: BaseException | None = None
+        for _ in range(3):
+            try:
+                self._free()
+                break
+            except BaseException as exc:  # noqa: PERF203 (a Ctrl-C, or a signal handler's exception)
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _free(self) -> None:
         if not self._ptr:
             return
         for attachment in list(self._links):  # a copy: Link.destroy() in another thread removes its own
@@ -724,8 +746,9 @@ class Object:
         for m in self._maps.values():
             m.close()
         self._maps.clear()
+        close_object = lib.bpf_object__close  # (looked up first: Python code, where a Ctrl-C can land)
         ptr, self._ptr = self._ptr, None
-        lib.bpf_object__close(ptr)
+        close_object(ptr)
 
     @property
     def closed(self) -> bool:
