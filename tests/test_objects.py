@@ -812,6 +812,37 @@ def test_a_close_interrupted_at_any_point_while_a_run_goes_on_is_done_when_the_r
     assert k > 5
 
 
+def test_a_fork_child_closes_an_object_while_another_thread_of_the_parent_runs_it(bpf_object):
+    """A test run under way in another thread at the fork is counted in the child too, where no
+    thread will end it: the child's close() would wait for it for ever. The child forgets it."""
+    obj = Object(bpf_object("lifetime"))
+    obj.load()
+    prog = obj.program("answers")
+    started, outcome = threading.Event(), []
+
+    def run():
+        started.set()
+        try:
+            prog.test_run(data=bytes(64), repeat=2**32 - 1)  # hours, unless a signal ends it
+        except OSError as exc:
+            outcome.append(exc.errno)
+
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: None)
+    runner = threading.Thread(target=run, daemon=True)
+    try:
+        runner.start()
+        started.wait()
+        time.sleep(0.05)  # into the kernel's loop
+        assert fork_and_close(obj) == 0
+        assert not obj.closed  # the parent's object is the parent's still
+    finally:
+        signal.pthread_kill(runner.ident, signal.SIGALRM)
+        runner.join(10)
+        signal.signal(signal.SIGALRM, old)
+    assert outcome == [errno.EINTR]
+    obj.close()
+
+
 def test_a_close_interrupted_while_it_waits_for_a_test_run_is_done_when_the_run_ends(bpf_object):
     """Ctrl-C while close() waits for a run in another thread: the KeyboardInterrupt is raised, and
     the close is done once the run ends. It was left half done: the object said closed, and kept

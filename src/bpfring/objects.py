@@ -599,11 +599,14 @@ class Object:
         try:
             return self._exclusively(self._attach_all, call)  # type: ignore[no-any-return]
         except BaseException:
-            with self._lock:
-                for attachment in [a for a in self._links if a.call is call]:
-                    attachment.destroy()
-                    self._links.remove(attachment)
+            self._destroy_made_by(call)  # (again, for a Ctrl-C landing as the lock was let go)
             raise
+
+    @_exclusive
+    def _destroy_made_by(self, call: object) -> None:
+        for attachment in [a for a in self._links if a.call is call]:
+            attachment.destroy()
+            self._links.remove(attachment)
 
     def _attach_all(self, call: object) -> list[Link]:
         self._check_open()
@@ -621,6 +624,9 @@ class Object:
                     if exc.errno != errno.EOPNOTSUPP:  # no automatic attach point for this section
                         raise
                     log.debug("program %s (%s) has no automatic attach point", prog.name, prog.section)
+        except BaseException:
+            self._destroy_made_by(call)  # in the lock: no other thread sees them listed after
+            raise
         finally:
             self._attaching = None
         return links
