@@ -398,6 +398,7 @@ class Object:
         self._lock = threading.RLock()
         self._close_asked = False  # close() called inside a method of this object, in its own thread
         self._closing = False  # close() waits for test runs in other threads; nothing new starts
+        self._close_after_runs = False  # that close() was interrupted: the last run to end does it
         self._attaching: object | None = None  # the Object.attach() under way: marks the links it makes
         # Program.test_run()s under way (each its own key) and their threads: they run without the
         # lock, close() waits for them.
@@ -451,7 +452,8 @@ class Object:
     def _ran(self) -> None:
         """A test run in this thread ended (or never began): do a close() asked for in this thread
         while it held the lock or ran, or one interrupted while it waited for the run."""
-        if self._close_asked and threading.get_ident() not in self._running.values():
+        asked = self._close_asked or self._close_after_runs
+        if asked and threading.get_ident() not in self._running.values():
             self.close()
 
     def _check_not_loaded(self, what: str) -> None:
@@ -720,7 +722,7 @@ class Object:
             with self._lock:
                 self._close()
         except BaseException:  # interrupted (Ctrl-C): the last run to end closes
-            self._close_asked = True
+            self._close_after_runs = True
             if not self._running:  # (or none is left to)
                 with self._lock:
                     self._close()
@@ -758,7 +760,7 @@ class Object:
 
     @property
     def closed(self) -> bool:
-        return not self._ptr or self._close_asked or self._closing
+        return not self._ptr or self._close_asked or self._closing or self._close_after_runs
 
     def __enter__(self) -> Object:
         return self
