@@ -289,6 +289,9 @@ class Program:
             return self._link(ptr)
         except BaseException:
             if made and made[0] and not any(a.ptr == made[0] for a in self._obj._links):  # not the object's yet
+                for attachment in list(_every_attachment):  # one made for it, kept by the traceback:
+                    if attachment.ptr == made[0]:  # no destroy() of it (a fork child's) frees it again
+                        attachment.ptr = None
                 lib.bpf_link__destroy(made[0])
             raise
 
