@@ -536,6 +536,32 @@ def test_an_attach_interrupted_at_any_point_leaves_only_what_was_attached_before
         assert k > 20
     assert open_fds() == before
 
+def test_a_link_destroy_interrupted_at_any_point_leaves_it_attached_and_listed_or_gone(bpf_object):
+    """A Ctrl-C at each point of Link.destroy() in turn: the link is either detached (the program
+    no longer runs) or still attached, listed, and detached by a destroy() again. One landing
+    after destroy() took the link, before libbpf freed it, left it attached for good, though the
+    link said detached and the object listed nothing."""
+    before = open_fds()
+    with Object(bpf_object("lifetime")) as obj:
+        obj.rodata.targ_tgid = os.getpid()
+        obj.load()
+        k, landed = 0, True
+        while landed:
+            k += 1
+            link = obj.program("counts").attach()
+            landed = interrupted_at(k, link.destroy)
+            hits = obj.bss.hits
+            os.getppid()
+            if obj.bss.hits != hits:  # still attached: it says so, and goes when asked again
+                assert link.attached and obj.links == [link], f"Ctrl-C at point {k} of destroy()"
+                link.destroy()
+                hits = obj.bss.hits
+                os.getppid()
+            assert obj.bss.hits == hits and not link.attached and obj.links == [], f"Ctrl-C at point {k}"
+        assert k > 5
+    assert open_fds() == before
+
+
 RUNS = 10**7  # test runs of a one-instruction socket filter: a few tenths of a second
 
 
