@@ -562,6 +562,43 @@ def test_a_link_destroy_interrupted_at_any_point_leaves_it_attached_and_listed_o
     assert open_fds() == before
 
 
+def test_a_handler_closing_the_object_and_raising_at_any_point_of_a_link_destroy_leaves_no_fd(bpf_object):
+    """A signal handler that closes the object and raises (Ctrl-C: clean up, stop) at each point of
+    Link.destroy() in turn: nothing is left attached or open. Landing after destroy() took the
+    link, its close() passed the link by; destroy() then gave it back to an object already
+    closed, and it stayed attached for good."""
+    path = bpf_object("lifetime")
+    before = open_fds()
+    k, called = 0, True
+    while called:
+        k += 1
+        obj = Object(path)
+        obj.load()
+        link = obj.program("counts").attach()
+        seen, called = 0, False
+
+        def profile(frame, event, arg):
+            nonlocal seen, called
+            where = frame.f_code.co_filename
+            if event in ("call", "c_return") and not where.startswith(TESTS) and not where.endswith("_weakrefset.py"):
+                seen += 1
+                if seen == k:
+                    called = True
+                    obj.close()
+                    raise KeyboardInterrupt
+
+        sys.setprofile(profile)
+        try:
+            link.destroy()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        obj.close()
+        assert open_fds() == before, f"a handler's close() and Ctrl-C at point {k} of destroy()"
+    assert k > 5
+
+
 RUNS = 10**7  # test runs of a one-instruction socket filter: a few tenths of a second
 
 

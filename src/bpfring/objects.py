@@ -161,20 +161,25 @@ class _Attachment:
         parent shares, stopping the parent's program. A perf event's own fd stays open in the child
         (libbpf keeps it private); it holds no program once the parent's link is gone.
         """
+        destroy_link = lib.bpf_link__destroy  # (looked up before the link is taken: Python code)
+        in_child = os.getpid() != self.pid
         ptr, freed = None, []
         try:
             with self._taking:
                 ptr, self.ptr = self.ptr, None
-            if ptr and os.getpid() != self.pid:
+            if ptr and in_child:
                 fd = lib.bpf_link__fd(ptr)
                 lib.bpf_link__disconnect(ptr)  # bpf_link__destroy() then frees it without detaching
                 os.close(fd)
                 self.pid = os.getpid()  # (done: a destroy() again, after a Ctrl-C, only frees it)
             if ptr:  # `freed` is filled in C once libbpf has freed it (see Program.attach)
-                freed.extend(map(lib.bpf_link__destroy, (ptr,)))
-        except BaseException:  # a Ctrl-C after this call took the link, before libbpf freed it: it
-            if ptr and not freed:  # stayed attached, known to nobody; the next destroy() (close()
-                self.ptr = ptr  # goes on) frees it
+                freed.extend(map(destroy_link, (ptr,)))
+        except BaseException:  # a Ctrl-C (a signal handler's exception, maybe after it closed the
+            if ptr and not freed:  # object) once this call took the link: it stayed attached, known
+                if in_child:  # to nobody. Freed all the same (no Python code first), then raised;
+                    self.ptr = ptr  # in a fork child given back, for the next destroy()
+                else:
+                    destroy_link(ptr)
             raise
         return bool(ptr)
 
