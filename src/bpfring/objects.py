@@ -174,10 +174,13 @@ class _Attachment:
                 self.pid = os.getpid()  # (done: a destroy() again, after a Ctrl-C, only frees it)
             if ptr:  # `freed` is filled in C once libbpf has freed it (see Program.attach)
                 freed.extend(map(destroy_link, (ptr,)))
-        except BaseException:  # a Ctrl-C (a signal handler's exception, maybe after it closed the
-            if ptr and not freed:  # object) once this call took the link: it stayed attached, known
-                if in_child:  # to nobody. Freed all the same (no Python code first), then raised;
-                    self.ptr = ptr  # in a fork child given back, for the next destroy()
+        except BaseException:
+            # A Ctrl-C (a signal handler's exception, maybe after it closed the object) once this
+            # call took the link: nobody else would free it, attached for good. Freed here, with no
+            # Python code first, then raised; in a fork child given back, for the next destroy().
+            if ptr and not freed:
+                if in_child:
+                    self.ptr = ptr
                 else:
                     destroy_link(ptr)
             raise
