@@ -698,6 +698,13 @@ def interrupted_at(k: int, call) -> bool:
     return False
 
 
+def loaded_answers(path) -> tuple[Object, bpfring.Program]:
+    """lifetime.bpf.o loaded, and its program that answers 1."""
+    obj = Object(path)
+    obj.load()
+    return obj, obj.program("answers")
+
+
 def test_a_close_from_a_handler_at_any_point_of_a_test_run_is_done_when_it_returns(bpf_object):
     """close() called by a signal handler at each point of test_run() in turn (sys.setprofile
     stands for the handler): the run runs its own program or says the object is closed, and once
@@ -709,9 +716,7 @@ def test_a_close_from_a_handler_at_any_point_of_a_test_run_is_done_when_it_retur
     k, called = 0, True
     while called:
         k += 1
-        obj = Object(path)
-        obj.load()
-        prog = obj.program("answers")
+        obj, prog = loaded_answers(path)
         seen, called = 0, False
 
         def profile(frame, event, arg):
@@ -752,13 +757,12 @@ def test_a_test_run_interrupted_at_any_point_leaves_the_object_to_close(bpf_obje
     k, landed = 0, True
     while landed:
         k += 1
-        obj = Object(path)
-        obj.load()
-        prog = obj.program("answers")
+        obj, prog = loaded_answers(path)
         landed = interrupted_at(k, lambda: prog.test_run(data=bytes(64)))
         assert closed_in_another_thread(obj), f"close() waits for the test run interrupted at its point {k}"
         assert open_fds() == before, f"a test run interrupted at its point {k}"
     assert k > 20  # every point of a run was tried, up to one that ran to its end
+
 
 def test_a_close_waiting_for_a_run_interrupted_as_it_ends_returns(bpf_object):
     """close() in another thread waits for a run in the main thread; a signal ends the run (the
@@ -770,9 +774,7 @@ def test_a_close_waiting_for_a_run_interrupted_as_it_ends_returns(bpf_object):
     try:
         k, landed = 0, True
         while landed:
-            obj = Object(path)
-            obj.load()
-            prog = obj.program("answers")
+            obj, prog = loaded_answers(path)
             ending = threading.Event()
 
             def close():
@@ -820,6 +822,7 @@ def test_a_close_waiting_for_a_run_interrupted_as_it_ends_returns(bpf_object):
     finally:
         signal.signal(signal.SIGALRM, old)
     assert k > 3
+
 
 def test_a_close_interrupted_at_any_point_while_a_run_goes_on_is_done_when_the_run_ends(bpf_object):
     """A Ctrl-C at each point of close() in turn, while a test run goes on in another thread: the
