@@ -599,13 +599,18 @@ def test_a_handler_closing_the_object_and_raising_at_any_point_of_a_link_destroy
     assert k > 5
 
 
+def loaded_answers(path) -> tuple[Object, bpfring.Program]:
+    """lifetime.bpf.o loaded, and its program that answers 1."""
+    obj = Object(path)
+    obj.load()
+    return obj, obj.program("answers")
+
+
 RUNS = 10**7  # test runs of a one-instruction socket filter: a few tenths of a second
 
 
 def test_close_waits_for_a_test_run_in_another_thread(bpf_object):
-    obj = Object(bpf_object("lifetime"))
-    obj.load()
-    prog = obj.program("answers")
+    obj, prog = loaded_answers(bpf_object("lifetime"))
     started, outcome = threading.Event(), []
 
     def run():
@@ -696,13 +701,6 @@ def interrupted_at(k: int, call) -> bool:
     finally:
         sys.setprofile(None)
     return False
-
-
-def loaded_answers(path) -> tuple[Object, bpfring.Program]:
-    """lifetime.bpf.o loaded, and its program that answers 1."""
-    obj = Object(path)
-    obj.load()
-    return obj, obj.program("answers")
 
 
 def test_a_close_from_a_handler_at_any_point_of_a_test_run_is_done_when_it_returns(bpf_object):
@@ -881,9 +879,7 @@ def test_a_close_interrupted_at_any_point_while_a_run_goes_on_is_done_when_the_r
 def test_a_fork_child_closes_an_object_while_another_thread_of_the_parent_runs_it(bpf_object):
     """A test run under way in another thread at the fork is counted in the child too, where no
     thread will end it: the child's close() would wait for it for ever. The child forgets it."""
-    obj = Object(bpf_object("lifetime"))
-    obj.load()
-    prog = obj.program("answers")
+    obj, prog = loaded_answers(bpf_object("lifetime"))
     started, outcome = threading.Event(), []
 
     def run():
