@@ -941,6 +941,53 @@ def test_a_close_interrupted_while_it_waits_for_a_test_run_is_done_when_the_run_
     assert open_fds() == before  # closed by the run as it ended: no close() called again
 
 
+def test_after_an_interrupted_close_only_the_last_run_to_end_closes(bpf_object):
+    """Ctrl-C while close() waits for two runs in other threads: the close is left to the last run
+    to end. The first to end did it, and so waited for the other run (hours here) before its own
+    test_run() returned."""
+    before = open_fds()
+    obj, prog = loaded_answers(bpf_object("lifetime"))
+    started, outcome = threading.Semaphore(0), []
+
+    def run(repeat):
+        started.release()
+        try:
+            outcome.append(prog.test_run(data=bytes(64), repeat=repeat).retval)
+        except OSError as exc:
+            outcome.append(exc.errno)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    short = threading.Thread(target=run, args=(RUNS,), daemon=True)
+    long = threading.Thread(target=run, args=(2**32 - 1,), daemon=True)  # hours, unless a signal ends it
+    old = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGALRM, ctrl_c), (signal.SIGUSR1, lambda *_: None))}
+    try:
+        long.start()
+        short.start()
+        started.acquire()
+        started.acquire()
+        time.sleep(0.05)  # into the kernel's loop
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            obj.close()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        short.join(60)
+        assert not short.is_alive(), "the run that ended first waits for the other one to close the object"
+        assert outcome == [1] and not long.join(0) and long.is_alive()
+        signal.pthread_kill(long.ident, signal.SIGUSR1)  # the kernel ends the long run (EINTR)
+        long.join(60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if long.is_alive():
+            signal.pthread_kill(long.ident, signal.SIGUSR1)
+            long.join(60)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    assert outcome == [1, errno.EINTR] and obj.closed
+    assert open_fds() == before  # closed by the last run as it ended
+
+
 def test_tracefs_is_mounted_when_missing(execsnoop_object, caplog):
     if mounts.is_mounted(mounts.TRACEFS, "tracefs"):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -462,9 +462,10 @@ class Object:
 
     def _ran(self) -> None:
         """A test run in this thread ended (or never began): do a close() asked for in this thread
-        while it held the lock or ran, or one interrupted while it waited for the run."""
-        asked = self._close_asked or self._close_after_runs
-        if asked and threading.get_ident() not in self._running.values():
+        while it held the lock or ran; or, the last run to end, one interrupted while it waited."""
+        if self._close_asked and threading.get_ident() not in self._running.values():
+            self.close()
+        elif self._close_after_runs and not self._running:  # (not waiting here for the other runs)
             self.close()
 
     def _check_not_loaded(self, what: str) -> None:
